@@ -1,9 +1,164 @@
-"""CLI commands of the `serve` area (filled in by its owner)."""
+"""`finqlora serve`: the OpenAI-compatible API (native engine, or vLLM for scale)."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shlex
+from pathlib import Path
+
 import typer
+from rich.console import Console
+
+from finqlora.errors import FinqloraError
+
+ENGINES = ("native", "vllm")
+
+
+def _parse_adapters(values: list[str]) -> dict[str, str]:
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise FinqloraError(
+                f"--adapter {value!r} is not NAME=PATH",
+                hint="e.g. --adapter fin=runs/demo (the name is what clients send as `model`)",
+            )
+        if name in adapters:
+            raise FinqloraError(f"adapter name {name!r} is given twice", hint="give each --adapter a different name")
+        adapters[name] = path
+    return adapters
+
+
+def _api_key(api_key_file: Path | None, no_auth: bool) -> str | None:
+    from finqlora.server import read_api_key
+
+    if no_auth:
+        if api_key_file is not None:
+            raise FinqloraError("--no-auth and --api-key-file contradict each other", hint="pass only one of them")
+        return None
+    if api_key_file is not None:
+        return read_api_key(api_key_file)
+    env_key = os.environ.get("FINQLORA_API_KEY", "").strip()
+    if env_key:
+        return env_key
+    raise FinqloraError(
+        "the server needs an API key",
+        hint="pass --api-key-file KEY (one random token on one line), set FINQLORA_API_KEY, "
+        "or --no-auth for a loopback-only server",
+    )
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the root app."""
+
+    @app.command("serve")
+    def serve_command(
+        model: str = typer.Option(..., "--model", "-m", help="Base model: builtin:NAME, a local folder, a .gguf file or a hub id."),
+        adapter: list[str] = typer.Option([], "--adapter", "-a", help="NAME=PATH of a LoRA adapter (repeatable); clients select it with model=NAME."),
+        base_name: str = typer.Option("base", help="The `model` name that selects the plain base model."),
+        host: str = typer.Option("127.0.0.1", help="Interface to bind; keep the default unless the API must be reachable from other machines."),
+        port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
+        api_key_file: Path | None = typer.Option(None, help="File holding the Bearer API key clients must send (or set FINQLORA_API_KEY)."),
+        no_auth: bool = typer.Option(False, "--no-auth", help="Serve without an API key (only allowed on a loopback address)."),
+        engine: str = typer.Option("native", help="native (this process, dynamic batching) or vllm (exec vLLM's OpenAI server)."),
+        print_command: bool = typer.Option(False, "--print-command", help="With --engine vllm: print the vLLM command line and exit."),
+        device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+        dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+        load_in_4bit: bool | None = typer.Option(None, "--load-in-4bit/--no-load-in-4bit", help="4-bit NF4 base (default: on CUDA only)."),
+        chat_template: str | None = typer.Option(None, help="'chatml' for base models without a chat template."),
+        max_batch_size: int = typer.Option(8, min=1, help="Requests decoded together in one batch."),
+        max_queue: int = typer.Option(64, min=1, help="Requests allowed to wait; more are answered 429 with Retry-After."),
+        batch_window_ms: float = typer.Option(10.0, min=0, help="How long the oldest request waits for others to batch with."),
+        max_prompt_tokens: int = typer.Option(2048, min=1, help="Longest prompt accepted (longer: 400 context_length_exceeded)."),
+        max_tokens: int = typer.Option(1024, min=1, help="Largest max_tokens a request may ask for."),
+        default_max_tokens: int = typer.Option(256, min=1, help="max_tokens when a request does not set it."),
+        request_timeout: float = typer.Option(300.0, min=1, help="Seconds a request may take (queue + generation) before a 504."),
+        ignore_base_mismatch: bool = typer.Option(False, "--ignore-base-mismatch", help="Attach adapters whose recorded base has another name (same weights elsewhere)."),
+    ) -> None:
+        """Serve the model and its adapters through an OpenAI-compatible API.
+
+        Example: finqlora serve --model builtin:qwen2.5-coder-0.5b-instruct --adapter fin=runs/demo --api-key-file KEY
+        """
+        from finqlora.server import check_bind
+
+        if engine not in ENGINES:
+            raise FinqloraError(f"unknown --engine {engine!r}", hint="use native or vllm")
+        adapters = _parse_adapters(adapter)
+        if print_command and engine != "vllm":
+            raise FinqloraError("--print-command only applies to --engine vllm", hint="add --engine vllm")
+        console = Console(stderr=True)
+
+        if engine == "vllm":
+            _run_vllm(model, adapters, base_name, host, port, dtype, api_key_file, no_auth, print_command, console)
+            return
+
+        api_key = _api_key(api_key_file, no_auth)
+        check_bind(host, api_key)
+        from finqlora.batching import BatchLimits
+        from finqlora.server import ServingEngine, serve
+
+        try:
+            limits = BatchLimits(
+                max_batch_size=max_batch_size,
+                max_queue=max_queue,
+                batch_window_ms=batch_window_ms,
+                max_prompt_tokens=max_prompt_tokens,
+                max_new_tokens=max_tokens,
+                default_max_new_tokens=min(default_max_tokens, max_tokens),
+                request_timeout_s=request_timeout,
+            )
+        except ValueError as exc:
+            raise FinqloraError(str(exc), hint="see finqlora serve --help for the allowed values") from exc
+        with console.status(f"loading {model} and {len(adapters)} adapter(s)..."):
+            loaded = ServingEngine.load(
+                model,
+                adapters,
+                limits=limits,
+                base_name=base_name,
+                device=device,
+                dtype=dtype,
+                load_in_4bit=load_in_4bit,
+                chat_template=chat_template,
+                ignore_base_mismatch=ignore_base_mismatch,
+            )
+        console.print(f"[green]serving[/] {', '.join(loaded.model_names)} at http://{host}:{port}/v1 "
+                      f"({'API key required' if api_key else 'no auth, loopback only'})", highlight=False)
+        serve(loaded, host=host, port=port, api_key=api_key)
+
+
+def _run_vllm(
+    model: str,
+    adapters: dict[str, str],
+    base_name: str,
+    host: str,
+    port: int,
+    dtype: str,
+    api_key_file: Path | None,
+    no_auth: bool,
+    print_command: bool,
+    console: Console,
+) -> None:
+    from finqlora.models import resolve_model
+    from finqlora.server import check_bind, vllm_command
+
+    have_vllm = importlib.util.find_spec("vllm") is not None
+    if not have_vllm and not print_command:
+        raise FinqloraError(
+            "--engine vllm needs vLLM, which is not installed in this environment",
+            hint="on a Linux machine with an NVIDIA GPU: pip install vllm (in its own virtualenv is safest); "
+            "or use --engine native; --print-command shows the command line without vLLM",
+        )
+    api_key = None if print_command else _api_key(api_key_file, no_auth)
+    check_bind(host, None if no_auth else "required")
+    resolved = resolve_model(model)
+    command = vllm_command(resolved.path, adapters, base_name=base_name, host=host, port=port, dtype=dtype)
+    shown = ("" if no_auth else "VLLM_API_KEY=<your key> ") + shlex.join(command)
+    if print_command:
+        typer.echo(shown)
+        return
+    console.print(f"[green]starting vLLM:[/] {shown}", highlight=False)
+    env = dict(os.environ)
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    os.execvpe(command[0], command, env)

@@ -1,9 +1,105 @@
-"""CLI commands of the `train` area (filled in by its owner)."""
+"""`finqlora train`: fine-tune a base model with LoRA/QLoRA from a run config."""
 
 from __future__ import annotations
 
+import signal
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from finqlora.errors import FinqloraError
+
+
+def _summary(result, console: Console) -> None:
+    info = result.info
+    table = Table(title=f"finqlora train: {info['name']} ({result.status})", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    losses = info["train_losses"]
+    table.add_row("steps", f"{result.global_step} / {info['max_steps']} ({info['epochs_completed']} epochs)")
+    if losses:
+        table.add_row("train loss", f"{losses[0]['loss']:.4f} (first step) -> {losses[-1]['loss']:.4f} (last step)")
+    vals = info["val_losses"]
+    if vals:
+        table.add_row("val loss", " -> ".join(f"{v['loss']:.4f}@{v['step']}" for v in vals[-6:]))
+    if result.best_step is not None:
+        table.add_row("best", f"step {result.best_step}, val loss {result.best_val_loss:.4f} ({info['adapter_is']})")
+    table.add_row("time", f"{info['timing']['train_seconds']:.0f} s training, {info['timing']['load_and_tokenize_seconds']:.0f} s loading")
+    tps = info["throughput"]["tokens_per_second"]
+    table.add_row("throughput", f"{tps:,.0f} tokens/s" if tps else "-")
+    table.add_row("peak memory", ", ".join(f"{k.replace('_gib', '')} {v:.2f} GiB" for k, v in info["memory"].items()))
+    table.add_row("device", info["device"])
+    table.add_row("output", str(result.output_dir))
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the root app."""
+
+    @app.command("train")
+    def train_command(
+        config: Path | None = typer.Option(None, "--config", "-c", help="Run config YAML (see configs/); defaults apply without one."),
+        set_: list[str] = typer.Option([], "--set", help="Override a config key: --set train.learning_rate=1e-4 (repeatable)."),
+        data: str | None = typer.Option(None, "--data", help="Instruction JSONL (train on split 'train', validate on 'val')."),
+        model: str | None = typer.Option(None, "--model", help="Base model: builtin:NAME, local folder, .gguf file or hub id."),
+        output_dir: str | None = typer.Option(None, "--output-dir", "--output_dir", help="Output folder (default runs/<name>)."),
+        resume_from_checkpoint: str | None = typer.Option(
+            None, "--resume_from_checkpoint", "--resume-from-checkpoint", "--resume",
+            help="'auto' = latest complete checkpoint in the output folder, or a checkpoint-N folder.",
+        ),
+        batch_size: int | None = typer.Option(None, "--batch_size", "--batch-size", help="Per-device batch size."),
+        max_length: int | None = typer.Option(None, "--max_length", "--max-length", help="Tokens per sample."),
+        profile: str | None = typer.Option(None, "--profile", help="Speed profile (default, t4, fast, cpu, ...)."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    ) -> None:
+        """Fine-tune with LoRA (CPU) or QLoRA (CUDA): adapter, training_info.json, training_log.jsonl, loss.png.
+
+        Ctrl-C or SIGTERM saves a checkpoint and exits; continue with --resume_from_checkpoint auto.
+        """
+        from finqlora.config import load_config
+        from finqlora.training import train
+
+        overrides = list(set_)
+        # Dedicated flags are shorthands for --set and win over the config file.
+        for key, value in (
+            ("train.dataset", data),
+            ("train.model", model),
+            ("train.output_dir", output_dir),
+            ("train.resume_from_checkpoint", resume_from_checkpoint),
+            ("train.batch_size", batch_size),
+            ("train.max_length", max_length),
+            ("train.profile", profile),
+        ):
+            if value is not None:
+                overrides.append(f"{key}={value}" if not isinstance(value, str) else f"{key}={_yaml_string(value)}")
+        run = load_config(config, overrides)
+        if run.train.dataset is None:
+            raise FinqloraError(
+                "no training data given",
+                hint="pass --data data/qlora/instructions.jsonl (build one with `finqlora build`) or set train.dataset",
+            )
+        console = Console(stderr=True)
+        result = train(run, progress=progress)
+        _summary(result, console)
+        if result.status == "interrupted":
+            signum = signal.Signals[result.info["interrupted_by"]]
+            console.print(
+                f"[yellow]interrupted by {signum.name} at step {result.global_step}; a checkpoint was saved. "
+                f"Continue with:[/] finqlora train {'--config ' + str(config) + ' ' if config else ''}"
+                f"--output-dir {result.output_dir} --resume_from_checkpoint auto ...",
+                highlight=False,
+            )
+            raise typer.Exit(128 + int(signum))
+        console.print(
+            f"[green]done.[/] Try it: finqlora ask --model {run.train.model} --adapter {result.output_dir} \"美联储宣布加息25个基点\"",
+            highlight=False,
+        )
+
+
+def _yaml_string(value: str) -> str:
+    """Quote a CLI string so that --set parses it as a string (a path like 1e5 or 'null' stays text)."""
+    import json
+
+    return json.dumps(value, ensure_ascii=False)

@@ -1,0 +1,360 @@
+"""Speed profiles: the levers that make LoRA/QLoRA training faster or leaner.
+
+A profile is a named set of choices that `finqlora train --profile NAME` (TrainConfig.profile)
+applies on top of the run config. The training code uses three calls:
+
+    profile = get_profile(config.profile)
+    apply_model_speedups(model, profile)          # after peft wraps the model
+    collator = make_data_collator(tokenizer, profile)
+
+and, when `profile.packing` is on, `pack_by_token_budget(...)` to group samples into
+micro-batches of at most `tokens_per_micro_batch(profile, batch_size, max_length)` tokens.
+
+The levers (docs/performance.md has the measured effect of each):
+
+- padding-free packing: a micro-batch is one row holding several samples back to back, with
+  `position_ids` restarting at 0 for each sample. transformers turns restarting position ids
+  into a block-diagonal causal mask (sdpa/eager/flex) or varlen boundaries (flash attention),
+  so no token attends across samples, and no compute is spent on padding;
+- a token budget per micro-batch instead of a fixed number of samples, so short samples fill
+  the same memory that a batch of long ones would;
+- answer-only logits: the lm_head and cross-entropy run only at positions that have a label
+  (prompt tokens carry -100 and need no logits); the loss is the same number;
+- Liger kernels on CUDA: fused linear + cross-entropy (the 102,400-entry vocabulary of
+  deepseek-7b makes logits the largest activation), RMSNorm, SwiGLU and RoPE in Triton;
+- gradient checkpointing only when memory needs it, 4-bit only when memory needs it.
+
+Explicit values in a run config win over a profile's; a profile field of `None` means "the run
+config decides" (the standard recipe), which is what the `default` profile does everywhere.
+"""
+
+from __future__ import annotations
+
+import random
+import types
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from finqlora.errors import FinqloraError
+
+
+@dataclass(frozen=True)
+class SpeedProfile:
+    """One named set of speed/memory levers (None = leave the choice to the run config)."""
+
+    name: str
+    description: str
+    # Padding-free micro-batches: samples concatenated in one row, position ids restart per sample.
+    packing: bool = False
+    # Tokens per packed micro-batch = budget_scale * batch_size * max_length (1 = same worst-case
+    # memory as a padded batch of batch_size x max_length).
+    budget_scale: int = 1
+    # lm_head + cross-entropy only where a label exists (the prompt needs no logits).
+    answer_only_logits: bool = False
+    # Liger-kernel Triton kernels (CUDA only): fused linear+CE, RMSNorm, SwiGLU, RoPE.
+    liger: bool = False
+    gradient_checkpointing: bool | None = None
+    load_in_4bit: bool | None = None
+    # "bf16" | "fp16" | "fp32"; None = the run config's compute_dtype (auto).
+    compute_dtype: str | None = None
+    # prepare_model_for_kbit_training casts norms, embeddings and lm_head to fp32; with fused
+    # kernels that is memory and time for no gain, so fast profiles keep them in compute dtype.
+    upcast_frozen_to_fp32: bool = True
+    torch_compile: bool = False
+    # TrainingArguments.optim; None = the run config's (paged_adamw_8bit on CUDA).
+    optimizer: str | None = None
+    # Pad lengths to a multiple of this (tensor-core friendly shapes) in padded batches.
+    pad_to_multiple_of: int | None = None
+
+
+PROFILES: dict[str, SpeedProfile] = {
+    profile.name: profile
+    for profile in (
+        SpeedProfile(
+            name="default",
+            description="the standard recipe, unchanged: padded batches, settings from the run config",
+        ),
+        SpeedProfile(
+            name="t4",
+            description="16 GB GPUs (T4, fp16): 4-bit base, gradient checkpointing, packed micro-batches "
+            "of batch_size x max_length tokens, answer-only logits, Liger kernels",
+            packing=True,
+            budget_scale=1,
+            answer_only_logits=True,
+            liger=True,
+            gradient_checkpointing=True,
+            load_in_4bit=True,
+            compute_dtype="fp16",
+            upcast_frozen_to_fp32=False,
+        ),
+        SpeedProfile(
+            name="fast",
+            description="GPUs with memory to spare (40 GB+): 4-bit base, no gradient checkpointing, "
+            "packed micro-batches of 2 x batch_size x max_length tokens, answer-only logits, Liger kernels",
+            packing=True,
+            budget_scale=2,
+            answer_only_logits=True,
+            liger=True,
+            gradient_checkpointing=False,
+            load_in_4bit=True,
+            upcast_frozen_to_fp32=False,
+        ),
+        SpeedProfile(
+            name="fast-bf16",
+            description="like fast, but the base stays in bf16 (no 4-bit quantization: ~14 GB for a 7B model "
+            "instead of ~4 GB, no dequantization work); an explicit choice for large GPUs",
+            packing=True,
+            budget_scale=2,
+            answer_only_logits=True,
+            liger=True,
+            gradient_checkpointing=False,
+            load_in_4bit=False,
+            compute_dtype="bf16",
+            upcast_frozen_to_fp32=False,
+        ),
+        SpeedProfile(
+            name="cpu",
+            description="CPU LoRA (no 4-bit, fp32): packed micro-batches without padding and answer-only logits; "
+            "no Triton kernels",
+            packing=True,
+            budget_scale=1,
+            answer_only_logits=True,
+            liger=False,
+            gradient_checkpointing=False,
+            load_in_4bit=False,
+            compute_dtype="fp32",
+            upcast_frozen_to_fp32=False,
+        ),
+    )
+}
+
+
+def get_profile(name: str) -> SpeedProfile:
+    """The profile called `name` (case-insensitive); a clear error lists the known ones."""
+    key = (name or "").strip().lower()
+    if key in PROFILES:
+        return PROFILES[key]
+    known = ", ".join(f"{p.name} ({p.description.split(':')[0]})" for p in PROFILES.values())
+    raise FinqloraError(
+        f"unknown speed profile {name!r}",
+        hint=f"use one of: {known}; e.g. --set train.profile=t4",
+    )
+
+
+def profile_as_dict(profile: SpeedProfile) -> dict[str, Any]:
+    """The profile's fields, for training_info.json."""
+    return {f.name: getattr(profile, f.name) for f in fields(profile)}
+
+
+def tokens_per_micro_batch(profile: SpeedProfile, batch_size: int, max_length: int) -> int:
+    """Token budget of one packed micro-batch (same worst case as batch_size x max_length at scale 1)."""
+    return int(profile.budget_scale) * int(batch_size) * int(max_length)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: packing and collators
+
+
+def pack_by_token_budget(lengths: Sequence[int], token_budget: int, *, seed: int = 0) -> list[list[int]]:
+    """Group sample indices into micro-batches of at most `token_budget` tokens.
+
+    Samples are shuffled with `seed` (so the model sees a random mix, as with a plain random
+    sampler) and then placed first-fit into open micro-batches, which fills them to ~95%+ when
+    samples are short compared to the budget. The result depends only on (lengths, budget,
+    seed): a resumed run gets the same micro-batches. Call it once per epoch with seed+epoch.
+    """
+    if token_budget < 1:
+        raise FinqloraError(f"token budget must be positive, got {token_budget}")
+    too_long = [(i, n) for i, n in enumerate(lengths) if n > token_budget]
+    if too_long:
+        index, length = too_long[0]
+        raise FinqloraError(
+            f"sample {index} has {length} tokens, more than the micro-batch token budget of {token_budget}",
+            hint="samples are trimmed to max_length when tokenized; raise batch_size or max_length so that "
+            "batch_size x max_length >= max_length, or trim the dataset",
+        )
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for index in order:
+        need = int(lengths[index])
+        for b, free in enumerate(room):
+            if need <= free:
+                bins[b].append(index)
+                room[b] -= need
+                break
+        else:
+            bins.append([index])
+            room.append(token_budget - need)
+    return bins
+
+
+class PackedCollator:
+    """Flattens samples (or packs of samples) into one padding-free row with per-sample positions.
+
+    A feature is a sample `{"input_ids": [...], "labels": [...]}` or a pack `{"pack": [sample,
+    ...]}` from `pack_by_token_budget`. The actual flattening is transformers'
+    `DataCollatorWithFlattening`: `position_ids` restart at 0 for each sample and the first label
+    of each sample is -100, so no sample predicts the next one's first token. The batch also
+    carries `use_cache=False`, without which the attention would not be confined to each sample.
+    """
+
+    def __init__(self, return_flash_attn_kwargs: bool = False) -> None:
+        from transformers import DataCollatorWithFlattening
+
+        self._flatten = DataCollatorWithFlattening(
+            return_position_ids=True, return_flash_attn_kwargs=return_flash_attn_kwargs
+        )
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        samples: list[dict[str, Any]] = []
+        for feature in features:
+            for sample in feature["pack"] if "pack" in feature else [feature]:
+                samples.append({"input_ids": list(sample["input_ids"]), "labels": list(sample["labels"])})
+        if not samples:
+            raise FinqloraError("empty micro-batch", hint="the dataset has no samples for this step")
+        batch = self._flatten(samples, return_tensors="pt")
+        # transformers detects packed samples from restarting position ids only when no KV cache
+        # exists; a model that builds one (use_cache=True, the default of most configs outside
+        # gradient checkpointing) would silently let samples attend to each other.
+        batch["use_cache"] = False
+        return batch
+
+
+def make_data_collator(tokenizer: Any, profile: SpeedProfile, *, attn_implementation: str | None = None) -> Callable:
+    """The collator for `profile`: padding-free packing, or dynamic padding with -100 labels."""
+    if profile.packing:
+        return PackedCollator(return_flash_attn_kwargs=bool(attn_implementation and "flash" in attn_implementation))
+    from transformers import DataCollatorForSeq2Seq
+
+    if tokenizer.pad_token_id is None:
+        raise FinqloraError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no pad token, so batches cannot be padded",
+            hint="set tokenizer.pad_token = tokenizer.eos_token before building the collator, or use a packing profile",
+        )
+    return DataCollatorForSeq2Seq(
+        tokenizer,
+        padding=True,
+        label_pad_token_id=-100,
+        pad_to_multiple_of=profile.pad_to_multiple_of,
+        return_tensors="pt",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Model levers
+
+
+def _causal_lm(model: Any) -> Any:
+    """The transformers *ForCausalLM inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def apply_model_speedups(model: Any, profile: SpeedProfile) -> Any:
+    """Apply the profile's model-side levers in place (call after peft wraps the model).
+
+    Returns the model (wrapped by torch.compile when the profile asks for it).
+    """
+    import torch
+
+    lm = _causal_lm(model)
+    device = next(lm.parameters()).device
+    if profile.liger:
+        if device.type != "cuda":
+            raise FinqloraError(
+                f"speed profile {profile.name!r} uses Liger (Triton) kernels, which need a CUDA GPU; "
+                f"this model is on {device.type}",
+                hint="use --set train.profile=cpu on the CPU",
+            )
+        _apply_liger(lm)
+    if profile.answer_only_logits:
+        _install_answer_only_loss(lm, fused=profile.liger)
+    if profile.torch_compile:
+        return torch.compile(model)
+    return model
+
+
+def _apply_liger(lm: Any) -> None:
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as exc:
+        raise FinqloraError(
+            "this speed profile needs liger-kernel, which is not installed",
+            hint="pip install liger-kernel (CUDA GPUs only), or choose the default profile",
+        ) from exc
+    # The fused linear+CE is done by our answer-only loss (same kernel, fewer rows), so Liger's
+    # own forward patch is left off; its RMSNorm, SwiGLU and RoPE kernels are applied in place.
+    _apply_liger_kernel_to_instance(model=lm, fused_linear_cross_entropy=False, cross_entropy=False)
+
+
+def _install_answer_only_loss(lm: Any, *, fused: bool) -> None:
+    """Replace the model's training forward with one that computes logits only where labels exist.
+
+    In eval mode, or without labels, the original forward runs (full logits, e.g. for generate).
+    """
+    if getattr(lm, "_finqlora_answer_only", False):
+        return
+    inner = getattr(lm, getattr(lm, "base_model_prefix", "model"), None)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if inner is None or head is None:
+        raise FinqloraError(
+            f"{type(lm).__name__} has no decoder/lm_head pair, so answer-only logits cannot be used",
+            hint="use the default speed profile for this model",
+        )
+    original_forward = lm.forward
+
+    def forward(self: Any, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
+                labels: Any = None, num_items_in_batch: Any = None, **kwargs: Any) -> Any:
+        if labels is None or not self.training or kwargs.get("return_dict") is False:
+            return original_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        kwargs.pop("logits_to_keep", None)
+        kwargs.pop("use_cache", None)
+        outputs = inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False, **kwargs)
+        loss = answer_only_loss(outputs.last_hidden_state, head.weight, labels,
+                                num_items_in_batch=num_items_in_batch, fused=fused,
+                                logit_softcap=getattr(self.config, "final_logit_softcapping", None))
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    lm.forward = types.MethodType(forward, lm)
+    lm._finqlora_answer_only = True
+
+
+def answer_only_loss(hidden: Any, head_weight: Any, labels: Any, *, num_items_in_batch: Any = None,
+                     fused: bool = False, logit_softcap: float | None = None) -> Any:
+    """Causal-LM cross-entropy computed from hidden states at labelled positions only.
+
+    Equals transformers' ForCausalLMLoss on full logits: position t predicts labels[t+1]; the
+    sum over labelled tokens is divided by `num_items_in_batch` when given (gradient
+    accumulation), else by the number of labelled tokens.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if logit_softcap:
+        raise FinqloraError("answer-only logits do not support final-logit softcapping models",
+                            hint="use the default speed profile for this model")
+    shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    keep = shift_labels != -100
+    rows = hidden[keep]
+    targets = shift_labels[keep]
+    if rows.shape[0] == 0:
+        # Nothing to learn in this micro-batch: a zero that still connects to the graph.
+        return hidden.sum() * 0.0
+    if fused:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        total = liger_fused_linear_cross_entropy(rows, head_weight.to(rows.dtype), targets, reduction="sum")
+    else:
+        logits = F.linear(rows, head_weight).float()
+        total = F.cross_entropy(logits, targets, reduction="sum")
+    denominator = num_items_in_batch if num_items_in_batch is not None else rows.shape[0]
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.to(total.device)
+    return total / denominator

@@ -1,0 +1,192 @@
+"""Speed levers keep the training loss exactly what the plain path computes (CPU, tiny model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finqlora import speedups
+from finqlora.chat_format import encode_for_training
+from finqlora.errors import FinqloraError
+
+RECORDS = [
+    {"instruction": "判断这条新闻对黄金的影响", "input": "美联储宣布降息25个基点。", "output": "利好。降息压低实际利率。"},
+    {"instruction": "What is 2+2?", "input": "", "output": "4"},
+    {"instruction": "Summarize", "input": "Gold rose 1% as the dollar fell on weak payrolls data.", "output": "Gold up, dollar down."},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def samples(tiny):
+    _, tokenizer = tiny
+    out = []
+    for record in RECORDS:
+        encoded = encode_for_training(tokenizer, record, max_length=128)
+        out.append({"input_ids": encoded.input_ids, "labels": encoded.labels})
+    return out
+
+
+def _per_sample_reference(model, samples):
+    """Sum of token losses and token count, each sample run alone without padding."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for sample in samples:
+            ids = torch.tensor([sample["input_ids"]])
+            labels = torch.tensor([sample["labels"]])
+            logits = model(input_ids=ids).logits[0, :-1].double()
+            target = labels[0, 1:]
+            keep = target != -100
+            total += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+            count += int(keep.sum())
+    return total, count
+
+
+def test_profile_lookup_and_errors():
+    assert speedups.get_profile("default") is speedups.PROFILES["default"]
+    assert speedups.get_profile(" T4 ").name == "t4"
+    for name in ("default", "t4", "fast", "cpu"):
+        assert name in speedups.PROFILES
+    t4 = speedups.get_profile("t4")
+    assert t4.load_in_4bit and t4.gradient_checkpointing and t4.compute_dtype == "fp16"
+    assert not speedups.get_profile("cpu").liger, "the CPU profile must never use Triton kernels"
+    with pytest.raises(FinqloraError) as err:
+        speedups.get_profile("turbo")
+    assert "turbo" in str(err.value) and "fast" in str(err.value) and "t4" in str(err.value)
+    assert speedups.profile_as_dict(t4)["name"] == "t4"
+    assert speedups.tokens_per_micro_batch(t4, 4, 512) == 2048
+
+
+def test_pack_by_token_budget_is_a_partition_within_budget():
+    lengths = [int(x) for x in torch.randint(5, 300, (500,), generator=torch.Generator().manual_seed(1))]
+    bins = speedups.pack_by_token_budget(lengths, 1024, seed=3)
+    flat = sorted(i for b in bins for i in b)
+    assert flat == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 1024 for b in bins)
+    fill = sum(lengths) / (len(bins) * 1024)
+    assert fill > 0.9, f"first-fit packing left too much room: {fill:.2%}"
+    assert bins == speedups.pack_by_token_budget(lengths, 1024, seed=3)
+    assert bins != speedups.pack_by_token_budget(lengths, 1024, seed=4)
+    with pytest.raises(FinqloraError, match="sample 1 has 2000 tokens"):
+        speedups.pack_by_token_budget([10, 2000], 1024)
+
+
+def test_packed_collator_restarts_positions_and_masks_boundaries(samples):
+    collate = speedups.make_data_collator(None, speedups.get_profile("cpu"))
+    batch = collate([samples[0], {"pack": [samples[1], samples[2]]}])
+    lengths = [len(s["input_ids"]) for s in samples]
+    assert batch["input_ids"].shape == (1, sum(lengths))
+    assert "attention_mask" not in batch, "a padding-free batch must not carry a 2D mask (it would hide the packing)"
+    starts = [0, lengths[0], lengths[0] + lengths[1]]
+    for start, length in zip(starts, lengths):
+        assert batch["position_ids"][0, start : start + length].tolist() == list(range(length))
+        assert batch["labels"][0, start].item() == -100
+
+
+def test_packed_loss_equals_unpadded_per_sample_loss(tiny, samples):
+    model, _ = tiny
+    ref_sum, ref_count = _per_sample_reference(model, samples)
+    reference = ref_sum / ref_count
+
+    packed = speedups.make_data_collator(None, speedups.get_profile("cpu"))(samples)
+    with torch.no_grad():
+        plain_packed = model(**packed).loss.item()  # transformers' own loss on the packed row
+    assert plain_packed == pytest.approx(reference, rel=1e-5)
+
+    model_copy = type(model)(model.config)
+    model_copy.load_state_dict(model.state_dict())
+    speedups.apply_model_speedups(model_copy, speedups.get_profile("cpu"))
+    model_copy.train()
+    fast = model_copy(**packed)
+    assert fast.logits is None, "the answer-only path must not build full logits"
+    assert fast.loss.item() == pytest.approx(reference, rel=1e-5)
+    fast.loss.backward()
+    assert model_copy.lm_head.weight.grad is not None and torch.isfinite(model_copy.lm_head.weight.grad).all()
+
+    # Gradient accumulation: Trainer passes the token count of the whole accumulated batch.
+    scaled = model_copy(**packed, num_items_in_batch=torch.tensor(ref_count * 2)).loss.item()
+    assert scaled == pytest.approx(reference / 2, rel=1e-5)
+
+    # The padded default path gives the same mean loss.
+    _, tokenizer = tiny
+    padded = speedups.make_data_collator(tokenizer, speedups.get_profile("default"))(
+        [dict(s) for s in samples]
+    )
+    assert "attention_mask" in padded and padded["input_ids"].shape[0] == len(samples)
+    with torch.no_grad():
+        assert model(**padded).loss.item() == pytest.approx(reference, rel=1e-4)
+
+    # In eval mode the patched model gives full logits again (generation, evaluation).
+    model_copy.eval()
+    with torch.no_grad():
+        out = model_copy(**packed)
+    assert out.logits is not None and out.loss.item() == pytest.approx(reference, rel=1e-5)
+
+
+def test_no_attention_across_packed_samples(tiny, samples):
+    model, _ = tiny
+    collate = speedups.make_data_collator(None, speedups.get_profile("cpu"))
+    first, second = samples[0], samples[2]
+    changed = dict(first, input_ids=[(t * 7 + 13) % 1000 + 5 for t in first["input_ids"]])
+    with torch.no_grad():
+        logits_a = model(**collate([first, second])).logits[0]
+        logits_b = model(**collate([changed, second])).logits[0]
+        alone = model(input_ids=torch.tensor([second["input_ids"]])).logits[0]
+    n = len(first["input_ids"])
+    assert not torch.allclose(logits_a[:n], logits_b[:n]), "the change to sample A must be visible in A"
+    torch.testing.assert_close(logits_a[n:], logits_b[n:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits_a[n:], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_answer_only_loss_matches_full_logits_with_peft(tiny, samples):
+    """The lever also works under a peft wrapper and gives the same LoRA gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny
+    packed = speedups.make_data_collator(None, speedups.get_profile("cpu"))(samples)
+    grads = []
+    for use_lever in (False, True):
+        base = type(model)(model.config)
+        base.load_state_dict(model.state_dict())
+        torch.manual_seed(0)
+        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+        # LoRA B starts at zero; give it values so A's gradient is non-zero too.
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
+        if use_lever:
+            speedups.apply_model_speedups(peft_model, speedups.get_profile("cpu"))
+        peft_model.train()
+        peft_model(**packed).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in grads[1].values())
+
+
+def test_liger_profiles_refuse_the_cpu(tiny):
+    model, _ = tiny
+    with pytest.raises(FinqloraError, match="CUDA"):
+        speedups.apply_model_speedups(model, speedups.get_profile("t4"))
+
+
+def test_padding_collator_needs_a_pad_token(tiny):
+    _, tokenizer = tiny
+
+    class NoPad:
+        pad_token_id = None
+        name_or_path = "x"
+
+    with pytest.raises(FinqloraError, match="no pad token"):
+        speedups.make_data_collator(NoPad(), speedups.get_profile("default"))
+    assert speedups.make_data_collator(tokenizer, speedups.get_profile("default")) is not None
