@@ -104,6 +104,10 @@ def variants() -> dict[str, Variant]:
                 dataclasses.replace(base, upcast_frozen_to_fp32=False)),
         Variant("-checkpointing", "baseline without gradient checkpointing", dataclasses.replace(base, gradient_checkpointing=False)),
         Variant("fp16-standard", "the standard recipe in fp16 (the T4 config's precision)", dataclasses.replace(base, compute_dtype="fp16")),
+        # Diagnostics of the T4 profile's cost.
+        Variant("t4-bf16", "--profile t4 in bf16 (what fp16 costs)", resolved(get_profile("t4"), compute_dtype="bf16")),
+        Variant("t4-no-checkpointing", "--profile t4 without checkpointing (what checkpointing costs)",
+                resolved(get_profile("t4"), gradient_checkpointing=False)),
         # Issue 5: the two GPU configs on one repeated batch.
         Variant("repeat-t4-config", "T4 config (standard recipe, fp16) on a repeated 4x512 batch",
                 dataclasses.replace(base, compute_dtype="fp16"), repeat_check=True),

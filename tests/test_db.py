@@ -150,6 +150,7 @@ def test_parse_time_variants():
     zone = db.get_zone("Asia/Shanghai")
     assert db.parse_time("2026-06-01T08:00:00Z", tz=None) == (1780300800, 0)
     assert db.parse_time(1780300800000, tz=None) == (1780300800, 0)  # milliseconds
+    assert db.parse_time("1780300800.75", tz=None) == (1780300800, 0)
     assert db.parse_time("2026-06-01 16:00:00", tz=zone) == (1780300800, 480)
     assert db.parse_time("2026-06-01 16:00:00", tz=db.get_zone("+08:00")) == (1780300800, 480)
     with pytest.raises(ValueError, match="no time zone"):

@@ -142,7 +142,8 @@ def test_zip_round_trip(run_dir: Path, tmp_path: Path) -> None:
     required = {"adapter_model.safetensors", "adapter_config.json", "training_info.json", "loss.png", "README.md", CHECKSUMS_NAME}
     assert required <= names and "tokenizer.json" in names
     assert result.missing_optional == []
-    assert str(run_dir) in readme  # the base model recorded by peft, for the user
+    recorded_base = json.loads((run_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded_base and recorded_base in readme  # tells the user which base to load
     assert len(sums.splitlines()) == len(names) - 1  # every file but SHA256SUMS itself
 
     assert verify_adapter_zip(result.zip_path) == result.files

@@ -56,7 +56,7 @@ def test_greedy_answer_is_deterministic_and_stops_at_end_of_turn(smol):
     second = generate(smol.model, smol.tokenizer, [FRANCE], settings, progress=False)[0]
     assert first == second
     assert "Paris" in first.text
-    assert first.finished and first.new_tokens < 40
+    assert first.finished and first.new_tokens < 40  # stopped on <|im_end|>, not the limit
     assert "<|im_end|>" not in first.text
 
 
@@ -66,7 +66,7 @@ def test_batched_left_padded_answers_match_single_ones(smol):
         FRANCE,
         [{"role": "user", "content": "Hi"}],
     ]
-    settings = GenerationSettings(max_new_tokens=24)
+    settings = GenerationSettings(max_new_tokens=12)
     batched = generate_answers(smol.model, smol.tokenizer, chats, settings, batch_size=3, progress=False)
     single = generate_answers(smol.model, smol.tokenizer, [FRANCE], settings, batch_size=1, progress=False)
     assert batched[1] == single[0]  # the short prompt was left-padded in the batch
@@ -82,14 +82,14 @@ def test_max_new_tokens_cuts_and_reports_unfinished(smol):
 
 def test_sampling_is_seeded(smol):
     chat = [{"role": "user", "content": "Name a fruit."}]
-    settings = GenerationSettings(max_new_tokens=12, temperature=1.0, seed=7)
+    settings = GenerationSettings(max_new_tokens=6, temperature=1.0, seed=7)
     assert generate_answers(smol.model, smol.tokenizer, [chat], settings, progress=False) == generate_answers(
         smol.model, smol.tokenizer, [chat], settings, progress=False
     )
 
 
 def test_stream_yields_the_same_text_as_generate(smol):
-    settings = GenerationSettings(max_new_tokens=30)
+    settings = GenerationSettings(max_new_tokens=12)
     pieces = list(stream_answer(smol.model, smol.tokenizer, FRANCE, settings))
     assert len(pieces) > 1 and all(pieces)
     assert "".join(pieces).strip() == generate_answers(smol.model, smol.tokenizer, [FRANCE], settings, progress=False)[0]

@@ -302,6 +302,13 @@ def test_a_bad_second_price_file_stores_nothing_from_the_first(tmp_path):
     assert not db.exists() or _count(db, "prices") == 0
 
 
+def test_non_utf8_price_file_is_refused_with_line(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_bytes((HEADER + _bar(0) + "\n").encode() + "2026-06-01 08:01:00,黄金,1,1,1,1,1\n".encode("gb18030"))
+    with pytest.raises(FinqloraError, match=r"p.csv, line 3: not UTF-8"):
+        ingest.ingest_prices(tmp_path / "s.db", "XAUUSD", [path], tz="UTC")
+
+
 def test_empty_and_header_only_price_files(tmp_path):
     empty = tmp_path / "empty.csv"
     empty.write_bytes(b"")

@@ -157,7 +157,10 @@ def test_free_space_check(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("profile", ["default", "cpu"])
 def test_loss_falls_on_a_repeated_batch(tiny_model_dir: Path, tmp_path: Path, profile: str) -> None:
+    # The same 4 samples 25 times over: one epoch of 25 steps that all see the same data.
     data = write_dataset(tmp_path / "d.jsonl", 4, 2, 0)
+    lines = data.read_text(encoding="utf-8").splitlines()
+    data.write_text("\n".join(lines[:4] * 25 + lines[4:]) + "\n", encoding="utf-8")
     cfg = tiny_config(tiny_model_dir, data, tmp_path / "out", max_steps=25, learning_rate=1e-2, lora_dropout=0.0, profile=profile)
     result = train(cfg, progress=False)
     losses = [p["loss"] for p in result.info["train_losses"]]
@@ -303,7 +306,8 @@ def test_resume_gives_the_same_adapter_as_a_straight_run(tiny_model_dir: Path, t
     losses_a = [p["loss"] for p in straight.info["train_losses"]]
     losses_b = [p["loss"] for p in resumed.info["train_losses"]]
     assert losses_b == pytest.approx(losses_a, rel=1e-5)
-    log_steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "training_log.jsonl").read_text().splitlines() if "loss" in x]
+    log_rows = [json.loads(x) for x in (tmp_path / "b" / "training_log.jsonl").read_text().splitlines()]
+    log_steps = [row["step"] for row in log_rows if "loss" in row]
     assert log_steps == [1, 2, 3, 4, 5, 6]  # the log continues, without duplicated steps
 
 

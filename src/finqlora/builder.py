@@ -28,7 +28,8 @@ import random
 import re
 import statistics
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ CJK_TOKENS_PER_CHAR = 1.0
 OTHER_CHARS_PER_TOKEN = 3.5
 ESTIMATED_TEMPLATE_OVERHEAD = 16
 TRIM_MARK = "……（原文过长，已截断）"
+DEFAULT_PRIMARY_TICKER = "XAUUSD"
+MARKET_GROUPS = (lab.EXPECTATION_REALIZED, lab.WAIT_AND_SEE, lab.CONTINUATION, lab.FADING, lab.IMPORTANCE)
 
 TICKER_NAMES = {
     "XAUUSD": "现货黄金", "XAGUSD": "现货白银", "USDCNH": "离岸人民币", "USDCNY": "在岸人民币", "DXY": "美元指数",
@@ -374,12 +377,15 @@ def split_by_time(events: Sequence[store.Event], shares: Sequence[float], embarg
     boundaries: dict[str, str | None] = {"train_end": None, "val_end": None}
     cut_ts: list[int] = []
     start = 0
-    for split, count in zip(SPLITS[:-1], counts[:-1]):
-        end = start + count
-        if end == 0 or end > len(events):
-            cut_ts.append(cut_ts[-1] if cut_ts else -1)
-            continue
-        cut_ts.append(max(events[end - 1].ts_utc, cut_ts[-1] if cut_ts else -1))
+    for count in counts[:-1]:
+        end = min(start + count, len(events))
+        if end > start:
+            # Events sharing the boundary's timestamp stay with it (a strict time order).
+            while end < len(events) and events[end].ts_utc == events[end - 1].ts_utc:
+                end += 1
+            cut_ts.append(events[end - 1].ts_utc)
+        else:
+            cut_ts.append(cut_ts[-1] if cut_ts else events[0].ts_utc - 1 if events else -1)
         start = end
     embargoed = 0
     for event in events:
@@ -446,9 +452,14 @@ def news_impact_label(impact: dict[tuple[str, int], float], ctx: LabelContext) -
 
 
 def _reaction_lines(impact: dict[tuple[str, int], float], tickers: Sequence[str], windows: Sequence[int]) -> list[str]:
+    """One compact line per ticker: pre-event windows, then post-event windows."""
     lines = []
     for ticker in tickers:
-        parts = [f"{_window_label(w)} {_pct(impact[(ticker, w)])}" if (ticker, w) in impact else f"{_window_label(w)} 无数据" for w in windows]
+        parts = []
+        for label, chosen in (("事前", [w for w in windows if w < 0]), ("事后", [w for w in windows if w > 0])):
+            if chosen:
+                values = "/".join(_pct(impact[(ticker, w)]) if (ticker, w) in impact else "无数据" for w in chosen)
+                parts.append(f"{label}{'/'.join(str(abs(w)) for w in chosen)}分钟 {values}")
         lines.append(f"- {_ticker_label(ticker)}：" + "；".join(parts))
     return lines
 
@@ -469,7 +480,7 @@ def news_impact_output(label: dict[str, Any], impact: dict[tuple[str, int], floa
         f"影响幅度：{lab.magnitude(ret, sigma)}（{_ticker_label(primary)}发布后{p}分钟变动 {abs(ret) * 100:.2f}%，"
         f"约为该窗口典型波动 σ={sigma * 100:.3f}% 的 {ratio:.1f} 倍）"
     )
-    lines.append("已实现的市场反应（发布前为事前走势，发布后为事后走势）：")
+    lines.append("已实现的市场反应（事前 = 发布前的走势，事后 = 发布后的走势）：")
     lines.extend(_reaction_lines(impact, list(label["directions"]), windows))
     lines.append(f"结论：{_ticker_label(primary)} 方向：{label['direction']}")
     lines.append(f"风险提示：{_CAVEAT}")
@@ -499,17 +510,25 @@ def _z(impact: dict[tuple[str, int], float], ticker: str, window: int, ctx: Labe
     return window, ret, ret / ctx.sigmas[(ticker, window)]
 
 
-def market_case_record(event: store.Event, impact: dict[tuple[str, int], float], ctx: LabelContext, windows: Sequence[int], rng: random.Random) -> tuple[str, str, str, dict[str, Any]] | None:
-    """(instruction, input suffix, output, label) of a case question, or None if not applicable."""
+def _case_inputs(impact: dict[tuple[str, int], float], ctx: LabelContext) -> tuple[str, dict[int, float], dict[int, float]] | None:
     tickers = _labelled_tickers(impact, ctx)
     if not tickers:
         return None
     ticker = _primary_for(tickers, ctx)
     returns = {w: r for w, r in _ticker_returns(impact, ticker).items() if (ticker, w) in ctx.sigmas}
-    sigmas = {w: ctx.sigmas[(ticker, w)] for w in returns}
+    return ticker, returns, {w: ctx.sigmas[(ticker, w)] for w in returns}
+
+
+def classify_market(impact: dict[tuple[str, int], float], ctx: LabelContext) -> str | None:
+    """The market-analysis case of an event's primary ticker (None when not applicable)."""
+    inputs = _case_inputs(impact, ctx)
+    return lab.market_case(inputs[1], inputs[2], ctx.rules) if inputs else None
+
+
+def market_case_record(impact: dict[tuple[str, int], float], ctx: LabelContext, windows: Sequence[int], rng: random.Random) -> tuple[str, str, str, dict[str, Any]]:
+    """(instruction, input suffix, output, label) of a case question for a classifiable event."""
+    ticker, returns, sigmas = _case_inputs(impact, ctx)
     case = lab.market_case(returns, sigmas, ctx.rules)
-    if case is None:
-        return None
     name = _ticker_label(ticker)
     pre_windows = sorted(w for w in returns if w < 0)
     post_windows = sorted(w for w in returns if w > 0)
@@ -524,14 +543,14 @@ def market_case_record(event: store.Event, impact: dict[tuple[str, int], float],
     return instruction, suffix, output, {"case": case, "ticker": ticker, "window_min": ctx.rules.primary_window}
 
 
-def importance_record(event: store.Event, impact: dict[tuple[str, int], float], ctx: LabelContext, rng: random.Random) -> tuple[str, str, str, dict[str, Any]] | None:
-    tickers = _labelled_tickers(impact, ctx)
-    if not tickers or "all" not in ctx.typical_abs:
-        return None
-    ticker = _primary_for(tickers, ctx)
-    if ticker != ctx.primary_ticker:
-        return None
-    p = ctx.rules.primary_window
+def importance_applies(impact: dict[tuple[str, int], float], ctx: LabelContext) -> bool:
+    """The importance question needs the primary ticker's primary-window return and its typical size."""
+    return "all" in ctx.typical_abs and (ctx.primary_ticker, ctx.rules.primary_window) in impact
+
+
+def importance_record(event: store.Event, impact: dict[tuple[str, int], float], ctx: LabelContext, rng: random.Random) -> tuple[str, str, str, dict[str, Any]]:
+    """(instruction, input suffix, output, label) of an importance-vs-reaction question."""
+    ticker, p = ctx.primary_ticker, ctx.rules.primary_window
     ret = impact[(ticker, p)]
     typical = ctx.typical_abs["all"]
     relation = lab.importance_relation(abs(ret), typical, ctx.rules)
@@ -565,8 +584,9 @@ def build_label_context(train_events: Sequence[store.Event], impacts: dict[str, 
     p = rules.primary_window
     tickers = Counter(t for (t, w) in sigmas if w == p)
     if primary_ticker is None and tickers:
+        # Gold is what finqlora's guide studies; otherwise the ticker with the most returns.
         counts = Counter(t for e in ids for (t, w) in impacts.get(e, {}) if w == p)
-        primary_ticker = sorted(counts, key=lambda t: (-counts[t], t))[0]
+        primary_ticker = DEFAULT_PRIMARY_TICKER if DEFAULT_PRIMARY_TICKER in tickers else sorted(counts, key=lambda t: (-counts[t], t))[0]
     typical: dict[str, float] = {}
     if primary_ticker and (primary_ticker, p) in sigmas:
         groups: dict[str, list[float]] = {"all": []}
@@ -644,11 +664,30 @@ def _report_drafts(count: int, shares: Sequence[float], seed: int) -> list[Draft
     return drafts
 
 
+@contextmanager
+def _stages(enabled: bool) -> Iterator[Any]:
+    """A spinner on stderr naming the current stage (reading, deduplicating, ...)."""
+    if not enabled:
+        yield lambda _text: None
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status("building the dataset") as status:
+        yield lambda text: status.update(text)
+
+
 def build_dataset(config: BuildConfig) -> BuildResult:
     """Build the dataset described by `config` and write JSONL, card and stats."""
     config.validate()
+    with _stages(config.progress) as stage:
+        return _build(config, stage)
+
+
+def _build(config: BuildConfig, stage: Any) -> BuildResult:
     notices: list[str] = []
     counts_wanted = dict(zip(TYPES, _allocate(config.num_samples, config.mix)))
+    if config.tokenizer:
+        stage(f"loading the tokenizer {config.tokenizer}")
     counter = load_length_counter(config.tokenizer)
     stats: dict[str, Any] = {}
     drafts: list[Draft] = []
@@ -662,15 +701,18 @@ def build_dataset(config: BuildConfig) -> BuildResult:
         drafts = _template_drafts(config.num_samples, config.split, config.seed, "fallback")
         source_info: dict[str, Any] = {"database": None}
     else:
+        stage(f"reading {config.db}")
         data = read_store(Path(config.db), config.naive_tz)
-        drafts, source_info = _store_drafts(config, data, counts_wanted, notices, stats)
+        drafts, source_info = _store_drafts(config, data, counts_wanted, notices, stats, stage)
 
+    stage(f"measuring {len(drafts)} records in tokens ({counter.name})")
     drafts, trimmed, dropped = trim_drafts(drafts, counter, config.max_length)
     if trimmed:
         notices.append(f"{trimmed} record(s) were longer than --max-length {config.max_length} tokens and had their input trimmed (outputs kept whole)")
     if dropped:
         notices.append(f"{dropped} record(s) could not fit in {config.max_length} tokens even with a minimal input and were left out")
 
+    stage("checking for near-duplicates across splits")
     drafts = _check_cross_split(drafts, config.dedup_threshold, notices, stats)
     drafts.sort(key=lambda d: (SPLITS.index(d.split), TYPES.index(d.type) if d.type in TYPES else len(TYPES), d.ts, d.record_id, d.instruction))
     prefix = {"news_impact": "ni", "market_analysis": "ma", "report_qa": "rq", "template": "tp"}
@@ -688,6 +730,7 @@ def build_dataset(config: BuildConfig) -> BuildResult:
         notices.append(f"asked for {config.num_samples} samples, made {len(records)}")
     lengths = counter.record_lengths(drafts)
     stats = _stats(config, drafts, lengths, counter, trimmed, dropped, counts_wanted, source_info, notices, stats)
+    stage(f"writing {config.output}")
     output = Path(config.output)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     atomic_write_text(output, text)
@@ -698,7 +741,7 @@ def build_dataset(config: BuildConfig) -> BuildResult:
     return BuildResult(output, card_path, stats_path, records, stats, notices)
 
 
-def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str, int], notices: list[str], stats: dict[str, Any]) -> tuple[list[Draft], dict[str, Any]]:
+def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str, int], notices: list[str], stats: dict[str, Any], stage: Any) -> tuple[list[Draft], dict[str, Any]]:
     rules = config.rules
     p = rules.primary_window
     source_info = {"database": data.fingerprint}
@@ -709,6 +752,7 @@ def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str,
             f"{config.db} has no usable events (primary events with text and a publication time)",
             hint=f"check it with `finqlora db check --db {config.db}` and `finqlora db stats --db {config.db}`",
         )
+    stage(f"removing near-duplicates among {len(data.events)} events")
     dedup = textdedup.deduplicate([_news_text(e) for e in data.events], config.dedup_threshold)
     events = [data.events[i] for i in dedup.keep]
     stats["dedup"] = {
@@ -740,6 +784,7 @@ def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str,
             drafts += _template_drafts(missing_count, config.split, config.seed, "missing-store-parts")
         return drafts, source_info
 
+    stage(f"splitting {len(pool)} events by time and labelling")
     plan = split_by_time(pool, config.split, config.embargo_min)
     ctx = build_label_context(plan.pools["train"], data.impacts, rules, config.primary_ticker)
     if (ctx.primary_ticker, p) not in ctx.sigmas:
@@ -748,7 +793,7 @@ def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str,
             f"(need {rules.min_estimation_samples})",
             hint="use a database with more events, or pass --primary-ticker with a ticker that has impacts",
         )
-    windows = sorted({w for imp in data.impacts.values() for (_, w) in imp}, key=lambda w: (w > 0, abs(w) if w > 0 else w))
+    windows = sorted({w for imp in data.impacts.values() for (_, w) in imp}, key=lambda w: (w > 0, w))
     stats["split_plan"] = {
         "events_in_pool": len(pool),
         "by_split": {s: len(plan.pools[s]) for s in SPLITS},
@@ -770,10 +815,17 @@ def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str,
     shortfalls = []
     for split in SPLITS:
         split_pool = plan.pools[split]
-        labelled = [(e, news_impact_label(data.impacts[e.event_id], ctx)) for e in split_pool]
-        labelled = [(e, l) for e, l in labelled if l is not None]
+        # Shuffle, then label lazily: a small build does not pay for labelling every event.
+        order = list(split_pool)
+        rng.shuffle(order)
         want = news_split_counts[split]
-        chosen = rng.sample(labelled, min(want, len(labelled)))
+        chosen: list[tuple[store.Event, dict[str, Any]]] = []
+        for event in order:
+            if len(chosen) == want:
+                break
+            label = news_impact_label(data.impacts[event.event_id], ctx)
+            if label is not None:
+                chosen.append((event, label))
         if len(chosen) < want:
             shortfalls.append(f"news_impact/{split}: asked for {want}, only {len(chosen)} distinct events qualify")
         used = set()
@@ -787,30 +839,28 @@ def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str,
                 event_id=event.event_id, event_time=_event_time(event), ts=event.ts_utc,
             ))
         # Market analysis: balanced over case types; events unused by news_impact come first.
-        groups: dict[str, list[store.Event]] = {}
-        built: dict[tuple[str, str], tuple[str, str, str, dict[str, Any]]] = {}
-        for event in split_pool:
-            impact = data.impacts[event.event_id]
-            case = market_case_record(event, impact, ctx, windows, rng)
-            if case is not None:
-                groups.setdefault(case[3]["case"], []).append(event)
-                built[(case[3]["case"], event.event_id)] = case
-            importance = importance_record(event, impact, ctx, rng)
-            if importance is not None:
-                groups.setdefault(lab.IMPORTANCE, []).append(event)
-                built[(lab.IMPORTANCE, event.event_id)] = importance
-        for name in sorted(groups):
-            fresh = [e for e in groups[name] if e.event_id not in used]
-            reused = [e for e in groups[name] if e.event_id in used]
-            rng.shuffle(fresh)
-            rng.shuffle(reused)
-            groups[name] = fresh + reused
+        # Classify in shuffled order until every case type has enough events for the quota.
         want = market_split_counts[split]
+        candidates = [e for e in order if e.event_id not in used] + [e for e in order if e.event_id in used]
+        groups: dict[str, list[store.Event]] = {}
+        for event in candidates:
+            if len(groups) == len(MARKET_GROUPS) and all(len(g) >= want for g in groups.values()):
+                break
+            impact = data.impacts[event.event_id]
+            case = classify_market(impact, ctx)
+            if case is not None:
+                groups.setdefault(case, []).append(event)
+            if importance_applies(impact, ctx):
+                groups.setdefault(lab.IMPORTANCE, []).append(event)
         taken = _take_balanced(groups, want)
         if len(taken) < want:
             shortfalls.append(f"market_analysis/{split}: asked for {want}, only {len(taken)} events qualify")
         for case_name, event in taken:
-            instruction, suffix, output, label = built[(case_name, event.event_id)]
+            impact = data.impacts[event.event_id]
+            if case_name == lab.IMPORTANCE:
+                instruction, suffix, output, label = importance_record(event, impact, ctx, rng)
+            else:
+                instruction, suffix, output, label = market_case_record(impact, ctx, windows, rng)
             drafts.append(Draft(
                 "market_analysis", split, f"ma-{event.event_id}", instruction, output, label,
                 input_prefix=_news_prefix(event), news=_news_text(event), input_suffix=suffix,
@@ -824,16 +874,21 @@ def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str,
 
 
 def _check_cross_split(drafts: list[Draft], threshold: float, notices: list[str], stats: dict[str, Any]) -> list[Draft]:
-    """Drop any record whose text near-duplicates a record of an earlier split (and count it)."""
-    groups = [[d for d in drafts if d.split == s] for s in SPLITS]
-    texts = [[user_content(d.instruction, d.news or d.input) for d in group] for group in groups]
+    """Drop any news-based record whose news text near-duplicates one in an earlier split.
+
+    report_qa statements are random (pairwise 3-gram Jaccard < 0.45 by construction) and
+    templates are split by template, so only records that carry news are compared.
+    """
+    groups = [[d for d in drafts if d.split == s and d.news] for s in SPLITS]
+    others = [d for d in drafts if not d.news]
+    texts = [[d.news for d in group] for group in groups]
     pairs = textdedup.cross_group_duplicates(texts, threshold)
     drop = {(gb, ib) for _, _, gb, ib in pairs}
     # Two records of the same event in one split are not a leak; only the later split loses.
     stats["cross_split_near_duplicates_removed"] = len(drop)
     if drop:
         notices.append(f"{len(drop)} record(s) near-duplicated a record of an earlier split and were left out")
-    return [d for g, group in enumerate(groups) for i, d in enumerate(group) if (g, i) not in drop]
+    return [d for g, group in enumerate(groups) for i, d in enumerate(group) if (g, i) not in drop] + others
 
 
 def _to_record(draft: Draft, output_format: str) -> dict[str, Any]:
@@ -998,5 +1053,3 @@ def preview_records(path: Path, n: int = 3) -> list[dict[str, Any]]:
                                     hint="each line must be one JSON object; rebuild the file with `finqlora build`") from exc
     return records
 
-
-ProgressCallback = Callable[[str], None]

@@ -144,6 +144,7 @@ def locate_parts(model: BuiltinModel) -> list[Path]:
 
 
 def _progress_bar(total: int, description: str, enabled: bool):
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     progress = Progress(
@@ -153,6 +154,7 @@ def _progress_bar(total: int, description: str, enabled: bool):
         TransferSpeedColumn(),
         transient=True,
         disable=not enabled,
+        console=Console(stderr=True),
     )
     return progress, progress.add_task(description, total=total)
 

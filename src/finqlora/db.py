@@ -31,13 +31,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from finqlora.errors import FinqloraError
 
 SCHEMA_VERSION = 1
+_UNIX_RE = re.compile(r"\d{9,13}(\.\d+)?")  # unix seconds or milliseconds, not e.g. '20260601'
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 # Post-event windows users' queries expect, in minutes; pre-event windows are stored negated.
@@ -151,8 +152,6 @@ def get_zone(name: str) -> ZoneInfo | timezone:
     if re.fullmatch(r"[+-]\d{2}:?\d{2}", name):
         sign = 1 if name[0] == "+" else -1
         digits = name[1:].replace(":", "")
-        from datetime import timedelta
-
         return timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
     try:
         return ZoneInfo(name)
@@ -172,7 +171,7 @@ def parse_time(value: object, *, tz: ZoneInfo | timezone | None) -> tuple[int, i
     """
     if value is None or value == "":
         return None
-    if isinstance(value, (int, float)) or (isinstance(value, str) and value.strip().isdigit()):
+    if isinstance(value, (int, float)) or (isinstance(value, str) and _UNIX_RE.fullmatch(value.strip())):
         seconds = float(value)
         if seconds > 1e11:  # milliseconds
             seconds /= 1000.0
@@ -275,7 +274,6 @@ def init_db(path: str | Path) -> Path:
                 f"{db_path} already holds an events table that finqlora did not create",
                 hint=f"run `finqlora db check --db {db_path}` to see what it lacks, then add `--migrate` (a backup is made first)",
             )
-        conn.execute("PRAGMA journal_mode = WAL")
         with transaction(conn):
             for statement in _split_sql(_SCHEMA_SQL):
                 conn.execute(statement)

@@ -585,7 +585,7 @@ def compute_metrics(run_dir: str | Path, *, bootstrap_resamples: int = 1000, see
                 per_item[item["id"]][v] = {"parsed": p, "correct": p == item["label"]["case"]}
         block, rows = _classification_block(scorer, "market_analysis", "Market case", truth, preds, case_names)
         tasks["market_analysis"] = block
-        table.extend(rows[:1] + rows[2:])
+        table.extend(rows)
 
     # Text overlap with the references (every item with a reference text, benchmarks excluded).
     texts = [item for item in items if item["task"] != "benchmark" and item["reference"]]

@@ -241,10 +241,12 @@ class PackageResult:
 
 def _usage_readme(config: dict[str, Any], files: list[str]) -> str:
     base = config.get("base_model_name_or_path") or "<the base model you trained on>"
+    targets = config.get("target_modules")
+    targets = ", ".join(sorted(targets)) if isinstance(targets, list) else targets
     return f"""# finqlora QLoRA adapter
 
 A LoRA adapter (r={config.get("r")}, alpha={config.get("lora_alpha")}, target modules:
-{config.get("target_modules")}) trained with finqlora {__version__} on top of:
+{targets}) trained with finqlora {__version__} on top of:
 
     {base}
 

@@ -85,6 +85,7 @@ def _answer_tokens(row: list[int], stops: set[int]) -> tuple[list[int], bool]:
 
 
 def _progress(total: int, description: str, enabled: bool):
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     progress = Progress(
@@ -95,6 +96,7 @@ def _progress(total: int, description: str, enabled: bool):
         TimeRemainingColumn(),
         disable=not enabled,
         transient=False,
+        console=Console(stderr=True),
     )
     return progress, progress.add_task(description, total=total)
 

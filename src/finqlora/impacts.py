@@ -192,8 +192,8 @@ def compute_impacts(
                         row[0]
                         for row in conn.execute(
                             f"SELECT event_id FROM event_impacts WHERE ticker = ? AND window_min IN ({marks}) "
-                            f"AND status IS NOT '{STATUS_PENDING}' GROUP BY event_id HAVING COUNT(*) = ?",
-                            (ticker, *signed, len(signed)),
+                            "AND status IS NOT ? GROUP BY event_id HAVING COUNT(*) = ?",
+                            (ticker, *signed, STATUS_PENDING, len(signed)),
                         )
                     }
                     todo = np.array([event_id not in done for event_id in all_ids], dtype=bool)

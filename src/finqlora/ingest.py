@@ -23,9 +23,9 @@ Importance -> `star` (1-5), documented in docs/store.md:
 | other     | A/B/C (CLS-style level)          | as cls |
 | other     | no flag                          | 2    |
 
-Every file is read and checked completely before anything is written, and a whole ingest is
-one transaction: a bad line aborts the run with its file and line number and the database is
-unchanged. Re-ingesting a file adds nothing (events are keyed by `source:id`, bars by
+Every file is read and checked completely before its rows are written, and a whole ingest
+(all files of one command) is one transaction: a bad line aborts the run with its file and
+line number and the database is unchanged. Re-ingesting a file adds nothing (events are keyed by `source:id`, bars by
 (ticker, ts)). The same event told by several sources within `dedup_window_min` minutes with
 near-identical text is stored once as the primary (the first stored) and the others are kept
 with `primary_event_id` pointing to it.
@@ -42,8 +42,10 @@ import json
 import math
 import re
 import sqlite3
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import timezone
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +88,7 @@ _TITLE_RE = re.compile(r"^\s*【([^】]{1,200})】")
 _DATELINE_RE = re.compile(r"^[^，,。]{0,30}?\d{1,2}月\d{1,2}日电[，,\s]*")
 _TRAILING_CREDIT_RE = re.compile(r"[（(][^（）()]{1,20}[）)]\s*$")
 _NON_WORD_RE = re.compile(r"[^0-9A-Za-z\u4e00-\u9fff]+")
+_UNIX_STAMP_RE = re.compile(r"\d{9,13}(\.\d+)?")
 
 
 @dataclass
@@ -272,6 +275,7 @@ def _cls_record(obj: dict, *, tz) -> NewsRecord | None:
         source=source,
         source_id=str(source_id),
         ts_utc=int(ts),
+        # The Chinese feeds publish in Beijing time; keep that offset when only `ctime` is given.
         tz_offset_min=offset if offset is not None else (default_offset if tz is not None else 480),
         content=content,
         title=title,
@@ -596,27 +600,34 @@ def ingest_news(
     dedup_threshold: float = DEFAULT_DEDUP_THRESHOLD,
     progress: bool = False,
 ) -> NewsIngestReport:
-    """Read every file, then store all new events in one transaction."""
+    """Store the new events of every file, all files in one transaction.
+
+    Files are handled one at a time (memory stays bounded by the largest file); a bad line in
+    any of them rolls the whole ingest back, so the store never holds half of a command's input.
+    """
     if not files:
         raise FinqloraError("no news files given", hint="pass one or more FILE arguments")
+    for path in files:
+        if not Path(path).is_file():
+            raise FinqloraError(f"{path} does not exist or is not a file", hint="check the path; nothing was stored")
     report = NewsIngestReport(files=[str(f) for f in files])
-    records: list[NewsRecord] = []
-    with _progress(progress) as bar:
-        task = bar.add_task("reading news", total=len(files))
-        for path in files:
-            file_records, skipped = read_news_file(path, fmt, tz=tz, mapping=mapping, source=source, skip_bad=skip_bad)
-            records.extend(file_records)
-            report.skipped.extend(skipped)
-            bar.advance(task)
-    report.read = len(records)
-    for record in records:
-        report.by_source[record.source] = report.by_source.get(record.source, 0) + 1
     conn = open_store(db_path)
     try:
-        with transaction(conn):
-            report.inserted, report.already_present, report.linked_duplicates = store_news(
-                conn, records, dedup=dedup, dedup_window_min=dedup_window_min, dedup_threshold=dedup_threshold
-            )
+        with transaction(conn), _progress(progress) as bar:
+            task = bar.add_task("ingesting news", total=len(files))
+            for path in files:
+                records, skipped = read_news_file(path, fmt, tz=tz, mapping=mapping, source=source, skip_bad=skip_bad)
+                report.read += len(records)
+                report.skipped.extend(skipped)
+                for record in records:
+                    report.by_source[record.source] = report.by_source.get(record.source, 0) + 1
+                inserted, present, linked = store_news(
+                    conn, records, dedup=dedup, dedup_window_min=dedup_window_min, dedup_threshold=dedup_threshold
+                )
+                report.inserted += inserted
+                report.already_present += present
+                report.linked_duplicates += linked
+                bar.advance(task)
     finally:
         conn.close()
     return report
@@ -651,8 +662,11 @@ def read_bars_file(
 
     Errors (file + line): missing time/close column, unreadable number or time, a time
     without a zone and no `tz`, bar times going backwards, two different bars at one time.
-    Skipped and counted (documented): rows with a NaN/empty/non-positive price or high < low,
-    and exact repeats of the previous bar.
+    Skipped and counted (documented): rows with a NaN/empty/non-positive price or high < low
+    or a negative volume, and exact repeats of the previous bar.
+
+    Times and numbers are converted with numpy in one go; the row-by-row path runs only to
+    name the line of a value numpy could not read.
     """
     file_path = Path(path)
     zone = get_zone(tz) if tz else None
@@ -662,7 +676,7 @@ def read_bars_file(
         raise FinqloraError(f"unknown field(s) in --col: {', '.join(unknown)}", hint=f"fields are: {', '.join(PRICE_FIELDS)}")
     text = read_text_file(file_path)
     reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None) or []
+    header = [name.strip() for name in next(reader, None) or []]
     resolved = _resolve_mapping(header, columns, _PRICE_FIELD_GUESSES)
     for required in ("time", "close"):
         if resolved.get(required) not in header:
@@ -671,78 +685,118 @@ def read_bars_file(
                 hint=f"name it with --col {required}=COLUMN; nothing was stored",
             )
     index = {name: header.index(column) for name, column in resolved.items() if column in header}
-    ts_list: list[int] = []
-    values: list[tuple[float, float, float, float, float]] = []
-    skipped: list[SkippedRow] = []
-    time_i, close_i = index["time"], index["close"]
-    open_i, high_i, low_i, vol_i = index.get("open"), index.get("high"), index.get("low"), index.get("volume")
-    last_line = 1
-    last_ts_cache: dict[str, int] = {}
-    for row in reader:
-        lineno = reader.line_num
-        if not row or not any(cell.strip() for cell in row):
-            continue
+    numbered = [(reader.line_num, row) for row in reader if row and (len(row) > 1 or row[0].strip())]
+    for lineno, row in numbered:
         if len(row) < len(header):
             raise FinqloraError(f"{file_path}, line {lineno}: {len(row)} fields, the header has {len(header)}", hint="fix the row; nothing was stored")
-        stamp = row[time_i]
+    if not numbered:
+        raise FinqloraError(f"{file_path} has a header but no bars", hint="check that the export finished; nothing was stored")
+    lines = np.array([lineno for lineno, _ in numbered], dtype=np.int64)
+    ts = _parse_bar_times([row[index["time"]] for _, row in numbered], lines, zone, file_path)
+    close = _float_column(numbered, index["close"], file_path)
+    opn = _float_column(numbered, index["open"], file_path) if "open" in index else close.copy()
+    high = _float_column(numbered, index["high"], file_path) if "high" in index else np.fmax(opn, close)
+    low = _float_column(numbered, index["low"], file_path) if "low" in index else np.fmin(opn, close)
+    volume = _float_column(numbered, index["volume"], file_path) if "volume" in index else np.full(len(close), np.nan)
+
+    prices = np.stack([opn, high, low, close])
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.isfinite(prices).all(axis=0) & (prices > 0).all(axis=0)) | (high < low) | (volume < 0)
+    skipped = [SkippedRow(str(file_path), int(line), "NaN, empty, non-positive price, high < low or negative volume") for line in lines[bad]]
+    keep = ~bad
+    ts, lines = ts[keep], lines[keep]
+    values = np.stack([opn, high, low, close, volume], axis=1)[keep]
+    step = np.diff(ts)
+    if (step < 0).any():
+        i = int(np.argmax(step < 0))
+        raise FinqloraError(
+            f"{file_path}, line {lines[i + 1]}: bar time {iso_utc(int(ts[i + 1]))} is earlier than the previous bar's {iso_utc(int(ts[i]))} (line {lines[i]})",
+            hint="bars must be in increasing time order: sort the file by its time column; nothing was stored",
+        )
+    repeat = np.zeros(len(ts), dtype=bool)
+    for i in np.flatnonzero(step == 0).tolist():
+        same = np.array_equal(values[i], values[i + 1], equal_nan=True)
+        if not same:
+            first = i
+            while first > 0 and repeat[first]:
+                first -= 1
+            raise FinqloraError(
+                f"{file_path}, line {lines[i + 1]}: a second, different bar at {iso_utc(int(ts[i]))} (first on line {lines[first]})",
+                hint="keep one bar per time (remove the duplicate row); nothing was stored",
+            )
+        repeat[i + 1] = True
+        skipped.append(SkippedRow(str(file_path), int(lines[i + 1]), "exact repeat of the previous bar"))
+    skipped.sort(key=lambda row: row.line)
+    values = values[~repeat]
+    bars = Bars(ts[~repeat], values[:, 0], values[:, 1], values[:, 2], values[:, 3], values[:, 4])
+    return bars, skipped
+
+
+_NAIVE_STAMP_RE = re.compile(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(:\d{2})?")
+
+
+def _fixed_offset_seconds(zone) -> int | None:
+    """The zone's offset if it never changes (UTC, '+08:00'), else None."""
+    if zone is None:
+        return None
+    if isinstance(zone, timezone):
+        delta = zone.utcoffset(None)
+        return int(delta.total_seconds())
+    if getattr(zone, "key", "") in ("UTC", "Etc/UTC", "GMT", "Etc/GMT", "Zulu"):
+        return 0
+    return None
+
+
+def _parse_bar_times(stamps: list[str], lines: np.ndarray, zone, file_path: Path) -> np.ndarray:
+    offset = _fixed_offset_seconds(zone)
+    first, last = stamps[0].strip(), stamps[-1].strip()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # numpy warns on zone suffixes: take the careful path
+            if _UNIX_STAMP_RE.fullmatch(first) and _UNIX_STAMP_RE.fullmatch(last):
+                seconds = np.array(stamps, dtype=np.float64)
+                seconds = np.where(seconds > 1e11, seconds / 1000.0, seconds)
+                return seconds.astype(np.int64)
+            if offset is not None and _NAIVE_STAMP_RE.fullmatch(first) and _NAIVE_STAMP_RE.fullmatch(last):
+                parsed = np.array([s.strip() for s in stamps], dtype="datetime64[s]")
+                if not np.isnat(parsed).any():
+                    return parsed.astype(np.int64) - offset
+    except (ValueError, TypeError, DeprecationWarning, UserWarning):
+        pass
+    result = np.empty(len(stamps), dtype=np.int64)
+    for i, stamp in enumerate(stamps):
         try:
-            ts = last_ts_cache.get(stamp)
-            if ts is None:
-                parsed = parse_time(stamp, tz=zone)
-                if parsed is None:
-                    raise ValueError("empty time")
-                ts = parsed[0]
+            parsed_one = parse_time(stamp, tz=zone)
+            if parsed_one is None:
+                raise ValueError("empty time")
         except ValueError as exc:
             hint = (
                 "pass --tz with the zone of these times (e.g. --tz UTC); nothing was stored"
                 if "no time zone" in str(exc)
                 else "fix the time on that line; nothing was stored"
             )
-            raise FinqloraError(f"{file_path}, line {lineno}: {exc}", hint=hint) from exc
-        try:
-            close = float(row[close_i]) if row[close_i].strip() != "" else math.nan
-            opn = float(row[open_i]) if open_i is not None and row[open_i] != "" else close
-            high = float(row[high_i]) if high_i is not None and row[high_i] != "" else max(opn, close)
-            low = float(row[low_i]) if low_i is not None and row[low_i] != "" else min(opn, close)
-            vol = float(row[vol_i]) if vol_i is not None and row[vol_i] != "" else math.nan
-        except ValueError:
-            bad = next(c for c in (row[close_i], *(row[i] for i in (open_i, high_i, low_i, vol_i) if i is not None)) if not _is_float(c))
-            raise FinqloraError(f"{file_path}, line {lineno}: {bad!r} is not a number", hint="fix the value; nothing was stored") from None
-        prices = (opn, high, low, close)
-        if not all(math.isfinite(p) and p > 0 for p in prices) or high < low or (math.isfinite(vol) and vol < 0):
-            skipped.append(SkippedRow(str(file_path), lineno, "NaN, empty, non-positive price, high < low or negative volume"))
-            continue
-        if ts_list:
-            previous = ts_list[-1]
-            if ts < previous:
-                raise FinqloraError(
-                    f"{file_path}, line {lineno}: bar time {iso_utc(ts)} is earlier than the previous bar's {iso_utc(previous)} (line {last_line})",
-                    hint="bars must be in increasing time order: sort the file by its time column; nothing was stored",
-                )
-            if ts == previous:
-                if values[-1] == (opn, high, low, close, vol) or (math.isnan(vol) and values[-1][:4] == prices):
-                    skipped.append(SkippedRow(str(file_path), lineno, "exact repeat of the previous bar"))
-                    continue
-                raise FinqloraError(
-                    f"{file_path}, line {lineno}: a second, different bar at {iso_utc(ts)} (first on line {last_line})",
-                    hint="keep one bar per time (remove the duplicate row); nothing was stored",
-                )
-        ts_list.append(ts)
-        values.append((opn, high, low, close, vol))
-        last_line = lineno
-    if not ts_list and not skipped:
-        raise FinqloraError(f"{file_path} has a header but no bars", hint="check that the export finished; nothing was stored")
-    array = np.array(values, dtype=np.float64).reshape(-1, 5)
-    bars = Bars(np.array(ts_list, dtype=np.int64), array[:, 0], array[:, 1], array[:, 2], array[:, 3], array[:, 4])
-    return bars, skipped
+            raise FinqloraError(f"{file_path}, line {lines[i]}: {exc}", hint=hint) from exc
+        result[i] = parsed_one[0]
+    return result
 
 
-def _is_float(text: str) -> bool:
+def _float_column(numbered: list[tuple[int, list[str]]], column: int, file_path: Path) -> np.ndarray:
+    """A numeric column; empty cells are NaN (such rows are skipped), other junk is an error."""
+    cells = [row[column] for _, row in numbered]
     try:
-        float(text)
+        return np.array(cells, dtype=np.float64)
     except ValueError:
-        return False
-    return True
+        pass
+    values = np.empty(len(cells), dtype=np.float64)
+    for i, cell in enumerate(cells):
+        if not cell.strip():
+            values[i] = np.nan
+            continue
+        try:
+            values[i] = float(cell)
+        except ValueError:
+            raise FinqloraError(f"{file_path}, line {numbered[i][0]}: {cell!r} is not a number", hint="fix the value; nothing was stored") from None
+    return values
 
 
 def store_bars(conn: sqlite3.Connection, ticker: str, bars: Bars) -> int:
@@ -773,26 +827,25 @@ def ingest_prices(
     columns: dict[str, str] | None = None,
     progress: bool = False,
 ) -> PriceIngestReport:
-    """Read and validate every CSV file, then store new bars in one transaction."""
+    """Validate and store the new bars of every CSV file, all files in one transaction."""
     if not files:
         raise FinqloraError("no price files given", hint="pass one or more CSV FILE arguments")
     if not ticker or not ticker.strip():
         raise FinqloraError("no ticker given", hint="pass --ticker, e.g. --ticker XAUUSD")
+    for path in files:
+        if not Path(path).is_file():
+            raise FinqloraError(f"{path} does not exist or is not a file", hint="check the path; nothing was stored")
     report = PriceIngestReport(ticker=ticker, files=[str(f) for f in files])
-    parsed: list[Bars] = []
-    with _progress(progress) as bar:
-        task = bar.add_task(f"reading {ticker} bars", total=len(files))
-        for path in files:
-            bars, skipped = read_bars_file(path, tz=tz, columns=columns)
-            parsed.append(bars)
-            report.skipped.extend(skipped)
-            report.read += len(bars)
-            bar.advance(task)
     conn = open_store(db_path)
     try:
-        with transaction(conn):
-            for bars in parsed:
+        with transaction(conn), _progress(progress) as bar:
+            task = bar.add_task(f"ingesting {ticker} bars", total=len(files))
+            for path in files:
+                bars, skipped = read_bars_file(path, tz=tz, columns=columns)
+                report.skipped.extend(skipped)
+                report.read += len(bars)
                 report.inserted += store_bars(conn, ticker, bars)
+                bar.advance(task)
         first, last = conn.execute("SELECT MIN(ts), MAX(ts) FROM prices WHERE ticker = ?", (ticker,)).fetchone()
         report.first_ts, report.last_ts = first, last
     finally:

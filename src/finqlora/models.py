@@ -264,12 +264,13 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec, trust_remote_code=trust_remote_code, progress=progress)
+    # Cheap checks first, so a typo fails before a download or conversion.
+    adapter_dir = check_adapter_folder(adapter, allow_pickle_adapter) if adapter is not None else None
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
     if load_in_4bit is None:
         load_in_4bit = device.startswith("cuda")
-    adapter_dir = _check_adapter_folder(adapter, allow_pickle_adapter) if adapter is not None else None
+    resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec, trust_remote_code=trust_remote_code, progress=progress)
 
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if load_in_4bit:
@@ -323,7 +324,7 @@ def load_model(
     )
 
 
-def _check_adapter_folder(adapter: str | os.PathLike[str], allow_pickle: bool) -> Path:
+def check_adapter_folder(adapter: str | os.PathLike[str], allow_pickle: bool) -> Path:
     folder = Path(adapter).expanduser()
     if not folder.is_dir():
         raise FinqloraError(f"adapter folder not found: {folder}", hint="pass the --output-dir of `finqlora train`")

@@ -125,7 +125,9 @@ def _outputs_unchanged(record: dict[str, Any]) -> bool:
 class Stage:
     name: str
     inputs: Callable[[], dict[str, Any]]
-    run: Callable[[], dict[str, Any]]
+    # Called with resume=True when this stage started earlier with the same inputs and never
+    # finished (a killed run); only training has something to resume.
+    run: Callable[[bool], dict[str, Any]]
     outputs: Callable[[], list[Path]]
 
 
@@ -162,7 +164,7 @@ def run_pipeline(
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "run_config.yaml", pipeline_stages.config_yaml(config))
     state = _load_state(paths)
-    stages = pipeline_stages.make_stages(config, paths, state)
+    stages = pipeline_stages.make_stages(config, paths)
     outcomes: list[StageOutcome] = []
     for stage in stages:
         if stage.name not in selected:
@@ -173,18 +175,23 @@ def run_pipeline(
         up_to_date = (
             record is not None
             and record.get("inputs") == inputs_fp
+            and record.get("status") == "done"
             and _outputs_unchanged(record)
         )
         if up_to_date and not force and stage.name not in forced:
             log(f"[skip] {stage.name}: inputs and outputs unchanged")
             outcomes.append(StageOutcome(stage.name, "skipped", 0.0, record.get("summary", {})))
             continue
-        log(f"[run ] {stage.name}")
+        resume = record is not None and record.get("status") == "started" and record.get("inputs") == inputs_fp
+        log(f"[run ] {stage.name}" + (" (resuming an interrupted run)" if resume else ""))
+        state[stage.name] = {"inputs": inputs_fp, "status": "started"}
+        atomic_write_json(paths.state, state)
         started = time.perf_counter()
-        summary = stage.run()
+        summary = stage.run(resume)
         seconds = time.perf_counter() - started
         state[stage.name] = {
             "inputs": inputs_fp,
+            "status": "done",
             "outputs": {str(p): fingerprint_path(p) for p in stage.outputs()},
             "seconds": round(seconds, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -80,6 +80,7 @@ class Metric:
     compute: Callable[[Mapping[str, float]], float]
     substituted: Callable[[Mapping[str, float]], str]
     questions: tuple[str, ...]
+    fields: tuple[str, ...]
 
 
 def _pct(x: float) -> float:
@@ -97,6 +98,7 @@ METRICS: dict[str, Metric] = {
             ("根据以下模拟财务数据，计算{company}{year}年营业收入的同比增长率（保留两位小数）。",
              "{company}今年的收入比去年增长了多少？请根据下面的报表给出百分比并写出计算过程。",
              "请计算该公司的营收增速，并简要说明其含义。"),
+            ("revenue", "revenue_prev"),
         ),
         Metric(
             "net_profit_growth", "净利润同比增长率", "%",
@@ -106,6 +108,7 @@ METRICS: dict[str, Metric] = {
             ("根据以下财务数据，计算{company}{year}年净利润同比增长率。",
              "该公司净利润较上年变化了多少（百分比）？请列出算式。",
              "请基于下列报表，测算归母净利润的同比增速（假设净利润全部归属于母公司股东）。"),
+            ("net_profit", "net_profit_prev"),
         ),
         Metric(
             "gross_margin", "毛利率", "%",
@@ -115,6 +118,7 @@ METRICS: dict[str, Metric] = {
             ("请根据下面的利润表数据计算{company}的毛利率。",
              "这家公司的毛利率是多少？保留两位小数并写出计算步骤。",
              "阅读以下模拟年报摘要，求{year}年销售毛利率。"),
+            ("revenue", "cost_of_revenue"),
         ),
         Metric(
             "operating_margin", "营业利润率", "%",
@@ -123,6 +127,7 @@ METRICS: dict[str, Metric] = {
             lambda f: f"{f['operating_profit']:.0f} ÷ {f['revenue']:.0f} × 100%",
             ("计算{company}{year}年的营业利润率。",
              "根据下列数据，该公司每100元收入能转化为多少营业利润？请以营业利润率表示。"),
+            ("operating_profit", "revenue"),
         ),
         Metric(
             "net_margin", "净利率", "%",
@@ -131,6 +136,7 @@ METRICS: dict[str, Metric] = {
             lambda f: f"{f['net_profit']:.0f} ÷ {f['revenue']:.0f} × 100%",
             ("请计算{company}的销售净利率。",
              "根据以下模拟财务报表，求该公司{year}年净利率（保留两位小数）。"),
+            ("net_profit", "revenue"),
         ),
         Metric(
             "roe", "净资产收益率（ROE，按平均股东权益）", "%",
@@ -140,6 +146,7 @@ METRICS: dict[str, Metric] = {
             ("请用平均股东权益计算{company}{year}年的ROE。",
              "该公司的净资产收益率是多少？请按期初、期末股东权益的平均值计算。",
              "根据下表，计算净资产收益率（ROE），并说明股东资本的回报水平。"),
+            ("net_profit", "equity_prev", "equity"),
         ),
         Metric(
             "eps", "基本每股收益（EPS，按期末股本）", "元",
@@ -148,6 +155,7 @@ METRICS: dict[str, Metric] = {
             lambda f: f"{f['net_profit']:.0f}万元 ÷ {f['shares']:.0f}万股",
             ("请计算{company}{year}年的每股收益（按期末总股本，单位：元）。",
              "根据以下数据，该公司EPS是多少元？"),
+            ("net_profit", "shares"),
         ),
         Metric(
             "debt_ratio", "资产负债率", "%",
@@ -156,6 +164,7 @@ METRICS: dict[str, Metric] = {
             lambda f: f"{f['total_liabilities']:.0f} ÷ {f['total_assets']:.0f} × 100%",
             ("计算{company}期末的资产负债率，并判断其杠杆水平。",
              "根据下列资产负债数据，该公司的资产负债率是多少？"),
+            ("total_liabilities", "total_assets"),
         ),
         Metric(
             "equity_multiplier", "权益乘数", "倍",
@@ -164,6 +173,7 @@ METRICS: dict[str, Metric] = {
             lambda f: f"{f['total_assets']:.0f} ÷ {f['equity']:.0f}",
             ("请计算{company}的权益乘数（期末总资产/期末股东权益）。",
              "杜邦分析中的权益乘数是多少？请根据下表计算。"),
+            ("total_assets", "equity"),
         ),
         Metric(
             "cash_conversion", "净利润现金含量（经营现金流/净利润）", "倍",
@@ -172,6 +182,7 @@ METRICS: dict[str, Metric] = {
             lambda f: f"{f['operating_cash_flow']:.0f} ÷ {f['net_profit']:.0f}",
             ("计算{company}{year}年的净利润现金含量，判断利润的含金量。",
              "该公司经营现金流是净利润的多少倍？请给出计算过程。"),
+            ("operating_cash_flow", "net_profit"),
         ),
         Metric(
             "pe", "市盈率（PE，按年末收盘价与基本每股收益）", "倍",
@@ -180,6 +191,7 @@ METRICS: dict[str, Metric] = {
             lambda f: f"{f['price']:.2f} ÷ ({f['net_profit']:.0f} ÷ {f['shares']:.0f})",
             ("按年末收盘价计算{company}的静态市盈率。",
              "根据以下数据，该股票的市盈率（PE）是多少倍？"),
+            ("price", "net_profit", "shares"),
         ),
     )
 }
@@ -224,8 +236,12 @@ def generate_statement(rng: random.Random, year: int | None = None) -> Statement
     )
 
 
-def render_statement(st: Statement) -> str:
-    """The statement as the model sees it (Chinese, one figure a line)."""
+def render_statement(st: Statement, only: Sequence[str] | None = None) -> str:
+    """The statement as the model sees it (Chinese, one figure a line).
+
+    `only` keeps just those figures: the compact form used when the full statement would not
+    fit the training max length for a tokenizer that spends many tokens per Chinese character.
+    """
     lines = [
         f"公司：{st.company}（模拟数据，仅供练习）",
         f"行业：{st.industry}",
@@ -233,6 +249,8 @@ def render_statement(st: Statement) -> str:
     ]
     values = asdict(st)
     for key, label in FIELD_LABELS.items():
+        if only is not None and key not in only:
+            continue
         value = values[key]
         text = f"{value:.2f}" if key == "price" else f"{value}"
         lines.append(f"{label}：{text}{FIELD_UNITS.get(key, '万元')}")
@@ -250,23 +268,30 @@ def parse_statement(text: str) -> dict[str, float]:
         match = _LINE.match(line.strip())
         if match and match.group("label") in by_label:
             fields[by_label[match.group("label")]] = float(match.group("value"))
-    missing = [FIELD_LABELS[k] for k in FIELD_LABELS if k not in fields]
-    if missing:
-        raise FinqloraError(f"financial statement text lacks {', '.join(missing)}")
+    if not fields:
+        raise FinqloraError("the text holds no financial statement figures (lines such as '营业收入：123万元')")
     return fields
 
 
 def check_statement(fields: Mapping[str, float]) -> list[str]:
-    """The identities a statement must satisfy; returns the violated ones (empty = consistent)."""
+    """The identities a statement must satisfy; returns the violated ones (empty = consistent).
+
+    Identities whose figures are not all present (a compact statement) are not checked.
+    """
     problems = []
-    if fields["operating_profit"] != fields["revenue"] - fields["cost_of_revenue"] - fields["operating_expenses"]:
-        problems.append("营业利润 ≠ 营业收入 − 营业成本 − 期间费用")
-    if fields["net_profit"] != fields["operating_profit"] - fields["income_tax"]:
-        problems.append("净利润 ≠ 营业利润 − 所得税费用")
-    if fields["equity"] != fields["total_assets"] - fields["total_liabilities"]:
-        problems.append("期末股东权益 ≠ 期末总资产 − 期末总负债")
+    identities = (
+        ("operating_profit", ("revenue", "cost_of_revenue", "operating_expenses"),
+         lambda f: f["revenue"] - f["cost_of_revenue"] - f["operating_expenses"], "营业利润 ≠ 营业收入 − 营业成本 − 期间费用"),
+        ("net_profit", ("operating_profit", "income_tax"),
+         lambda f: f["operating_profit"] - f["income_tax"], "净利润 ≠ 营业利润 − 所得税费用"),
+        ("equity", ("total_assets", "total_liabilities"),
+         lambda f: f["total_assets"] - f["total_liabilities"], "期末股东权益 ≠ 期末总资产 − 期末总负债"),
+    )
+    for result, inputs, compute, message in identities:
+        if result in fields and all(k in fields for k in inputs) and fields[result] != compute(fields):
+            problems.append(message)
     for key in ("revenue", "revenue_prev", "net_profit", "net_profit_prev", "equity", "equity_prev", "shares", "total_assets"):
-        if fields[key] <= 0:
+        if key in fields and fields[key] <= 0:
             problems.append(f"{FIELD_LABELS[key]} must be positive")
     return problems
 
@@ -298,7 +323,7 @@ def _interpretation(metric: str, value: float) -> str:
 
 
 def make_record(st: Statement, metric_key: str, rng: random.Random) -> dict[str, Any]:
-    """instruction/input/output/label for one question on one statement (label per contract)."""
+    """instruction/input/output/label (per contract) and compact_input for one question on one statement."""
     metric = METRICS[metric_key]
     fields = {k: float(v) for k, v in asdict(st).items() if k in FIELD_LABELS}
     answer = _round2(metric.compute(fields))
@@ -315,6 +340,7 @@ def make_record(st: Statement, metric_key: str, rng: random.Random) -> dict[str,
     return {
         "instruction": question,
         "input": render_statement(st),
+        "compact_input": render_statement(st, only=metric.fields),
         "output": output,
         "label": {"metric": metric_key, "answer": answer, "unit": metric.unit, "tolerance": TOLERANCE},
     }
@@ -330,6 +356,9 @@ def check_record(record: Mapping[str, Any]) -> None:
     metric = METRICS.get(label["metric"])
     if metric is None:
         raise FinqloraError(f"report_qa record {record.get('id')}: unknown metric {label['metric']!r}")
+    missing = [FIELD_LABELS[k] for k in metric.fields if k not in fields]
+    if missing:
+        raise FinqloraError(f"report_qa record {record.get('id')}: the statement lacks {', '.join(missing)} needed for {metric.name}")
     expected = _round2(metric.compute(fields))
     if abs(expected - label["answer"]) > 1e-9 or label["unit"] != metric.unit:
         raise FinqloraError(

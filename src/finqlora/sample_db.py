@@ -374,8 +374,11 @@ def build_sample_db(path: str | Path, seed: int = 0, *, events: int = DEFAULT_EV
                 )
             )
 
+    # Built next to the target and renamed over it: an interrupted build leaves no half store.
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+    leftovers = (tmp, tmp.with_name(tmp.name + "-journal"))
+    for leftover in leftovers:
         leftover.unlink(missing_ok=True)
     try:
         init_db(tmp)
@@ -390,14 +393,11 @@ def build_sample_db(path: str | Path, seed: int = 0, *, events: int = DEFAULT_EV
                 for ticker, ticker_bars in bars.items():
                     store_bars(conn, ticker, ticker_bars)
             compute_impacts(conn=conn)
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            conn.execute("PRAGMA journal_mode = DELETE")
         finally:
             conn.close()
-        target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, target)
     finally:
-        for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+        for leftover in leftovers:
             leftover.unlink(missing_ok=True)
     return target
 

@@ -624,15 +624,34 @@ TEMPLATES: tuple[Template, ...] = tuple(_concept_template(c) for c in _CONCEPTS)
 
 
 def generate_template_records(count: int, rng: random.Random) -> list[dict[str, Any]]:
-    """`count` records cycling through all templates in a seeded order (every template once
-    before any repeats, so 120 records already cover 120 different templates)."""
+    """`count` distinct records cycling through all templates in a seeded order (every template
+    once before any repeats, so 120 records already cover 120 different templates).
+
+    A concept template has only a few phrasings; once they are used it is skipped, and the
+    calculation templates (new numbers every time) fill the rest.
+    """
     order = list(range(len(TEMPLATES)))
     records: list[dict[str, Any]] = []
+    seen: set[tuple[str, str, str]] = set()
+    exhausted: set[int] = set()
     while len(records) < count:
+        if len(exhausted) == len(TEMPLATES):
+            raise RuntimeError(f"the templates cannot make {count} distinct records")
         rng.shuffle(order)
-        for index in order[: count - len(records)]:
+        for index in order:
+            if len(records) == count:
+                break
+            if index in exhausted:
+                continue
             template = TEMPLATES[index]
-            instruction, input_text, output = template.build(rng)
+            for _attempt in range(8):
+                instruction, input_text, output = template.build(rng)
+                if (instruction, input_text, output) not in seen:
+                    break
+            else:
+                exhausted.add(index)
+                continue
+            seen.add((instruction, input_text, output))
             records.append(
                 {
                     "instruction": instruction,

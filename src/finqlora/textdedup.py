@@ -30,7 +30,7 @@ BANDS = 16
 ROWS = NUM_PERM // BANDS
 DEFAULT_THRESHOLD = 0.7
 
-_DATELINE = re.compile(r"^[\u4e00-\u9fff]{1,8}\d{1,2}月\d{1,2}日(?:电|讯)[，,:：]?")
+_DATELINE = re.compile(r"^(?:[\u4e00-\u9fff]{1,8})?\d{1,2}月\d{1,2}日(?:电|讯)[，,:：]?")
 _TITLE_BRACKET = re.compile(r"^【([^】]*)】")
 _NOT_WORD = re.compile(r"[\W_]+")
 _SEPARATOR = "\x00"
@@ -38,15 +38,17 @@ _SEPARATOR = "\x00"
 
 def normalize(text: str) -> str:
     """The text as compared: NFKC, lower case, no dateline, letters and digits only."""
-    text = text or ""
-    if not unicodedata.is_normalized("NFKC", text):  # the check is much cheaper than normalising
-        text = unicodedata.normalize("NFKC", text)
-    text = text.lower().strip()
     # A flash often starts with its title in 【】 and then a dateline; drop the dateline
     # (it only says who and when) so two sources' copies compare by their substance.
+    text = (text or "").strip()
     match = _TITLE_BRACKET.match(text)
     title, body = (match.group(1), text[match.end() :]) if match else ("", text)
-    return _NOT_WORD.sub("", title + _DATELINE.sub("", body.lstrip()))
+    text = _NOT_WORD.sub("", title + _DATELINE.sub("", body.lstrip()))
+    # Punctuation is gone already, so most Chinese text is NFKC as it stands and the
+    # (cheap) check saves the (costly) normalisation; full-width letters and digits remain.
+    if not unicodedata.is_normalized("NFKC", text):
+        text = _NOT_WORD.sub("", unicodedata.normalize("NFKC", text))
+    return text.lower()
 
 
 @dataclass(frozen=True)

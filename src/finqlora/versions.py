@@ -25,9 +25,9 @@ SUPPORTED: dict[str, str] = {
     "accelerate": ">=1.10,<2",
     "safetensors": ">=0.4",
     "gguf": ">=0.17",
-    # 0.45 is the first release without the `triton.ops` import (removed in triton 3.2) and
-    # the first with CPU kernels, so both the Colab and the CPU paths need at least this.
-    "bitsandbytes": ">=0.45",
+    # 0.45.1 is the first release that no longer needs `triton.ops` (removed in triton 3.2,
+    # which torch >= 2.6 ships): older releases fail to import next to a current torch.
+    "bitsandbytes": ">=0.45.1",
 }
 
 # Packages without which no training can start (doctor exits non-zero if one is missing or

@@ -1,9 +1,58 @@
-"""CLI commands of the `doctor` area (filled in by its owner)."""
+"""`finqlora doctor [--json]`: check this machine for training and serving (library: finqlora.doctor)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.markup import escape
+
+_MARKS = {"ok": "[green]✓[/]", "warn": "[yellow]![/]", "fail": "[red]✗[/]", "info": "[blue]·[/]"}
+
+
+def doctor(
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (for scripts and notebooks)."),
+    output_dir: Path = typer.Option(Path("."), "--output-dir", help="Where you will write runs (its free disk space is checked)."),
+    no_network: bool = typer.Option(False, "--no-network", help="Skip the Hugging Face hub probe."),
+) -> None:
+    """Can training and serving run here? One line per check, with the command that fixes it.
+
+    Exits 1 when training cannot run as intended (a red line), 0 otherwise.
+    """
+    from finqlora.doctor import run_doctor
+
+    report = run_doctor(output_dir, check_network=not no_network)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
+        raise typer.Exit(report.exit_code)
+
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True, style="bold")
+    table.add_column(overflow="fold")
+    for check in report.checks:
+        text = check.summary
+        if check.fix and check.status in ("fail", "warn"):
+            text += f"\n[dim]fix:[/] [cyan]{escape(check.fix)}[/]"
+        table.add_row(_MARKS[check.status], check.name, text)
+    console.print(table)
+    console.print()
+    console.print(f"[bold]mode:[/] {report.training_mode}")
+    console.print("[bold]works here:[/] " + "; ".join(report.works))
+    if report.does_not_work:
+        console.print("[bold]not here:[/] " + "; ".join(report.does_not_work))
+    if report.can_train:
+        console.print("[green]training can run on this machine[/]")
+    else:
+        console.print("[red]training cannot run as intended: fix the red lines above[/]")
+    raise typer.Exit(report.exit_code)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the root app."""
+    """Add `finqlora doctor` to the root app."""
+    app.command("doctor")(doctor)

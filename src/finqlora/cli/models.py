@@ -55,9 +55,11 @@ def _settings(max_new_tokens: int, temperature: float, top_p: float, repetition_
 
 
 def load_from_options(model, adapter, device, dtype, load_in_4bit, trust_remote_code, chat_template, allow_pickle_adapter, ignore_base_mismatch):
-    from finqlora.models import DEFAULT_BASE_MODEL, adapter_base_model, load_model
+    from finqlora.models import DEFAULT_BASE_MODEL, adapter_base_model, check_adapter_folder, load_model
 
     if model is None:
+        if adapter is not None:
+            check_adapter_folder(adapter, allow_pickle_adapter)
         model = (adapter_base_model(adapter) if adapter is not None else None) or DEFAULT_BASE_MODEL
     started = time.perf_counter()
     with err_console.status(f"loading {model}" + (f" + {adapter}" if adapter else "") + " ..."):
@@ -235,6 +237,7 @@ def generate(
     console.print(
         f"{output_path}: {result.written} answered, {result.skipped} already done (of {result.total}){speed}",
         highlight=False,
+        soft_wrap=True,
     )
 
 

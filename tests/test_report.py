@@ -1,0 +1,171 @@
+"""The report: built from cached files, self-contained, rendered by headless Chromium, and
+showing the numbers of metrics.json."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from finqlora.evaluation import compute_metrics
+from finqlora.report import build_report, select_examples
+
+DIRECTIONS = ["利好", "利空", "中性"]
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def make_eval_dir(root: Path) -> tuple[Path, Path]:
+    """An evaluation folder + training folder as `finqlora eval` / `finqlora train` write them.
+
+    News items 0..11 cycle through the three labels. Base always answers 利好 (right on
+    0, 3, 6, 9); fine-tuned is right except on items 3 and 4 (item 4 unparseable).
+    => wins: 1, 2, 5, 7, 8, 10, 11 (7); losses: 3 (1); ties: 0, 4, 6, 9 (4).
+    """
+    eval_dir, train_dir = root / "eval", root / "adapter"
+    eval_dir.mkdir()
+    train_dir.mkdir()
+    items, base, tuned = [], [], []
+    for i in range(12):
+        label = DIRECTIONS[i % 3]
+        item_id = f"news-{i:02d}"
+        items.append({
+            "id": item_id, "task": "news_impact", "reference": f"方向：{label}\n说明：样例",
+            "messages": [{"role": "user", "content": f"分析快讯{i}对 XAUUSD 的影响。"}],
+            "label": {"direction": label, "ticker": "XAUUSD", "window_min": 30 if i % 2 else 120, "directions": {"XAUUSD": label},
+                      "returns": {"XAUUSD": {"-120": 0.0012, "5": -0.0004, "30": 0.0031}}, "threshold": 0.0015},
+            "event_id": f"ev{i}", "event_time": "2026-06-01T02:00:00Z",
+        })
+        base.append("方向：利好")
+        tuned_answer = f"方向：{label}"
+        if i == 3:
+            tuned_answer = "方向：利空"
+        if i == 4:
+            tuned_answer = "我无法判断。"
+        tuned.append(tuned_answer)
+    for i, (answer, base_answer, tuned_answer) in enumerate([(12.5, "答案：12.50%", "答案：12.50%"), (3.2, "大约 5%", "答案：3.20%"), (40.0, "无法计算", "答案：41.00%")]):
+        items.append({"id": f"qa-{i}", "task": "report_qa", "reference": f"答案：{answer:.2f}%", "messages": [{"role": "user", "content": f"计算指标{i}"}],
+                      "label": {"metric": "net_margin", "answer": answer, "unit": "%", "tolerance": 0.01}})
+        base.append(base_answer)
+        tuned.append(tuned_answer)
+    _jsonl(eval_dir / "items.jsonl", items)
+    for variant, outputs in (("base", base), ("finetuned", tuned)):
+        _jsonl(eval_dir / f"generations_{variant}.jsonl",
+               [{"id": item["id"], "output": out, "tokens": 5, "finished": True, "seconds": 0.5} for item, out in zip(items, outputs)])
+        scale = 1.0 if variant == "base" else 0.5
+        _jsonl(eval_dir / f"perplexity_{variant}.jsonl", [{"id": item["id"], "nll": 20.0 * scale + i, "tokens": 10} for i, item in enumerate(items)])
+        _jsonl(eval_dir / f"forgetting_{variant}.jsonl", [{"id": f"g{i}", "nll": 30.0 + i * (1.0 if variant == "base" else 1.1), "tokens": 12} for i in range(8)])
+    (eval_dir / "eval_config.json").write_text(json.dumps({
+        "created_utc": "2026-11-29T00:00:00Z", "model": "builtin:qwen2.5-coder-0.5b-instruct", "adapter": str(train_dir),
+        "data": "data/instructions.jsonl", "split": "test", "generation": {"max_new_tokens": 64, "temperature": 0.0}, "batch_size": 8,
+        "device": "cpu", "dtype": "torch.float32",
+    }), encoding="utf-8")
+    (train_dir / "training_info.json").write_text(json.dumps({
+        "base_model": "builtin:qwen2.5-coder-0.5b-instruct",
+        "hyperparameters": {"lora_r": 8, "lora_alpha": 16, "learning_rate": 0.0002, "num_epochs": 2, "max_length": 512},
+        "dataset": {"path": "data/instructions.jsonl", "sha256": "ab" * 32, "train_records": 180, "val_records": 60},
+        "timing": {"train_seconds": 512.3},
+        "train_losses": [{"step": s, "loss": 2.5 - 0.1 * s} for s in range(1, 11)],
+        "val_losses": [{"step": 5, "loss": 2.1}, {"step": 10, "loss": 1.8}],
+        "best_step": 10, "best_val_loss": 1.8,
+    }), encoding="utf-8")
+    return eval_dir, train_dir
+
+
+def _formatted(row: dict, value: float) -> str:
+    """An independent statement of the report's number format: rates in %, others 2 decimals."""
+    is_rate = any(row["key"].endswith(s) for s in ("accuracy", "macro_f1", "parse_rate", "rouge_l"))
+    return f"{value * 100:.1f}%" if is_rate else f"{value:.2f}"
+
+
+@pytest.fixture()
+def report_dir(tmp_path: Path) -> Path:
+    eval_dir, _ = make_eval_dir(tmp_path)
+    build_report(tmp_path, tmp_path / "report", seed=0)
+    return tmp_path
+
+
+def test_metrics_are_computed_from_the_cache(report_dir: Path) -> None:
+    metrics = json.loads((report_dir / "report" / "metrics.json").read_text(encoding="utf-8"))
+    rows = {row["key"]: row for row in metrics["table"]}
+    assert rows["news_impact.accuracy"]["base"] == pytest.approx(4 / 12)
+    assert rows["news_impact.accuracy"]["finetuned"] == pytest.approx(10 / 12)
+    assert rows["news_impact.parse_rate"]["finetuned"] == pytest.approx(11 / 12)
+    mc = rows["news_impact.accuracy"]["mcnemar"]
+    assert (mc["base_only"], mc["finetuned_only"]) == (1, 7)
+    assert rows["news_impact.accuracy"]["p_value"] == pytest.approx(2 * 9 / 256)  # exact: 2 * P(X <= 1), X ~ Bin(8, 1/2)
+    assert rows["report_qa.accuracy"]["base"] == pytest.approx(1 / 3) and rows["report_qa.accuracy"]["finetuned"] == pytest.approx(2 / 3)
+    # reference perplexity: exp(mean nll per token)
+    import math
+
+    base_nll = sum(20.0 + i for i in range(15)) / 150
+    assert rows["perplexity.reference"]["base"] == pytest.approx(math.exp(base_nll))
+    assert metrics["training"]["hyperparameters"]["lora_r"] == "8"
+    assert metrics["tasks"]["news_impact"]["baselines"]["majority"]["accuracy"] == pytest.approx(1 / 3)
+
+
+def test_examples_follow_the_rule(report_dir: Path) -> None:
+    items = [json.loads(line) for line in (report_dir / "eval" / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+    per_item = {json.loads(line)["id"]: json.loads(line) for line in (report_dir / "eval" / "per_item.jsonl").read_text(encoding="utf-8").splitlines()}
+    chosen = select_examples(items, per_item, per_group=2, seed=0)
+    assert chosen["news_impact"]["counts"] == {"win": 7, "loss": 1, "tie": 4}
+    assert [item["id"] for item in chosen["news_impact"]["shown"]["loss"]] == ["news-03"]
+    wins = {item["id"] for item in chosen["news_impact"]["shown"]["win"]}
+    assert len(wins) == 2 and wins <= {"news-01", "news-02", "news-05", "news-07", "news-08", "news-10", "news-11"}
+    assert select_examples(items, per_item, per_group=2, seed=0) == chosen  # reproducible
+
+
+def test_html_is_self_contained_and_shows_the_numbers(report_dir: Path) -> None:
+    out = report_dir / "report"
+    html = (out / "report.html").read_text(encoding="utf-8")
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    for row in metrics["table"]:
+        for key in ("base", "finetuned"):
+            assert _formatted(row, row[key]) in html, (row["key"], key)
+        delta = _formatted(row, row["delta"])
+        assert (("+" + delta) if row["delta"] > 0 else delta) in html
+        assert row["verdict"] in html
+    assert "0.070" in html  # McNemar p of the news accuracy, 2 * 9 / 256
+    # offline: nothing fetched from elsewhere
+    assert not re.search(r"""(src|href)\s*=\s*['"]?(https?:)?//""", html)
+    assert "<script" not in html and "<link" not in html
+    assert html.count("data:image/png;base64,") >= 3
+    for name in ("loss_curve.png", "metrics_chart.png", "metrics_table.png", "confusion.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    assert "| metric | n |" in markdown and "![loss_curve](loss_curve.png)" in markdown
+    assert "wins 7, losses 1, ties 4" in markdown and "wins 7, losses 1, ties 4" in html
+    assert "lora_r" in html and "512.3" in html  # hyperparameters and training time
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+def test_report_renders_in_headless_chromium(report_dir: Path, tmp_path: Path) -> None:
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no Chromium on this machine: `bash scripts/setup.sh --test` installs Debian's chromium (needs root and apt)")
+    screenshot = tmp_path / "report.png"
+    command = [
+        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chromium-profile'}", "--hide-scrollbars",
+        "--window-size=1280,2000", f"--screenshot={screenshot}", (report_dir / "report" / "report.html").as_uri(),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert screenshot.exists() and screenshot.stat().st_size > 20_000
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(screenshot)
+    assert pixels.shape[0] == 2000 and pixels.shape[1] == 1280
+    assert pixels[..., :3].std() > 0.05  # a rendered page, not a blank one
