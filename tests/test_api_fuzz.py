@@ -8,6 +8,7 @@ operation, a tiny model, and small per-request limits so a valid request finishe
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,9 @@ from finqlora.batching import BatchLimits
 from finqlora.server import ServingEngine, create_app
 
 API_KEY = "fuzz-key-0123456789"
-EXAMPLES_PER_OPERATION = 60
+EXAMPLES_PER_OPERATION = int(os.environ.get("FINQLORA_FUZZ_EXAMPLES", "60"))
+# Reproducible in CI; set FINQLORA_FUZZ_RANDOM=1 to explore new inputs on every run.
+DERANDOMIZE = os.environ.get("FINQLORA_FUZZ_RANDOM", "0") != "1"
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,7 @@ def test_no_request_causes_a_server_error(operations, mode: GenerationMode) -> N
         if mode is GenerationMode.NEGATIVE and operation.method.upper() != "POST":
             continue  # the GET operations take no parameters, or a free string: nothing can be invalid
 
-        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=DERANDOMIZE, database=None, suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy(generation_mode=mode), served_model=st.booleans())
         def fuzz(case, served_model: bool) -> None:
             # A random `model` is (rightly) a 404; often name a served one so generation runs.
@@ -74,7 +77,7 @@ def test_no_request_causes_a_server_error(operations, mode: GenerationMode) -> N
     if mode is GenerationMode.POSITIVE:
         assert 200 in statuses["POST /v1/chat/completions"] and 200 in statuses["POST /v1/completions"], statuses
     else:
-        assert statuses["POST /v1/chat/completions"] <= {400}, statuses
+        assert 400 in statuses["POST /v1/chat/completions"] and 400 in statuses["POST /v1/completions"], statuses
 
 
 def test_unauthenticated_requests_are_refused_cleanly(operations) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import sqlite3
 import subprocess
@@ -178,6 +179,20 @@ def test_same_seed_gives_byte_identical_files(sample_db: Path, tmp_path: Path) -
     assert files[0][0] != files[2][0]
 
 
+def test_byte_identical_across_processes(sample_db: Path, tmp_path: Path) -> None:
+    """Separate processes with different string-hash seeds still write the same bytes."""
+    outputs = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / hash_seed / "instructions.jsonl"
+        run = subprocess.run(
+            [*FINQLORA, "build", "--db", str(sample_db), "--output", str(out), "-n", "80", "--quiet"],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONHASHSEED": hash_seed},
+        )
+        assert run.returncode == 0, run.stderr
+        outputs.append((out.read_bytes(), out.with_name("instructions.stats.json").read_bytes()))
+    assert outputs[0] == outputs[1]
+
+
 def test_messages_format(sample_db: Path, tmp_path: Path) -> None:
     alpaca = build_dataset(BuildConfig(output=tmp_path / "a.jsonl", db=sample_db, num_samples=40, progress=False))
     messages = build_dataset(BuildConfig(output=tmp_path / "m.jsonl", db=sample_db, num_samples=40, output_format="messages", progress=False))
@@ -322,6 +337,20 @@ def test_database_with_prices_but_no_impacts(tmp_path: Path) -> None:
     db, _ = make_store(tmp_path / "noimp.db", with_prices=True, with_impacts=False)
     result = build_dataset(BuildConfig(output=tmp_path / "x.jsonl", db=db, num_samples=20, progress=False))
     assert any("no event impacts" in n and "finqlora db impacts" in n for n in result.notices)
+
+
+def test_primary_window_that_was_not_computed(sample_db: Path, tmp_path: Path) -> None:
+    rules = LabelRules(primary_window=60)
+    result = build_dataset(BuildConfig(output=tmp_path / "x.jsonl", db=sample_db, num_samples=20, rules=rules, progress=False))
+    assert any("no event has a stored return at the primary window (60 min)" in n for n in result.notices)
+    assert result.stats["by_type"] == {"report_qa": 4, "template": 16}
+
+
+def test_report_qa_only_mix_needs_no_market_data(tmp_path: Path) -> None:
+    db, _ = make_store(tmp_path / "bare.db", with_prices=False, with_impacts=False)
+    result = build_dataset(BuildConfig(output=tmp_path / "x.jsonl", db=db, num_samples=30, mix=(0, 0, 1), progress=False))
+    assert result.stats["by_type"] == {"report_qa": 30}
+    assert result.notices == []
 
 
 def test_asking_for_more_than_exists_says_how_many_were_made(tmp_path: Path) -> None:

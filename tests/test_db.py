@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from finqlora import db
+from finqlora.impacts import compute_impacts
+from finqlora.ingest import Bars, store_bars
 from finqlora.errors import FinqloraError
 from finqlora.fileio import sha256_file
 
@@ -131,6 +135,12 @@ def test_migrate_backs_up_adds_columns_and_fills_utc_times(tmp_path):
         "SELECT e.event_id, ei_post.ret FROM events e LEFT JOIN event_impacts ei_post "
         "ON e.event_id = ei_post.event_id AND ei_post.window_min = 15 ORDER BY e.event_id"
     ).fetchall() == [("e0", 0.0021), ("e1", None)]
+    assert "view event_impacts_wide" in result.added
+    # ... and queries written for a wide layout have a view to run against.
+    assert conn.execute(
+        "SELECT e.event_id, ei.ret_post_15m, ei.ret_pre_120m FROM events e "
+        "LEFT JOIN event_impacts_wide ei ON e.event_id = ei.event_id ORDER BY e.event_id"
+    ).fetchall() == [("e0", 0.0021, None), ("e1", None, None)]
     assert db.check_db(path).problems == []
     conn.close()
     db.open_store(path).close()
@@ -178,6 +188,51 @@ def test_cli_check_exit_codes_and_migrate(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["db", "check", "--db", str(broken)])
     assert info.value.code == 1
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["db", "check", "--db", str(broken), "--json"])
+    assert info.value.code == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and {"severity": "fatal", "table": "events", "column": None}.items() <= report["problems"][0].items()
     with pytest.raises(SystemExit) as info:
         main(["db", "init", "--db", str(tmp_path / "new.db")])
     assert info.value.code == 0 and (tmp_path / "new.db").exists()
+
+
+def test_check_warns_when_returns_look_like_percent(tmp_path):
+    path = _user_db(tmp_path / "user.db")
+    conn = sqlite3.connect(path)
+    conn.executemany("INSERT INTO event_impacts VALUES (?, 'XAUUSD', 5, ?)", [(f"p{i}", 0.05 * (i % 7 - 3)) for i in range(50)])
+    conn.commit()
+    conn.close()
+    problem = next(p for p in db.check_db(path).problems if p.column == "ret")
+    assert problem.kind == "suspicious" and "percent" in problem.describe()
+    assert all(p.column != "ret" for p in db.check_db(_user_db(tmp_path / "fraction.db")).problems)
+
+
+def test_impacts_keep_a_migrated_users_own_returns(tmp_path):
+    path = _user_db(tmp_path / "user.db", time_column="datetime", times=("2026-06-01T16:00:00+08:00", "2026-06-01T16:05:00+08:00"))
+    db.migrate_db(path)
+    conn = db.connect(path)
+    minutes = np.arange(-130, 130)
+    close = 2000.0 + minutes
+    with db.transaction(conn):
+        store_bars(conn, "XAUUSD", Bars(1780300800 + 60 * minutes, close, close, close, close, np.ones(len(minutes))))
+    compute_impacts(conn=conn, windows=[5, 15], pre_windows=[120])
+    rows = dict(((e, w), r) for e, w, r in conn.execute("SELECT event_id, window_min, ret FROM event_impacts"))
+    assert rows[("e0", 15)] == 0.0021  # the user's value, not recomputed
+    assert rows[("e1", 15)] is None  # the user's NULL stays too
+    assert rows[("e0", 5)] == pytest.approx(2005 / 2000 - 1) and rows[("e0", -120)] == pytest.approx(2000 / 1880 - 1)
+    compute_impacts(conn=conn, windows=[5, 15], pre_windows=[120], recompute=True)
+    assert conn.execute("SELECT ret FROM event_impacts WHERE event_id = 'e0' AND window_min = 15").fetchone()[0] == pytest.approx(0.0075)
+
+
+def test_stats_read_a_users_database_without_changing_it(tmp_path):
+    from finqlora.store_stats import store_stats
+
+    path = _user_db(tmp_path / "user.db")
+    before = sha256_file(path)
+    stats = store_stats(path)
+    assert stats.events == 2 and stats.by_star == {"3": 2} and not stats.synthetic
+    assert stats.coverage["XAUUSD"][15]["known"] == 1 and stats.coverage["XAUUSD"][15]["by_status"] == {"ok": 1, "unknown": 1}
+    assert sha256_file(path) == before

@@ -110,7 +110,15 @@ def test_evaluate_end_to_end_with_cache(tmp_path: Path, tiny_model_dir: Path, ti
     out = tmp_path / "eval"
     options = EvalOptions(output=out, model=str(tiny_model_dir), adapter=str(tiny_adapter), data=data, max_new_tokens=6, batch_size=4,
                           bootstrap_resamples=100, progress=False, benchmarks=[BenchmarkSpec(str(bench), "fpb")])
+    # Base first (before training, as the pipeline does), then the full comparison reuses it.
+    from dataclasses import replace
+
+    base_only = evaluate(replace(options, adapter=None, variants=("base",)))
+    assert base_only["variants"] == ["base"] and not (out / "metrics.json").exists()
     metrics = evaluate(options)
+    timings = json.loads((out / "eval_config.json").read_text(encoding="utf-8"))["timings"]
+    assert timings["generate_base"]["generated"] == 0 and timings["generate_base"]["reused"] == 10
+    assert timings["generate_finetuned"]["generated"] == 10
     for name in ("items.jsonl", "generations_base.jsonl", "generations_finetuned.jsonl", "perplexity_base.jsonl", "forgetting_finetuned.jsonl",
                  "metrics.json", "report.html", "report.md", "eval_config.json"):
         assert (out / name).exists(), name

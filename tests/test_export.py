@@ -235,3 +235,16 @@ def test_cli_zip_unzip_and_refusal(run_dir: Path, tmp_path: Path) -> None:
     _rewrite_zip(copy / ZIP_NAME, bad, {"loss.png": b"not the plot"})
     result = runner.invoke(app, ["export", "unzip", str(bad), "--check"])
     assert isinstance(result.exception, FinqloraError) and "loss.png" in str(result.exception)
+
+
+def test_cli_merge(tiny_model_dir: Path, run_dir: Path, tmp_path: Path) -> None:
+    from finqlora.cli import app
+
+    package = package_adapter(run_dir, tmp_path / ZIP_NAME)
+    # --adapter takes the zip directly (verified, then extracted into the cache).
+    args = ["export", "merge", "--model", str(tiny_model_dir), "--adapter", str(package.zip_path), "--output", str(tmp_path / "merged"), "--dtype", "float32"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "merged" in result.output and (tmp_path / "merged" / "config.json").is_file()
+    result = CliRunner().invoke(app, args)  # the output exists now
+    assert isinstance(result.exception, FinqloraError) and "already exists" in str(result.exception)

@@ -231,3 +231,26 @@ def test_builtin_qwen_answers_the_chinese_prompt_in_chinese():
     han = re.findall(r"[\u4e00-\u9fff]", answer)
     assert len(han) >= 15, answer
     assert any(word in answer for word in ("美联储", "加息", "利率")), answer
+
+
+def test_cli_chat_streams_keeps_history_and_obeys_commands(tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from finqlora.cli import app
+
+    result = CliRunner().invoke(
+        app, ["chat", "-m", str(tiny_model_dir), "--max-new-tokens", "3"], input="hello\n/help\n/reset\nagain\n/exit\n"
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("model>") == 2
+    assert "history cleared" in result.stderr and "commands: /reset, /exit" in result.stderr
+
+
+def test_closing_a_stream_early_stops_generating(tiny):
+    import time
+
+    stream = stream_answer(tiny.model, tiny.tokenizer, FRANCE, GenerationSettings(max_new_tokens=900))
+    next(stream)
+    started = time.perf_counter()
+    stream.close()  # stops at the next token instead of waiting for 900 of them
+    assert time.perf_counter() - started < 1.0

@@ -148,6 +148,8 @@ def test_compute_impacts_stores_fractions_nulls_and_negative_pre_windows(tmp_pat
         "ON e.event_id = ei_post.event_id AND ei_post.window_min = 5 ORDER BY e.event_id"
     ).fetchall()
     assert joined[0][1] == pytest.approx(0.0025) and joined[1][1] is None
+    wide = conn.execute("SELECT ret_post_5m, ret_post_15m, ret_pre_120m FROM event_impacts_wide WHERE event_id = 'test:0'").fetchone()
+    assert wide == (pytest.approx(0.0025), None, pytest.approx(2000 / 1880 - 1))
 
 
 def test_rerun_only_computes_new_and_pending_events(tmp_path):

@@ -117,6 +117,14 @@ def test_csv_with_mapping_and_explicit_tz(tmp_path):
     assert events["mysource:x1"].star == 5 and events["mysource:x2"].star == 2
 
 
+def test_generic_file_without_source_is_refused(tmp_path):
+    path = _write_jsonl(tmp_path / "n.jsonl", [{"id": 1, "time": "2026-06-01T08:00:00Z", "content": "没有来源"}])
+    with pytest.raises(FinqloraError, match="no source column and no --source"):
+        ingest.read_news_file(path, "jsonl")
+    (record,), _ = ingest.read_news_file(path, "jsonl", source="wire")
+    assert record.event_id == "wire:1"
+
+
 def test_jsonl_generic_with_zoned_times_needs_no_tz(tmp_path):
     path = _write_jsonl(tmp_path / "n.jsonl", [{"news_id": 1, "published_at": "2026-06-01T08:00:00Z", "body": "带时区的时间无需 --tz", "source": "wire"}])
     db = tmp_path / "store.db"

@@ -86,9 +86,15 @@ def test_case_continuation_needs_all_later_windows_and_the_longest_to_agree() ->
     assert _case({-120: 0.0, 5: 0.0, 15: 0.001, 30: -0.0001, 120: 0.003}) == lab.FADING
 
 
-def test_case_wait_and_see_small_or_conflicting_moves() -> None:
+def test_case_fading_needs_a_significant_primary_move() -> None:
+    # A significant 10-minute wiggle is not a reaction at the primary window: wait-and-see.
+    assert _case({-120: -0.003, 5: 0.0003, 10: -0.0007, 15: 0.0001, 30: -0.0009, 120: 0.0006}) == lab.WAIT_AND_SEE
+    # Significant at 15 minutes, gone by 120: fading.
+    assert _case({-120: -0.003, 5: 0.0007, 15: -0.0017, 30: -0.0001, 120: 0.0002}) == lab.FADING
+
+
+def test_case_wait_and_see_when_the_primary_window_is_quiet() -> None:
     assert _case({-120: 0.001, 5: 0.0001, 10: -0.0002, 15: 0.0003, 30: -0.0005, 120: 0.001}) == lab.WAIT_AND_SEE
-    # Significant moves in both directions after publication and no persistent one.
     assert _case({5: 0.001, 10: -0.001, 15: 0.0002, 30: -0.0001, 120: 0.0}) == lab.WAIT_AND_SEE
 
 

@@ -253,3 +253,20 @@ def test_builtin_smollm2_loads_with_its_chat_template():
     assert loaded.model.name_or_path == "builtin:smollm2-135m-instruct"
     prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.slow
+def test_a_gguf_file_is_converted_once_and_cached(tmp_path, monkeypatch):
+    from conftest import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    monkeypatch.setenv("FINQLORA_HOME", str(tmp_path / "home"))
+    resolved = resolve_model(str(gguf))
+    assert resolved.kind == "gguf" and resolved.base_id == str(gguf.resolve())
+    folder = Path(resolved.path)
+    assert folder.parent == tmp_path / "home" / "models" and (folder / "model.safetensors").is_file()
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model(str(gguf)) == resolved  # cached: same folder, not rewritten
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    # Its tokenizer carries the GGUF's chat template.
+    assert "<|im_start|>" in load_tokenizer(resolved).chat_template

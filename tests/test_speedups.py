@@ -131,6 +131,28 @@ def test_packed_loss_equals_unpadded_per_sample_loss(tiny, samples):
     assert out.logits is not None and out.loss.item() == pytest.approx(reference, rel=1e-5)
 
 
+def test_multi_row_packing_keeps_the_loss_and_balances_rows(tiny, samples):
+    import dataclasses
+
+    model, _ = tiny
+    ref_sum, ref_count = _per_sample_reference(model, samples)
+    profile = dataclasses.replace(speedups.get_profile("cpu"), pack_rows=2)
+    batch = speedups.make_data_collator(None, profile)([{"pack": samples}])
+    assert batch["input_ids"].shape[0] == 2
+    lengths = sorted(len(s["input_ids"]) for s in samples)
+    assert batch["input_ids"].shape[1] == max(lengths[-1], lengths[0] + lengths[1])
+    assert int((batch["labels"] != -100).sum()) == ref_count
+    with torch.no_grad():
+        assert model(**batch).loss.item() == pytest.approx(ref_sum / ref_count, rel=1e-5)
+        logits = model(**batch).logits
+    # The longest sample sits alone in its row; its logits match a solo run.
+    longest = max(samples, key=lambda s: len(s["input_ids"]))
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([longest["input_ids"]])).logits[0]
+    row = 0 if batch["input_ids"][0, : len(longest["input_ids"])].tolist() == longest["input_ids"] else 1
+    torch.testing.assert_close(logits[row, : len(longest["input_ids"])], alone, rtol=1e-4, atol=1e-4)
+
+
 def test_no_attention_across_packed_samples(tiny, samples):
     model, _ = tiny
     collate = speedups.make_data_collator(None, speedups.get_profile("cpu"))

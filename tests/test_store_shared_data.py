@@ -35,10 +35,11 @@ def cls_store(shared_data: Path, tmp_path_factory) -> Path:
     return db
 
 
-def _csv_closes(shared_data: Path) -> tuple[list[int], list[float]]:
-    """Every XAUUSD bar, parsed with nothing but the csv module and datetime."""
+def _csv_closes(shared_data: Path, months: tuple[str, ...]) -> tuple[list[int], list[float]]:
+    """The XAUUSD bars of these months, parsed with nothing but the csv module and datetime."""
     bars: dict[int, float] = {}
-    for path in sorted((shared_data / "prices").glob("XAUUSD_1min_UTC_*.csv")):
+    for month in months:
+        path = shared_data / "prices" / f"XAUUSD_1min_UTC_{month}.csv"
         with open(path, newline="", encoding="utf-8") as handle:
             for row in csv.DictReader(handle):
                 when = datetime.strptime(row["datetime_utc"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
@@ -47,8 +48,19 @@ def _csv_closes(shared_data: Path) -> tuple[list[int], list[float]]:
     return times, [bars[t] for t in times]
 
 
+def _gold_market_open(ts: int) -> bool:
+    moment = datetime.fromtimestamp(ts, timezone.utc)
+    weekday, hour = moment.weekday(), moment.hour  # Monday = 0
+    if weekday == 5 or hour == 21:
+        return False
+    if weekday == 4 and hour >= 21:
+        return False
+    return not (weekday == 6 and hour < 22)
+
+
 def test_stored_returns_match_an_independent_computation_from_the_csv_rows(cls_store, shared_data):
-    times, closes = _csv_closes(shared_data)
+    # June events: their windows (up to 120 minutes either side) lie within May .. July.
+    times, closes = _csv_closes(shared_data, ("2026-05", "2026-06", "2026-07"))
     ctime: dict[str, int] = {}
     with gzip.open(shared_data / "news" / "cls_2026-06.slim.jsonl.gz", "rt", encoding="utf-8") as handle:
         for line in handle:
@@ -93,6 +105,15 @@ def test_at_least_95_percent_of_in_hours_events_get_all_five_post_windows(cls_st
     total = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
     assert total > 29_000 and in_hours > 25_000
     assert complete / in_hours >= 0.95
+    # The same with trading hours taken from the clock, not from the bars: spot gold trades
+    # Sunday 22:00 - Friday 21:00 UTC with a daily break 21:00 - 22:00 UTC.
+    known = conn.execute(
+        "SELECT e.ts_utc, SUM(i.ret IS NOT NULL) FROM events e JOIN event_impacts i ON i.event_id = e.event_id "
+        "WHERE i.ticker = 'XAUUSD' AND i.window_min > 0 GROUP BY e.event_id"
+    ).fetchall()
+    scheduled = [count for ts, count in known if _gold_market_open(ts)]
+    assert len(scheduled) > 25_000
+    assert sum(count == len(POST_WINDOWS) for count in scheduled) / len(scheduled) >= 0.95
     # Unknown returns are NULL, never zero-filled.
     assert conn.execute("SELECT COUNT(*) FROM event_impacts WHERE status != 'ok' AND ret IS NOT NULL").fetchone()[0] == 0
 

@@ -404,7 +404,8 @@ class Batcher:
             generator = None
             if job.params.temperature > 0:
                 generator = torch.Generator(device=self.device)
-                generator.manual_seed(job.params.seed if job.params.seed is not None else int(time.time_ns() % 2**63))
+                # OpenAI allows any integer seed; torch takes 64 bits.
+                generator.manual_seed((job.params.seed if job.params.seed is not None else time.time_ns()) % 2**64)
             rows.append(_RowState(job, self.tokenizer, generator))
 
         longest = max(len(job.prompt_ids) for job in jobs)
@@ -450,7 +451,8 @@ class Batcher:
             params = row.job.params
             if params.temperature <= 0:
                 continue
-            probs = torch.softmax(logits[i].float() / params.temperature, dim=-1)
+            # A vanishing temperature would overflow to inf/NaN: below 1e-5 it is greedy anyway.
+            probs = torch.softmax(logits[i].float() / max(params.temperature, 1e-5), dim=-1)
             if params.top_p < 1.0:
                 sorted_probs, order = probs.sort(descending=True)
                 # Keep the smallest set of tokens whose mass reaches top_p (at least one).

@@ -130,7 +130,6 @@ class Draft:
     event_time: str | None = None
     ts: int = 0
     compact_input: str | None = None  # report_qa: the statement with only the figures asked about
-    trimmed: bool = False
 
     @property
     def input(self) -> str:
@@ -186,7 +185,7 @@ def _stars(star: int | None) -> str:
     return "★" * star + "☆" * (5 - star) + f"（{star}/5）"
 
 
-def _news_text(event: store.Event) -> str:
+def news_text(event: store.Event) -> str:
     content = (event.content or "").strip()
     title = (event.title or "").strip()
     if title and title not in content:
@@ -286,14 +285,14 @@ def trim_drafts(drafts: list[Draft], counter: LengthCounter, max_length: int) ->
 
 def _fit(draft: Draft, counter: LengthCounter, max_length: int) -> Draft | None:
     if draft.compact_input is not None:
-        compact = replace(draft, input_prefix=draft.compact_input, news="", input_suffix="", trimmed=True)
+        compact = replace(draft, input_prefix=draft.compact_input, news="", input_suffix="", compact_input=None)
         return compact if counter.exact_total(compact) <= max_length else None
     if not draft.news:
         return None
     low, high, best = 0, len(draft.news) - 1, None
     while low <= high:  # the longest prefix of the news that fits
         mid = (low + high) // 2
-        candidate = replace(draft, news=draft.news[:mid] + TRIM_MARK, trimmed=True)
+        candidate = replace(draft, news=draft.news[:mid] + TRIM_MARK)
         if counter.exact_total(candidate) <= max_length:
             best, low = candidate, mid + 1
         else:
@@ -313,8 +312,6 @@ class StoreData:
     without_time: int
     linked_duplicates: int
     price_tickers: list[str]
-    has_prices_table: bool
-    has_impacts_table: bool
     fingerprint: dict[str, Any]
 
 
@@ -350,10 +347,7 @@ def read_store(path: Path, naive_tz: str | None) -> StoreData:
         "events": len(all_events),
         "events_with_returns": len(impacts),
     }
-    return StoreData(
-        timed, impacts, len(usable) - len(timed), linked, price_tickers,
-        "prices" in tables, "event_impacts" in tables, fingerprint,
-    )
+    return StoreData(timed, impacts, len(usable) - len(timed), linked, price_tickers, fingerprint)
 
 
 # ---------------------------------------------------------------------------------------
@@ -498,11 +492,11 @@ def _case_explanation(case: str, name: str, pre: tuple[int, float, float] | None
     if case == lab.CONTINUATION:
         return (f"依据：{pre_text}；{post_text}，并在{long_text}仍保持同一方向且幅度显著。\n"
                 "解读：消息带来的信息被市场逐步消化，价格沿反应方向持续运行，说明消息超出了原有预期或改变了中期判断。")
-    if case == lab.WAIT_AND_SEE:
-        return (f"依据：{pre_text}；{post_text}，{long_text}，各窗口变动都很小或方向相互矛盾。\n"
-                "解读：市场对这条消息没有形成一致判断，资金以观望为主，往往在等待更多数据或后续消息确认。")
-    return (f"依据：{pre_text}；{post_text}出现了明显反应，但到{long_text}时已明显回吐或转向。\n"
-            "解读：初始反应更多是情绪或程序化交易驱动，随后被市场修正，消息的持续影响弱于第一反应。")
+    if case == lab.FADING:
+        return (f"依据：{pre_text}；{post_text}出现了明显反应，但到{long_text}时已明显回吐或转向。\n"
+                "解读：初始反应更多是情绪或程序化交易驱动，随后被市场修正，消息的持续影响弱于第一反应。")
+    return (f"依据：{pre_text}；{post_text}，波动不到该窗口典型波动的一半，{long_text}。\n"
+            "解读：消息发布后市场没有形成明显反应，资金以观望为主，往往在等待更多数据或后续消息确认。")
 
 
 def _z(impact: dict[tuple[str, int], float], ticker: str, window: int, ctx: LabelContext) -> tuple[int, float, float]:
@@ -745,6 +739,9 @@ def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str,
     rules = config.rules
     p = rules.primary_window
     source_info = {"database": data.fingerprint}
+    if counts_wanted["news_impact"] + counts_wanted["market_analysis"] == 0:
+        # --mix 0,0,N: nothing is taken from the store's events.
+        return _report_drafts(counts_wanted["report_qa"], config.split, config.seed), source_info
     if data.without_time:
         notices.append(f"{data.without_time} event(s) have no readable publication time and were left out (a time-based split needs one)")
     if not data.events:
@@ -752,18 +749,8 @@ def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str,
             f"{config.db} has no usable events (primary events with text and a publication time)",
             hint=f"check it with `finqlora db check --db {config.db}` and `finqlora db stats --db {config.db}`",
         )
-    stage(f"removing near-duplicates among {len(data.events)} events")
-    dedup = textdedup.deduplicate([_news_text(e) for e in data.events], config.dedup_threshold)
-    events = [data.events[i] for i in dedup.keep]
-    stats["dedup"] = {
-        "events_read": len(data.events) + data.without_time + data.linked_duplicates,
-        "linked_cross_source_duplicates_skipped": data.linked_duplicates,
-        "without_time_skipped": data.without_time,
-        "near_duplicates_dropped": len(dedup.duplicate_of),
-        "threshold": config.dedup_threshold,
-        "events_after_dedup": len(events),
-    }
-    pool = [e for e in events if any(w == p for (_, w) in data.impacts.get(e.event_id, {}))]
+    # Only events with a primary-window return can be sampled, so only they are deduplicated.
+    candidates = [e for e in data.events if any(w == p for (_, w) in data.impacts.get(e.event_id, {}))]
     store_parts_missing = None
     if not data.impacts:
         if not data.price_tickers:
@@ -772,7 +759,7 @@ def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str,
         else:
             store_parts_missing = (f"the database has price bars ({', '.join(data.price_tickers)}) but no event impacts",
                                    f"run `finqlora db impacts --db {config.db}`")
-    elif not pool:
+    elif not candidates:
         store_parts_missing = (f"no event has a stored return at the primary window ({p} min)",
                                f"compute it with `finqlora db impacts --db {config.db} --windows 5,10,15,30,120`, or choose --primary-window from the stored windows")
     if store_parts_missing:
@@ -780,10 +767,21 @@ def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str,
         notices.append(f"{store_parts_missing[0]}: news_impact and market_analysis records need them, so "
                        f"{missing_count} built-in template records were built in their place ({store_parts_missing[1]})")
         drafts = _report_drafts(counts_wanted["report_qa"], config.split, config.seed)
-        if missing_count:
-            drafts += _template_drafts(missing_count, config.split, config.seed, "missing-store-parts")
+        drafts += _template_drafts(missing_count, config.split, config.seed, "missing-store-parts")
         return drafts, source_info
 
+    stage(f"removing near-duplicates among {len(candidates)} events")
+    dedup = textdedup.deduplicate([news_text(e) for e in candidates], config.dedup_threshold)
+    pool = [candidates[i] for i in dedup.keep]
+    stats["dedup"] = {
+        "events_read": len(data.events) + data.without_time + data.linked_duplicates,
+        "linked_cross_source_duplicates_skipped": data.linked_duplicates,
+        "without_time_skipped": data.without_time,
+        "with_primary_window_return": len(candidates),
+        "near_duplicates_dropped": len(dedup.duplicate_of),
+        "threshold": config.dedup_threshold,
+        "events_after_dedup": len(pool),
+    }
     stage(f"splitting {len(pool)} events by time and labelling")
     plan = split_by_time(pool, config.split, config.embargo_min)
     ctx = build_label_context(plan.pools["train"], data.impacts, rules, config.primary_ticker)
@@ -835,7 +833,7 @@ def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str,
             names = "、".join(TICKER_NAMES.get(t, t) for t in label["directions"])
             drafts.append(Draft(
                 "news_impact", split, f"ni-{event.event_id}", rng.choice(_NEWS_INSTRUCTIONS).format(names=names),
-                news_impact_output(label, impact, ctx, windows), label, input_prefix=_news_prefix(event), news=_news_text(event),
+                news_impact_output(label, impact, ctx, windows), label, input_prefix=_news_prefix(event), news=news_text(event),
                 event_id=event.event_id, event_time=_event_time(event), ts=event.ts_utc,
             ))
         # Market analysis: balanced over case types; events unused by news_impact come first.
@@ -863,7 +861,7 @@ def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str,
                 instruction, suffix, output, label = market_case_record(impact, ctx, windows, rng)
             drafts.append(Draft(
                 "market_analysis", split, f"ma-{event.event_id}", instruction, output, label,
-                input_prefix=_news_prefix(event), news=_news_text(event), input_suffix=suffix,
+                input_prefix=_news_prefix(event), news=news_text(event), input_suffix=suffix,
                 event_id=event.event_id, event_time=_event_time(event), ts=event.ts_utc,
             ))
     if shortfalls:

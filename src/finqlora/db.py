@@ -10,12 +10,14 @@ Tables (see docs/store.md for every column):
   duplicate of another event; NULL for primaries).
 - `event_impacts(event_id, ticker, window_min, ret, ...)`: `ret` is a FRACTION (0.0012 =
   +0.12%). `window_min` 5/10/15/30/120 is the post-event return close(t0+w)/close(t0)-1; a
-  NEGATIVE `window_min` (-120, -30, ...) is the pre-event return close(t0)/close(t0-|w|)-1,
+  NEGATIVE `window_min` -w (-120, -30, ...) is the pre-event return close(t0)/close(t0-w)-1,
   so users' queries on 5..120 keep meaning "after the event". A return that cannot be known
   (no bar at a window end) is stored as `ret` NULL with a `status` saying why; never zero.
 - `prices(ticker, ts, open, high, low, close, volume)`: OHLCV bars, `ts` unix seconds UTC.
 - `finqlora_meta(key, value)`: schema version and provenance (e.g. `synthetic` = `true` for
   the sample database).
+- view `event_impacts_wide`: one row per (event, ticker) with `ret_post_5m` .. `ret_post_120m`,
+  `ret_pre_30m`, `ret_pre_120m`, for queries written against a wide layout.
 
 A user's database is only read by `connect(..., readonly=True)`, `check_db` and the read
 API; it is changed only by `migrate_db`, which backs it up first.
@@ -99,6 +101,13 @@ PRICE_COLUMNS: dict[str, str] = {
     "volume": "REAL",
 }
 
+# One row per (event, ticker) with a column per window, for queries written against the
+# `ret_post_15m` style that some guides assume; the table itself stays long (one row a window).
+_WIDE_COLUMNS = ",\n".join(
+    [f"    MAX(CASE WHEN window_min = {w} THEN ret END) AS ret_post_{w}m" for w in DEFAULT_WINDOWS]
+    + [f"    MAX(CASE WHEN window_min = -{w} THEN ret END) AS ret_pre_{w}m" for w in (30, 120)]
+)
+
 _SCHEMA_SQL = f"""
 CREATE TABLE IF NOT EXISTS events (
     {", ".join(f"{name} {decl}" for name, decl in EVENT_COLUMNS.items())}
@@ -119,6 +128,10 @@ CREATE TABLE IF NOT EXISTS finqlora_meta (
     key TEXT PRIMARY KEY,
     value TEXT
 );
+CREATE VIEW IF NOT EXISTS event_impacts_wide AS
+SELECT event_id, ticker,
+{_WIDE_COLUMNS}
+FROM event_impacts GROUP BY event_id, ticker;
 """
 
 
@@ -437,10 +450,25 @@ class CheckProblem:
     table: str
     column: str | None
     disables: str
+    kind: str = "missing"  # or "suspicious": present but probably wrong
 
     def describe(self) -> str:
         where = f"{self.table}.{self.column}" if self.column else f"table {self.table}"
-        return f"missing {where}: {self.disables}"
+        return f"{self.kind} {where}: {self.disables}"
+
+
+# Median |post-event return| above which stored returns are probably percent: a typical 5-120
+# minute move is ~0.05% (0.0005 as a fraction); a median of 1% would be extraordinary.
+PERCENT_SUSPICION = 0.01
+
+
+def _median_abs_return(conn: sqlite3.Connection) -> float | None:
+    values = sorted(
+        abs(row[0])
+        for row in conn.execute("SELECT ret FROM event_impacts WHERE ret IS NOT NULL AND window_min > 0 LIMIT 20000")
+        if isinstance(row[0], (int, float))
+    )
+    return values[len(values) // 2] if values else None
 
 
 @dataclass
@@ -458,7 +486,7 @@ class CheckReport:
     @property
     def migratable(self) -> bool:
         """True when `--migrate` would add something."""
-        return bool(self.problems) or (self.schema_version or 0) < SCHEMA_VERSION
+        return any(p.kind == "missing" for p in self.problems) or (self.schema_version or 0) < SCHEMA_VERSION
 
 
 _WHAT_EVENT_COLUMNS_DO = {
@@ -516,6 +544,19 @@ def check_db(path: str | Path) -> CheckReport:
             for column in ("status", "t0_ts", "end_ts", "close_t0", "close_end"):
                 if column not in columns:
                     problems.append(CheckProblem("warning", "event_impacts", column, "why a return is unknown and which bars it came from are not recorded"))
+            if "ret" in columns:
+                scale = _median_abs_return(conn)
+                if scale is not None and scale > PERCENT_SUSPICION:
+                    problems.append(
+                        CheckProblem(
+                            "warning",
+                            "event_impacts",
+                            "ret",
+                            f"returns look like percent, not fractions (median |ret| = {scale:.4g}); finqlora reads "
+                            "0.0012 as +0.12%, so labels would be wrong: divide them by 100",
+                            kind="suspicious",
+                        )
+                    )
         if "prices" not in tables:
             problems.append(CheckProblem("warning", "prices", None, "no price bars: `finqlora db impacts` cannot compute returns"))
         else:
@@ -588,11 +629,12 @@ def migrate_db(path: str | Path, *, tz: str | None = None) -> MigrationResult:
                         # ALTER TABLE cannot add PRIMARY KEY / NOT NULL columns: keep the type only.
                         conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl.split()[0]}")
                         added.append(f"{table}.{column}")
+            views = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='view'")}
             for statement in _split_sql(_SCHEMA_SQL):
-                if statement.startswith("CREATE TABLE"):
-                    name = statement.split()[5]
-                    if name not in tables:
-                        added.append(f"table {name}")
+                if statement.startswith(("CREATE TABLE", "CREATE VIEW")):
+                    kind, name = statement.split()[1].lower(), statement.split()[5]
+                    if name not in (tables if kind == "table" else views):
+                        added.append(f"{kind} {name}")
                 conn.execute(statement)
             if "events" in tables:
                 conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS idx_events_event_id ON events(event_id)")

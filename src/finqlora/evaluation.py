@@ -80,6 +80,9 @@ class EvalOptions:
     bootstrap_resamples: int = 1000
     report: bool = True
     progress: bool = True
+    # ("base",) generates and scores only the base model (no adapter needed), e.g. before
+    # training; a later full run reuses those cached answers (same prompts, settings, model).
+    variants: tuple[str, ...] = VARIANTS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,12 +299,16 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     output.mkdir(parents=True, exist_ok=True)
     if options.data is None and not options.benchmarks:
         raise FinqloraError("nothing to evaluate", hint="pass --data test.jsonl (from finqlora build) and/or --benchmark PATH")
-    if not options.adapter:
+    unknown = set(options.variants) - set(VARIANTS)
+    if unknown or not options.variants:
+        raise FinqloraError(f"unknown variants {sorted(unknown)}", hint="use base and/or finetuned")
+    if "finetuned" in options.variants and not options.adapter:
         raise FinqloraError(
             "no --adapter given: the evaluation compares the base model with the fine-tuned one",
             hint="pass --adapter OUTPUT_DIR of `finqlora train` (the base model defaults to the one it was trained on)",
         )
-    model_spec = options.model or (adapter_base_model(options.adapter) if options.adapter else None)
+    adapter = options.adapter if "finetuned" in options.variants else None
+    model_spec = options.model or (adapter_base_model(adapter) if adapter else None)
     if not model_spec:
         raise FinqloraError("no base model given", hint="pass --model (e.g. builtin:qwen2.5-coder-0.5b-instruct) or an --adapter that records its base")
 
@@ -315,7 +322,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
 
     load_started = time.perf_counter()
     loaded = load_model(
-        model_spec, adapter=options.adapter, device=options.device, dtype=options.dtype,
+        model_spec, adapter=adapter, device=options.device, dtype=options.dtype,
         load_in_4bit=options.load_in_4bit, chat_template=options.chat_template, progress=options.progress,
     )
     load_seconds = time.perf_counter() - load_started
@@ -323,8 +330,8 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
         max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
         repetition_penalty=options.repetition_penalty, seed=options.seed,
     )
-    keys = _model_keys(loaded, options.adapter)
-    variants = [v for v in VARIANTS if v in keys]
+    keys = _model_keys(loaded, adapter)
+    variants = [v for v in VARIANTS if v in options.variants]
     timings: dict[str, Any] = {"model_load_s": round(load_seconds, 2)}
     for variant in variants:
         context = loaded.base_only() if variant == "base" else contextlib.nullcontext()
@@ -362,7 +369,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "model": model_spec,
         "base_id": loaded.resolved.base_id,
-        "adapter": str(Path(options.adapter).resolve()) if options.adapter else None,
+        "adapter": str(Path(adapter).resolve()) if adapter else None,
         "data": str(Path(options.data).resolve()) if options.data else None,
         "data_sha256": sha256_file(options.data) if options.data else None,
         "split": options.split,
@@ -377,8 +384,12 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
         "timings": timings,
         "versions": _library_versions(),
     }
-    atomic_write_json(output / "eval_config.json", meta)
     del loaded
+    if variants != list(VARIANTS):
+        # Only part of the comparison exists yet: keep the cache, leave the metrics for the full run.
+        atomic_write_json(output / f"eval_config_{variants[0]}.json", meta)
+        return {"meta": meta, "variants": variants}
+    atomic_write_json(output / "eval_config.json", meta)
     result = compute_metrics(output, bootstrap_resamples=options.bootstrap_resamples, seed=options.seed)
     if options.report:
         from finqlora.report import build_report

@@ -257,9 +257,10 @@ A LoRA adapter (r={config.get("r")}, alpha={config.get("lora_alpha")}, target mo
 
 ## Use / 使用
 
-    finqlora ask --model "{base}" --adapter {ZIP_NAME} "美联储宣布加息25个基点，对A股银行板块影响如何？"
-    finqlora serve --model "{base}" --adapter adapter/
-    finqlora export merge --model "{base}" --adapter adapter/ --output merged/
+    finqlora ask --model "{base}" --adapter adapter/ "美联储宣布加息25个基点，对A股银行板块影响如何？"
+    finqlora serve --model "{base}" --adapter finqlora=adapter/
+    # merge reads the zip directly (verified against SHA256SUMS first):
+    finqlora export merge --model "{base}" --adapter {ZIP_NAME} --output merged/
 
 In Python (peft):
 

@@ -162,9 +162,20 @@ def generate_answers(
 def stream_answer(
     model: Any, tokenizer: Any, messages: Messages, settings: GenerationSettings | None = None
 ) -> Iterator[str]:
-    """Yield the answer to one chat piece by piece as it is generated."""
+    """Yield the answer to one chat piece by piece as it is generated.
+
+    Closing the generator early (a client hung up, Ctrl-C) stops the generation at the next
+    token instead of letting it run to the end in the background.
+    """
     import torch
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    class _StopWhenAsked(StoppingCriteria):
+        def __init__(self, event: threading.Event) -> None:
+            self.event = event
+
+        def __call__(self, input_ids, scores, **kwargs) -> bool:
+            return self.event.is_set()
 
     settings = settings or GenerationSettings()
     encoded = tokenizer(render_prompt(tokenizer, messages), return_tensors="pt", add_special_tokens=False).to(
@@ -172,13 +183,19 @@ def stream_answer(
     )
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     failure: list[BaseException] = []
+    cancelled = threading.Event()
 
     def run() -> None:
         try:
             if not settings.greedy:
                 torch.manual_seed(settings.seed)
             with torch.inference_mode():
-                model.generate(**encoded, **settings.generate_kwargs(tokenizer), streamer=streamer)
+                model.generate(
+                    **encoded,
+                    **settings.generate_kwargs(tokenizer),
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopWhenAsked(cancelled)]),
+                )
         except BaseException as exc:  # re-raised in the caller's thread below
             failure.append(exc)
             streamer.end()
@@ -190,6 +207,7 @@ def stream_answer(
             if piece:
                 yield piece
     finally:
+        cancelled.set()
         worker.join()
     if failure:
         raise failure[0]

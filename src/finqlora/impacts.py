@@ -152,7 +152,8 @@ def compute_impacts(
     """Compute and store returns for every event x ticker x window not stored yet.
 
     One transaction per ticker; events whose rows for these windows all exist with a final
-    status are skipped unless `recompute`.
+    status are skipped unless `recompute`. Existing rows are never overwritten without
+    `recompute` (a migrated user database keeps its own returns); `pending` rows are redone.
     """
     from finqlora.ingest import _progress
 
@@ -211,7 +212,12 @@ def compute_impacts(
                         t0_tolerance_min=t0_tolerance_min,
                         end_tolerance_min=end_tolerance_min,
                     )
+                    # Without --recompute, rows that already exist (a user's own, or final rows of
+                    # other windows) are kept; only our own `pending` rows are replaced.
+                    verb = "INSERT OR REPLACE" if recompute else "INSERT OR IGNORE"
                     with transaction(conn):
+                        if not recompute:
+                            conn.execute("DELETE FROM event_impacts WHERE ticker = ? AND status = ?", (ticker, STATUS_PENDING))
                         for result in results:
                             rows = zip(
                                 ids.tolist(),
@@ -224,12 +230,13 @@ def compute_impacts(
                                 [None if np.isnan(c) else c for c in result.close_t0.tolist()],
                                 [None if np.isnan(c) else c for c in result.close_end.tolist()],
                             )
+                            before = conn.total_changes
                             conn.executemany(
-                                "INSERT OR REPLACE INTO event_impacts (event_id, ticker, window_min, ret, status, t0_ts, end_ts, close_t0, close_end) "
+                                f"{verb} INTO event_impacts (event_id, ticker, window_min, ret, status, t0_ts, end_ts, close_t0, close_end) "
                                 "VALUES (?,?,?,?,?,?,?,?,?)",
                                 rows,
                             )
-                            report.rows_written += len(ids)
+                            report.rows_written += conn.total_changes - before
                 report.known_returns[ticker] = {
                     w: conn.execute(
                         "SELECT COUNT(*) FROM event_impacts WHERE ticker = ? AND window_min = ? AND ret IS NOT NULL", (ticker, w)

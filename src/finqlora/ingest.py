@@ -409,6 +409,11 @@ def read_news_file(
                 f"{file_path}: no {required} column (the file has: {', '.join(available) or 'no columns'})",
                 hint=f"name it with --map {required}=COLUMN; nothing was stored",
             )
+    if not source and "source" not in columns:
+        raise FinqloraError(
+            f"{file_path}: no source column and no --source",
+            hint="pass --source NAME (e.g. --source mywire) or --map source=COLUMN; event ids are SOURCE:ID",
+        )
     for lineno, row in rows:
         try:
             record = _generic_record(row, columns, source=source, tz=zone)

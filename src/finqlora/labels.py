@@ -23,9 +23,10 @@ stored (e.g. -120), the primary window p and the longest post window L, in this 
                  then reversed or stalled.
     2. 趋势延续  |z_p| >= follow_z, every stored post window >= p has the sign of r_p, and
                  |z_L| >= follow_z: the reaction persists to the longest window.
-    3. 观望信号  every stored post window has |z| < follow_z, or post windows show
-                 significant moves (|z| >= follow_z) in both directions.
-    4. 反应消退  otherwise: a significant move at p that has faded or turned by L.
+    3. 反应消退  |z_p| >= follow_z but not a continuation: a significant reaction at p that
+                 a later window contradicts or that has faded (|z_L| < follow_z) by L.
+    4. 观望信号  otherwise, i.e. |z_p| < follow_z: no significant reaction at the primary
+                 window (whatever the noise in the shorter windows).
     重要性与波动 (a separate question type): ratio = |r_p| / median |r_p| of the estimation
                  events; >= 1.5 高于常态, <= 2/3 低于常态, else 接近常态.
 """
@@ -70,8 +71,8 @@ class LabelRules:
             "cases": {
                 EXPECTATION_REALIZED: f"|z_pre| >= {self.pre_move_z} and no same-sign |z_p| >= {self.follow_z}",
                 CONTINUATION: f"|z_p| >= {self.follow_z}, all post windows >= p share its sign, |z_longest| >= {self.follow_z}",
-                WAIT_AND_SEE: f"all post |z| < {self.follow_z}, or significant post moves in both directions",
-                FADING: "otherwise (significant at p, faded or reversed by the longest window)",
+                FADING: f"|z_p| >= {self.follow_z} but not a continuation (a later window turns, or |z_longest| < {self.follow_z})",
+                WAIT_AND_SEE: f"otherwise: |z_p| < {self.follow_z} (no significant reaction at the primary window)",
                 IMPORTANCE: f"|r_p| / median|r_p| >= {self.importance_high_ratio:.2f} {ABOVE_NORMAL}, "
                 f"<= {self.importance_low_ratio:.2f} {BELOW_NORMAL}, else {NORMAL}",
             },
@@ -160,10 +161,9 @@ def market_case(
         and abs(z[longest]) >= rules.follow_z
     ):
         return CONTINUATION
-    significant_signs = {_sign(z[w]) for w in post_windows if abs(z[w]) >= rules.follow_z}
-    if not significant_signs or significant_signs == {1, -1}:
-        return WAIT_AND_SEE
-    return FADING
+    if abs(z_p) >= rules.follow_z:
+        return FADING
+    return WAIT_AND_SEE
 
 
 def importance_relation(abs_primary_ret: float, typical_abs_ret: float, rules: LabelRules = LabelRules()) -> str:

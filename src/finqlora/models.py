@@ -64,8 +64,8 @@ class ResolvedModel:
 
 def _base_id_for_folder(folder: Path) -> str:
     marker = read_marker(folder)
-    if marker and marker.get("spec"):
-        return str(marker["spec"])
+    if marker and (marker.get("spec") or marker.get("gguf")):
+        return str(marker.get("spec") or marker["gguf"])  # a converted built-in or .gguf file
     # A Hugging Face cache snapshot: .../models--org--name/snapshots/<rev>
     parts = folder.resolve().parts
     for i, part in enumerate(parts):

@@ -83,12 +83,15 @@ def _pct(x: float) -> str:
     return f"{x:.1f}%"
 
 
-def _templates(rng: random.Random, ts: int) -> _Draft:
-    """One random event at `ts` (the category mix is weighted like a real telegraph day)."""
-    kind = rng.choices(
-        ["fed", "cpi", "nfp", "claims", "geo", "reserves", "etf", "earnings", "pboc", "oil", "dollar", "yield", "cn_macro", "bank_view"],
-        weights=[12, 4, 3, 4, 9, 3, 5, 18, 4, 5, 5, 5, 4, 6],
-    )[0]
+# Unscheduled news, weighted like a telegraph day; data releases and policy decisions are
+# placed at their real release times by `_scheduled`.
+_RANDOM_KINDS = {"fed": 12, "geo": 9, "etf": 5, "earnings": 18, "oil": 5, "dollar": 5, "yield": 5, "bank_view": 6}
+
+
+def _templates(rng: random.Random, ts: int, kind: str | None = None) -> _Draft:
+    """One event of `kind` (random if None) published at `ts`."""
+    if kind is None:
+        kind = rng.choices(list(_RANDOM_KINDS), weights=list(_RANDOM_KINDS.values()))[0]
     role = rng.choice(_ROLES)
     level = rng.choices(["A", "B", "C"], weights=[1, 14, 85])[0]
     month = _month_cn(ts)
@@ -165,8 +168,8 @@ def _templates(rng: random.Random, ts: int) -> _Draft:
         revenue_growth = round(rng.uniform(-25, 60), 2)
         profit = round(revenue * rng.uniform(0.03, 0.22), 2)
         profit_growth = round(rng.uniform(-40, 90), 2)
-        eps = round(rng.uniform(0.05, 3.2), 2)
-        period = rng.choice(["一季度", "上半年", "前三季度", "2025年"])
+        eps = round(profit / rng.uniform(5, 60), 2)  # profit (亿元) / shares (亿股)
+        period = "2025年"  # annual reports come out in March and April
         direction = "增长" if profit_growth >= 0 else "下降"
         title = f"{company}：{period}净利润{profit}亿元 同比{direction}{abs(profit_growth):.2f}%"
         body = (
@@ -184,6 +187,18 @@ def _templates(rng: random.Random, ts: int) -> _Draft:
         effect = rng.uniform(0.0, 0.0008)
         subjects = ["央行动态", "宏观经济"]
         level = "A" if rng.random() < 0.3 else "B"
+    elif kind == "omo":
+        amount = rng.randrange(500, 6000, 5)
+        maturing = rng.randrange(500, 6000, 5)
+        net = amount - maturing
+        title = f"央行今日开展{amount}亿元7天期逆回购操作"
+        body = (
+            f"中国人民银行今日开展{amount}亿元7天期逆回购操作，操作利率为1.40%，与此前持平。"
+            f"今日有{maturing}亿元逆回购到期，实现净{'投放' if net >= 0 else '回笼'}{abs(net)}亿元。"
+        )
+        effect = 0.0
+        subjects = ["央行动态", "债市"]
+        level = "C"
     elif kind == "oil":
         change = round(rng.uniform(0.8, 4.5), 2)
         price = round(rng.uniform(62, 88), 2)
@@ -227,6 +242,31 @@ def _templates(rng: random.Random, ts: int) -> _Draft:
         effect = (1 if bullish else -1) * rng.uniform(0.0003, 0.0012)
         subjects = ["黄金", "机构观点"]
     return _Draft(ts=ts, title=title, body=body, level=level, subjects=subjects, gold_effect=effect)
+
+
+def _scheduled(rng: random.Random, start: int) -> list[_Draft]:
+    """Releases at their real times (UTC) in the sample's four weeks.
+
+    US data at 08:30 New York time (13:30 UTC until daylight saving starts on 2026-03-08,
+    12:30 UTC after), China data at 09:30 Beijing time, PBOC reserves on the 7th (a Saturday:
+    market closed), a reserve-requirement cut on a Friday evening Beijing time, open-market
+    operations every weekday morning.
+    """
+    day = 86400
+    plan = [
+        (start + 3 * day + 13 * 3600 + 1800, "claims"),  # Thu 03-05
+        (start + 4 * day + 13 * 3600 + 1800, "nfp"),  # Fri 03-06
+        (start + 5 * day + 3600, "reserves"),  # Sat 03-07
+        (start + 7 * day + 3600 + 1800, "cn_macro"),  # Mon 03-09
+        (start + 9 * day + 12 * 3600 + 1800, "cpi"),  # Wed 03-11
+        (start + 10 * day + 12 * 3600 + 1800, "claims"),  # Thu 03-12
+        (start + 11 * day + 11 * 3600, "pboc"),  # Fri 03-13, 19:00 Beijing
+        (start + 17 * day + 12 * 3600 + 1800, "claims"),  # Thu 03-19
+        (start + 24 * day + 12 * 3600 + 1800, "claims"),  # Thu 03-26
+    ]
+    # Open-market operations every weekday at 09:20 Beijing time (01:20 UTC).
+    plan += [(start + d * day + 4800, "omo") for d in range(SAMPLE_DAYS) if (d % 7) < 5]
+    return [_templates(rng, ts + rng.randrange(0, 40), kind) for ts, kind in plan]
 
 
 def _event_times(rng: random.Random, start: int, count: int) -> list[int]:
@@ -336,7 +376,9 @@ def build_sample_db(path: str | Path, seed: int = 0, *, events: int = DEFAULT_EV
     np_rng = np.random.default_rng(seed)
     start = calendar.timegm(time.strptime(SAMPLE_START, "%Y-%m-%dT%H:%M:%SZ"))
     price_flash_count = max(events // 12, 4)
-    drafts = [_templates(rng, ts) for ts in _event_times(rng, start, events - price_flash_count)]
+    drafts = _scheduled(rng, start)
+    drafts += [_templates(rng, ts) for ts in _event_times(rng, start, events - price_flash_count - len(drafts))]
+    drafts.sort(key=lambda d: d.ts)
     bars = _make_bars(np_rng, start, drafts)
     drafts += _price_flashes(rng, bars["XAUUSD"], start, price_flash_count)
     drafts.sort(key=lambda d: d.ts)
@@ -400,7 +442,3 @@ def build_sample_db(path: str | Path, seed: int = 0, *, events: int = DEFAULT_EV
         for leftover in leftovers:
             leftover.unlink(missing_ok=True)
     return target
-
-
-def is_synthetic(meta: dict[str, str]) -> bool:
-    return meta.get("synthetic") == "true"

@@ -6,8 +6,8 @@ learnt once) and to check that no text in one split has a near-duplicate in anot
 Method (documented in docs/dataset.md):
 - normalise: Unicode NFKC, lower case, drop a 【title】's dateline ("财联社6月1日电，"), keep
   only letters and digits (no whitespace or punctuation);
-- shingles: overlapping character 3-grams, each hashed to 32 bits with a fixed hash (never
-  Python's `hash`, which changes between runs), computed for all texts at once with numpy;
+- shingles: overlapping character 3-grams, each hashed to 32 bits with fixed multipliers
+  (never Python's `hash`, which changes between runs), computed for all texts at once with numpy;
 - MinHash (64 permutations) + LSH (16 bands of 4 rows) finds candidate pairs; every candidate
   is then verified with the exact Jaccard similarity of the two shingle sets, so a reported
   duplicate is a real one (>= `threshold`, default 0.7). LSH may miss a pair: one at
@@ -72,12 +72,11 @@ def shingle_all(texts: Sequence[str]) -> Shingled:
         if len(norm) < 3:
             # Pad a very short text so it still has one shingle (itself).
             norms[i] = norm.ljust(3, "\x01")
-    codes = np.frombuffer((_SEPARATOR.join(norms) + _SEPARATOR).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    base = np.uint64(0x110000)  # > largest code point: distinct 3-grams get distinct values
+    codes = np.frombuffer((_SEPARATOR.join(norms) + _SEPARATOR).encode("utf-32-le"), dtype=np.uint32)
     with np.errstate(over="ignore"):
-        grams = codes[:-2] * base * base + codes[1:-1] * base + codes[2:]
-        # Fold to 32 bits with a multiplicative hash (Fibonacci hashing).
-        hashed = ((grams * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)).astype(np.uint32)
+        # A 3-gram's hash: a random-odd-multiplier combination of its code points mod 2^32
+        # (two given 3-grams collide with probability ~2^-32; fixed constants, so stable).
+        hashed = codes[:-2] * np.uint32(0x9E3779B1) + codes[1:-1] * np.uint32(0x85EBCA77) + codes[2:] * np.uint32(0xC2B2AE3D)
     is_sep = codes == 0
     valid = ~(is_sep[:-2] | is_sep[1:-1] | is_sep[2:])
     lengths = np.fromiter((len(n) - 2 for n in norms), dtype=np.int64, count=len(norms))

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from finqlora.config import RunConfig, TrainConfig, dump_config
+from finqlora.distributed import is_main_process
 from finqlora.errors import FinqloraError
 from finqlora.fileio import atomic_write_json, atomic_write_text, sha256_file
 
@@ -358,11 +359,13 @@ def resolve_plan(cfg: TrainConfig, profile: Any | None = None) -> _Plan:
 
 def _load_base(cfg: TrainConfig, plan: _Plan) -> tuple[Any, Any, dict[str, Any]]:
     """Base model + tokenizer, loaded fresh for training (never a model that served inference)."""
+    from finqlora.distributed import process_device
     from finqlora.models import describe_model, load_model
 
     loaded = load_model(
         cfg.model,
-        device=plan.device,
+        # Under torchrun / accelerate launch each process puts its whole base on its own GPU.
+        device=process_device(plan.device),
         dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[plan.dtype_name],
         load_in_4bit=plan.load_in_4bit,
         for_training=True,
@@ -413,15 +416,43 @@ def _attach_lora(model: Any, cfg: TrainConfig, plan: _Plan, profile: Any | None)
         # Frozen embeddings would give checkpointed blocks inputs without grad; LoRA needs them.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    target_modules: str | list[str] = cfg.target_modules
+    layers_to_transform = None
+    if cfg.lora_layers is not None:
+        n_blocks = int(model.config.get_text_config().num_hidden_layers)
+        if cfg.lora_layers > n_blocks:
+            raise FinqloraError(
+                f"train.lora_layers is {cfg.lora_layers} but the model has {n_blocks} transformer blocks",
+                hint=f"use a number from 1 to {n_blocks}, or null for all blocks",
+            )
+        layers_to_transform = list(range(n_blocks - cfg.lora_layers, n_blocks))
+        # peft takes a block selection only with explicit module names.
+        if target_modules == "all-linear":
+            target_modules = block_linear_names(model)
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
+        target_modules=target_modules,
+        layers_to_transform=layers_to_transform,
         bias="none",
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def block_linear_names(model: Any) -> list[str]:
+    """Short names of the linear layers inside the transformer blocks (what 'all-linear' means)."""
+    import torch
+
+    names = set()
+    for full_name, module in model.named_modules():
+        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Linear4bit"
+        if is_linear and ".layers." in f".{full_name}":
+            names.add(full_name.rsplit(".", 1)[-1])
+    if not names:
+        raise FinqloraError("found no linear layers inside the model's blocks", hint="set train.target_modules explicitly")
+    return sorted(names)
 
 
 def _speed_profile(cfg: TrainConfig) -> Any | None:
@@ -479,6 +510,8 @@ def threading_main() -> bool:
 def _make_callbacks(cfg: TrainConfig, output_dir: Path, stop: _StopRequest, needed_bytes: int, progress: bool):
     from transformers import TrainerCallback
 
+    from finqlora.distributed import any_rank
+
     class RunControl(TrainerCallback):
         """Signals, final validation, non-finite loss and the disk check before saves."""
 
@@ -488,7 +521,9 @@ def _make_callbacks(cfg: TrainConfig, output_dir: Path, stop: _StopRequest, need
             self.last_save_step = -1
 
         def on_step_end(self, args, state, control, **kwargs):
-            if stop.signal_name is not None:
+            # All processes must stop at the same step, or the next gradient all-reduce hangs.
+            if any_rank(stop.signal_name is not None):
+                stop.signal_name = stop.signal_name or "SIGTERM"  # a peer process got the signal
                 control.should_save = True
                 control.should_training_stop = True
             if control.should_save and args.should_save:
@@ -662,11 +697,16 @@ def _make_callbacks(cfg: TrainConfig, output_dir: Path, stop: _StopRequest, need
 def _trainer_class():
     from transformers import Trainer
 
+    from finqlora.distributed import barrier
+
     class CheckpointMarkingTrainer(Trainer):
         """Trainer whose checkpoints end with a completion marker (see `checkpoint_is_complete`)."""
 
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)
+            # Other processes write their own rng_state_<rank>.pth into the folder: the marker
+            # (which lists the files) must come after every process is done.
+            barrier()
             if self.args.should_save:
                 folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
                 write_checkpoint_marker(folder, self.state.global_step)
@@ -747,7 +787,7 @@ def _resolve_resume(cfg: TrainConfig, output_dir: Path) -> Path | None:
         return None
     if spec == "auto":
         latest, incomplete = find_latest_checkpoint(output_dir)
-        for folder in incomplete:
+        for folder in incomplete if is_main_process() else ():  # one process cleans up, not all
             # A checkpoint without its completion marker was interrupted mid-save: unusable.
             print(f"skipping incomplete checkpoint {folder} (no completion marker); removing it", file=sys.stderr)
             shutil.rmtree(folder, ignore_errors=True)
@@ -860,6 +900,9 @@ def train(
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        # DDP (torchrun / accelerate launch): every LoRA weight takes part in every forward, so
+        # skip DDP's per-step search for unused parameters.
+        ddp_find_unused_parameters=False,
     )
     # Extra callbacks run first, so one that raises a signal at step N is seen at that same step.
     trainer_callbacks = [*callbacks, control_cb, log_cb, progress_cb]
@@ -951,7 +994,8 @@ def train(
         "nonfinite": control_cb.nonfinite,
     }
 
-    if status == "completed":
+    # With several processes (torchrun / accelerate launch) only rank 0 writes the outputs.
+    if status == "completed" and args.should_save:
         check_free_space(output_dir, needed_bytes)
         trainer.model.save_pretrained(output_dir, safe_serialization=True)
         if cfg.save_adapter_bin:
@@ -960,12 +1004,18 @@ def train(
             shutil.rmtree(output_dir / "_bin", ignore_errors=True)
         tokenizer.save_pretrained(output_dir)
         info["outputs"] = sorted(p.name for p in output_dir.iterdir() if not p.name.startswith("."))
-    atomic_write_text(output_dir / "run_config.yaml", dump_config(run))
-    from finqlora.loss_plot import plot_losses
+    if args.should_save:
+        atomic_write_text(output_dir / "run_config.yaml", dump_config(run))
+        from finqlora.loss_plot import plot_losses
 
-    plot_losses(train_points, val_points, output_dir / "loss.png", title=f"{run.name}: loss", best_step=best_step)
-    info["outputs"] = sorted({*info.get("outputs", []), "loss.png", "run_config.yaml", "training_info.json", "training_log.jsonl"})
-    atomic_write_json(output_dir / "training_info.json", info)
+        plot_losses(train_points, val_points, output_dir / "loss.png", title=f"{run.name}: loss", best_step=best_step)
+        info["outputs"] = sorted({*info.get("outputs", []), "loss.png", "run_config.yaml", "training_info.json", "training_log.jsonl"})
+        atomic_write_json(output_dir / "training_info.json", info)
+    # Keep the group together until rank 0 has written: a launcher that sees one process exit
+    # may stop the others.
+    from finqlora.distributed import barrier
+
+    barrier()
 
     if control_cb.nonfinite is not None:
         raise _nonfinite_error(control_cb.nonfinite, plan, cfg)

@@ -276,7 +276,7 @@ def install(
     builtin = get_builtin(name)
     command = builtin.pip_command()
     console.print(f"$ {command}", highlight=False)
-    if subprocess.run(command.split(), check=False).returncode != 0:
+    if subprocess.run(builtin.pip_arguments(), check=False).returncode != 0:
         raise FinqloraError(f"pip could not install the packages of {builtin.spec}", hint=f"run it yourself: {command}")
     if prepare:
         console.print(f"{builtin.spec} ready in {prepare_builtin(builtin)}", highlight=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 
 import typer
@@ -53,6 +54,10 @@ def register(app: typer.Typer) -> None:
         max_length: int | None = typer.Option(None, "--max_length", "--max-length", help="Tokens per sample."),
         profile: str | None = typer.Option(None, "--profile", help="Speed profile (default, t4, fast, cpu, ...)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+        gpus: int | None = typer.Option(
+            None, "--gpus", "--nproc",
+            help="Data-parallel processes, one per GPU (gloo on the CPU): re-runs this command under torchrun. See docs/multi-gpu.md.",
+        ),
     ) -> None:
         """Fine-tune with LoRA (CPU) or QLoRA (CUDA): adapter, training_info.json, training_log.jsonl, loss.png.
 
@@ -80,8 +85,15 @@ def register(app: typer.Typer) -> None:
                 "no training data given",
                 hint="pass --data data/qlora/instructions.jsonl (build one with `finqlora build`) or set train.dataset",
             )
+        from finqlora import distributed
+
+        if gpus is not None and gpus > 1 and not distributed.is_distributed():
+            distributed.check_process_count(gpus, run.train.device)
+            distributed.relaunch(sys.argv[1:], gpus)  # does not return
         console = Console(stderr=True)
         result = train(run, progress=progress)
+        if not distributed.is_main_process():
+            return  # rank 0 reports for the group
         _summary(result, console)
         if result.status == "interrupted":
             signum = signal.Signals[result.info["interrupted_by"]]

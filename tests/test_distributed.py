@@ -1,0 +1,246 @@
+"""Data-parallel training: a real 2-process run over gloo on the CPU against a 1-process run.
+
+2 processes x per-device batch b must train like 1 process x batch 2b: transformers' Trainer
+feeds the DDP ranks consecutive micro-batches of the same seeded shuffled order (so a step
+sees the same 2b samples), divides the summed token loss by the token count of the whole
+global batch (`average_tokens_across_devices`, all-gathered `num_items_in_batch`) and scales
+it by the world size, which DDP's gradient averaging divides out again. What remains is float
+summation order, hence the tolerances below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finqlora import distributed
+
+PER_DEVICE_BATCH = 2
+TRAIN_RECORDS = 16  # a multiple of 2 x PER_DEVICE_BATCH: no ragged last batch (see docs/multi-gpu.md)
+STEPS_PER_EPOCH = TRAIN_RECORDS // (2 * PER_DEVICE_BATCH)
+# Float tolerance: the two runs sum the same numbers in a different order (per rank, then
+# all-reduced) and pad micro-batches to different lengths.
+LOSS_RTOL = 1e-4
+WEIGHT_ATOL = 1e-5
+
+NEWS = [
+    "央行宣布下调存款准备金率0.5个百分点，释放长期资金约1万亿元。",
+    "公司公告：第三季度净利润同比下降42%，主要受原材料价格上涨影响。",
+    "美联储维持利率不变，点阵图显示年内仍有一次降息。",
+    "某券商发布研报，上调行业评级至增持。",
+    "国际金价盘中快速拉升，一度突破每盎司2400美元关口，创历史新高。",
+    "统计局：10月CPI同比上涨0.4%，PPI同比下降2.6%。",
+]
+ANSWERS = ["利好。", "利空。业绩下滑超出预期，短期承压。", "中性。符合市场预期，影响有限。"]
+
+
+def _write_dataset(path: Path) -> Path:
+    rows = []
+    for i in range(TRAIN_RECORDS + 4):
+        rows.append(
+            {
+                "id": f"d{i}",
+                "type": "news_impact",
+                "instruction": "判断这条新闻对相关资产的短期影响方向，并简要说明理由。",
+                # Different lengths, so micro-batches of b and of 2b pad differently.
+                "input": NEWS[i % len(NEWS)] * (1 + i % 3),
+                "output": ANSWERS[i % len(ANSWERS)],
+                "split": "train" if i < TRAIN_RECORDS else "val",
+                "event_id": None,
+                "event_time": None,
+                "label": {},
+            }
+        )
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _train_command(model: Path, data: Path, output: Path, *, batch: int, nproc: int, extra: list[str] = ()) -> list[str]:
+    settings = {
+        "train.device": "cpu",
+        "train.load_in_4bit": "false",
+        "train.compute_dtype": "fp32",
+        "train.gradient_checkpointing": "false",
+        "train.optim": "adamw_torch",
+        # Dropout draws random masks per process: 2 x b and 1 x 2b would draw different ones.
+        "train.lora_dropout": "0.0",
+        "train.lr_scheduler": "constant",
+        "train.warmup_ratio": "0.0",
+        "train.learning_rate": "0.001",
+        "train.num_epochs": "2",
+        "train.load_best_at_end": "false",
+        "train.seed": "7",
+    }
+    command = [sys.executable, "-m", "finqlora", "train", "--model", str(model), "--data", str(data)]
+    command += ["--output-dir", str(output), "--batch-size", str(batch), "--max-length", "128", "--no-progress"]
+    for key, value in settings.items():
+        command += ["--set", f"{key}={value}"]
+    if nproc > 1:
+        command += ["--nproc", str(nproc)]
+    return command + list(extra)
+
+
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(command)}\nexit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def _log(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "training_log.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def _train_losses(output: Path) -> list[tuple[int, float]]:
+    return [(row["step"], row["loss"]) for row in _log(output) if "loss" in row]
+
+
+def _eval_losses(output: Path) -> list[tuple[int, float]]:
+    return [(row["step"], row["eval_loss"]) for row in _log(output) if "eval_loss" in row]
+
+
+def _assert_same_adapter(a: Path, b: Path) -> float:
+    left = load_file(str(a / "adapter_model.safetensors"))
+    right = load_file(str(b / "adapter_model.safetensors"))
+    assert left.keys() == right.keys()
+    worst = 0.0
+    for name in left:
+        worst = max(worst, float((left[name] - right[name]).abs().max()))
+        torch.testing.assert_close(left[name], right[name], rtol=0, atol=WEIGHT_ATOL, msg=lambda m, n=name: f"{n}: {m}")
+    return worst
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 1-process run (batch 2b), and a 2-process gloo run (batch b per process) that is stopped
+    after its first epoch (max_steps) and resumed with `--resume auto` for the second.
+
+    Three launches instead of four (each costs a minute of imports on a busy 2-core machine):
+    the resumed group must match the uninterrupted single process, which checks the group's
+    equality and its resume at once; the tests below tell which part broke.
+    """
+    root = tmp_path_factory.mktemp("ddp")
+    data = _write_dataset(root / "data.jsonl")
+    single, group = root / "single", root / "group"
+    _run(_train_command(tiny_model_dir, data, single, batch=2 * PER_DEVICE_BATCH, nproc=1), root)
+    stop_after_epoch = ["--set", f"train.max_steps={STEPS_PER_EPOCH}"]
+    launched = _run(_train_command(tiny_model_dir, data, group, batch=PER_DEVICE_BATCH, nproc=2, extra=stop_after_epoch), root)
+    first_part = {
+        "log": (group / "training_log.jsonl").read_text(encoding="utf-8"),
+        "info": json.loads((group / "training_info.json").read_text(encoding="utf-8")),
+        "adapter": load_file(str(group / "adapter_model.safetensors")),
+    }
+    _run(_train_command(tiny_model_dir, data, group, batch=PER_DEVICE_BATCH, nproc=2, extra=["--resume", "auto"]), root)
+    return {"root": root, "single": single, "group": group, "first_part": first_part, "launch_stderr": launched.stderr}
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_double_batch(runs: dict) -> None:
+    assert "torch.distributed.run" in runs["launch_stderr"] and "--nproc_per_node 2" in runs["launch_stderr"]
+    first = runs["first_part"]["info"]
+    assert first["hyperparameters"]["world_size"] == 2
+    assert first["hyperparameters"]["effective_batch_size"] == 2 * PER_DEVICE_BATCH
+    single_info = json.loads((runs["single"] / "training_info.json").read_text(encoding="utf-8"))
+    assert single_info["hyperparameters"]["world_size"] == 1
+
+    # First epoch: the 2-process run before any resume.
+    single = _train_losses(runs["single"])
+    assert [s for s, _ in single] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    group_first = [(r["step"], r["loss"]) for r in map(json.loads, first["log"].splitlines()) if "loss" in r]
+    assert [s for s, _ in group_first] == list(range(1, STEPS_PER_EPOCH + 1))
+    for (step, a), (_, b) in zip(single, group_first):
+        assert b == pytest.approx(a, rel=LOSS_RTOL), f"step {step}: 1 x 2b loss {a}, 2 x b loss {b}"
+    # Validation shards the val set over the ranks; the gathered mean covers the same samples.
+    single_eval = _eval_losses(runs["single"])
+    assert [s for s, _ in single_eval] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert single_eval[1][1] < single_eval[0][1] - 0.02, "the run did not learn: equal curves would prove nothing"
+    group_first_eval = [r["eval_loss"] for r in map(json.loads, first["log"].splitlines()) if "eval_loss" in r]
+    assert group_first_eval == [pytest.approx(single_eval[0][1], rel=LOSS_RTOL)]
+
+
+@pytest.mark.slow
+def test_group_resumes_from_its_checkpoint(runs: dict) -> None:
+    group = runs["group"]
+    info = json.loads((group / "training_info.json").read_text(encoding="utf-8"))
+    assert info["resumed_from"].endswith(f"checkpoint-{STEPS_PER_EPOCH}")
+    assert info["global_step"] == 2 * STEPS_PER_EPOCH and info["hyperparameters"]["world_size"] == 2
+    # The whole curve (first launch + resumed launch) and the final adapter equal the
+    # uninterrupted 1-process run with the double batch.
+    single, continued = _train_losses(runs["single"]), _train_losses(group)
+    assert [s for s, _ in continued] == [s for s, _ in single]
+    for (step, a), (_, b) in zip(single, continued):
+        assert b == pytest.approx(a, rel=LOSS_RTOL), f"step {step}: 1 x 2b loss {a}, resumed 2 x b loss {b}"
+    for (step, a), (_, b) in zip(_eval_losses(runs["single"]), _eval_losses(group)):
+        assert b == pytest.approx(a, rel=LOSS_RTOL), f"val loss at step {step}"
+    assert _assert_same_adapter(runs["single"], group) < WEIGHT_ATOL
+    # The resumed run trained on: its adapter is not the one written after the first epoch.
+    final = load_file(str(group / "adapter_model.safetensors"))
+    assert any(not torch.equal(final[k], v) for k, v in runs["first_part"]["adapter"].items())
+
+
+@pytest.mark.slow
+def test_only_rank_zero_writes(runs: dict) -> None:
+    group = runs["group"]
+    lines = (group / "training_log.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(set(lines)), "a line of training_log.jsonl was written twice"
+    rows = [json.loads(line) for line in lines]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    assert [r["step"] for r in rows if "eval_loss" in r] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    for name in ("adapter_model.safetensors", "adapter_config.json", "training_info.json", "loss.png", "run_config.yaml"):
+        assert (group / name).is_file(), name
+    # The same file set as a 1-process run: no per-rank copies of any output.
+    assert sorted(p.name for p in group.iterdir()) == sorted(p.name for p in runs["single"].iterdir())
+    for step in (STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH):
+        checkpoint = group / f"checkpoint-{step}"
+        files = {p.name for p in checkpoint.iterdir()}
+        single_files = {p.name for p in (runs["single"] / f"checkpoint-{step}").iterdir()}
+        # Rank 1 writes one file: its own RNG state, which Trainer needs to resume it exactly.
+        assert files - single_files == {"rng_state_0.pth", "rng_state_1.pth"}
+        assert single_files - files == {"rng_state.pth"}
+        # The completion marker lists rank 1's file: it was written after rank 1 was done.
+        marker = json.loads((checkpoint / "finqlora_checkpoint.json").read_text(encoding="utf-8"))
+        assert "rng_state_1.pth" in marker["files"]
+
+
+def test_launch_command_reruns_the_same_arguments_without_the_launch_option() -> None:
+    argv = ["train", "--config", "configs/demo-cpu.yaml", "--gpus", "2", "--set", "train.seed=1", "--nproc=4"]
+    command = distributed.torchrun_command(argv, 2)
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert command[command.index("--nproc_per_node") + 1] == "2"
+    assert command[command.index("-m", 3) :] == ["-m", "finqlora", "train", "--config", "configs/demo-cpu.yaml", "--set", "train.seed=1"]
+
+
+def test_rank_helpers_read_the_launcher_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert (distributed.world_size(), distributed.rank(), distributed.local_rank()) == (1, 0, 0)
+    assert distributed.is_main_process() and not distributed.is_distributed()
+    assert distributed.process_device("cuda") == "cuda"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.is_distributed() and not distributed.is_main_process()
+    assert distributed.process_device("cuda") == "cuda:1"
+    assert distributed.process_device("cpu") == "cpu"
+    # Without a process group, agreeing on a flag is the flag itself.
+    assert distributed.any_rank(True) and not distributed.any_rank(False)
+
+
+def test_process_count_is_checked_before_launching() -> None:
+    from finqlora.errors import FinqloraError
+
+    with pytest.raises(FinqloraError, match="1 or more"):
+        distributed.check_process_count(0)
+    if not torch.cuda.is_available():
+        with pytest.raises(FinqloraError, match="no CUDA GPU"):
+            distributed.check_process_count(2, "cuda")
+        with pytest.raises(FinqloraError, match="logical cores"):
+            distributed.check_process_count((os.cpu_count() or 1) + 1, "cpu")
+        distributed.check_process_count(min(2, os.cpu_count() or 1), "cpu")
