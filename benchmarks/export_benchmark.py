@@ -116,7 +116,8 @@ def main() -> None:
     # 3. zip
     package, wall, _ = timed(package_adapter, run_dir)
     _, verify_wall, _ = timed(verify_adapter_zip, package.zip_path)
-    _, load_wall, _ = timed(adapter_from_zip, package.zip_path)
+    extracted, load_wall, _ = timed(adapter_from_zip, package.zip_path)
+    shutil.rmtree(extracted)  # the extraction lives in FINQLORA_HOME/adapters; do not leave it behind
     results["zip"] = {
         "bytes": package.zip_path.stat().st_size,
         "package_s": round(wall, 2),

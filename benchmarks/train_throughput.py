@@ -94,7 +94,7 @@ def variants() -> dict[str, Variant]:
     fast = resolved(get_profile("fast"))
     rows = [
         Variant("baseline", "plain Trainer + peft + bnb NF4 (the standard recipe)", base),
-        Variant("t4", "--profile t4 (fp16, 4-bit, checkpointing, 1 packed row of 4x512 tokens)", t4),
+        Variant("t4", "--profile t4 (fp16, 4-bit, checkpointing, 4 packed rows of 4x512 tokens)", t4),
         Variant("fast", "--profile fast (4-bit, checkpointing, 8 packed rows of 4x512 tokens)", fast),
         Variant("fast-bf16", "--profile fast-bf16 (like fast, no quantization)", resolved(get_profile("fast-bf16"))),
         Variant("fast-no-checkpointing", "fast without checkpointing, 2 packed rows (memory for speed)",
@@ -284,8 +284,14 @@ def attention_flops(arch: dict, lengths: list[int]) -> float:
 
 
 def run_variant(variant: Variant, samples: list[dict[str, list[int]]], *, arch: dict, device: str,
-                warmup: int, steps: int, seed: int = 0, trace_steps: int = 0) -> dict:
-    """Train `warmup + steps` optimizer steps and measure the timed ones."""
+                warmup: int, steps: int, seed: int = 0, trace_steps: int = 0,
+                build: Any = None, max_length: int = MAX_LENGTH, flops_arch: Any = None) -> dict:
+    """Train `warmup + steps` optimizer steps and measure the timed ones.
+
+    `build(profile)` returns the base model (default: a random model of `arch` on `device`);
+    LoRA and the profile's levers are added here, as the training path does. `flops_arch()`
+    gives the dimensions for the MFU count when `build` makes a model other than `arch`.
+    """
     import torch
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
@@ -293,7 +299,7 @@ def run_variant(variant: Variant, samples: list[dict[str, list[int]]], *, arch: 
 
     profile = variant.profile
     cuda = device.startswith("cuda")
-    model = build_model(arch, profile, device)
+    model = build(profile) if build is not None else build_model(arch, profile, device)
     model = attach_lora(model, profile)
     model = apply_model_speedups(model, profile)
     if cuda:
@@ -308,7 +314,7 @@ def run_variant(variant: Variant, samples: list[dict[str, list[int]]], *, arch: 
         batch = repeated_batch(samples)
         train = [{"pack": batch}] if profile.packing else batch
     elif profile.packing:
-        budget = tokens_per_micro_batch(profile, BATCH_SIZE, MAX_LENGTH)
+        budget = tokens_per_micro_batch(profile, BATCH_SIZE, max_length)
         packs = pack_by_token_budget([len(s["input_ids"]) for s in samples], budget, seed=seed)
         train = [{"pack": [samples[i] for i in pack]} for pack in packs]
     else:
@@ -351,7 +357,7 @@ def run_variant(variant: Variant, samples: list[dict[str, list[int]]], *, arch: 
         lr_scheduler_type="cosine" if not variant.repeat_check else "constant",
         warmup_steps=2,
         optim=profile.optimizer if cuda else "adamw_torch",
-        bf16=cuda and profile.compute_dtype == "bf16",
+        bf16=profile.compute_dtype == "bf16",  # on the CPU: bf16 autocast (AMX / AVX512-BF16)
         fp16=cuda and profile.compute_dtype == "fp16",
         gradient_checkpointing=profile.gradient_checkpointing,
         # The plain recipe keeps transformers' defaults; our paths use non-reentrant checkpointing.
@@ -389,7 +395,8 @@ def run_variant(variant: Variant, samples: list[dict[str, list[int]]], *, arch: 
         tokens_per_s=tokens / seconds if seconds > 0 else float("nan"),
         samples_per_step=len(lengths) / max(len(timed_batches), 1),
         step_times_s=[b - a for a, b in zip(timed, timed[1:])],
-        flops=model_flops_per_token(arch) * tokens + attention_flops(arch, lengths),
+        flops=model_flops_per_token(flops_arch() if flops_arch else arch) * tokens
+        + attention_flops(flops_arch() if flops_arch else arch, lengths),
         losses=clock.losses,
         wall_s=wall,
     )

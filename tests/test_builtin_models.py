@@ -158,7 +158,7 @@ def test_two_processes_preparing_at_once_convert_once(private_home):
     assert messages == []
 
 
-def test_cli_models_list_info_and_verify(tiny_model_dir):
+def test_cli_models_list_info_and_verify():
     from typer.testing import CliRunner
 
     from finqlora.cli import app
@@ -167,9 +167,9 @@ def test_cli_models_list_info_and_verify(tiny_model_dir):
     runner = CliRunner()
     listed = runner.invoke(app, ["models", "list"], env={"COLUMNS": "200"})
     assert listed.exit_code == 0 and "builtin:smollm2-135m-instruct" in listed.stdout
-    info = runner.invoke(app, ["models", "info", str(tiny_model_dir)], env={"COLUMNS": "200"})
+    info = runner.invoke(app, ["models", "info", "builtin:smollm2-135m-instruct"], env={"COLUMNS": "200"})
     assert info.exit_code == 0, info.output
-    assert "LlamaForCausalLM" in info.stdout and "<|im_end|>" in info.stdout
+    assert "LlamaForCausalLM" in info.stdout and "<|im_end|>" in info.stdout and SMOL.sha256 in info.stdout
     verified = runner.invoke(app, ["models", "verify", "smollm2-135m-instruct"], env={"COLUMNS": "200"})
     assert verified.exit_code == 0 and f"sha256 OK ({SMOL.sha256})" in verified.stdout
     unknown = runner.invoke(app, ["models", "prepare", "nope"])

@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from finqlora import distributed
+from finqlora.config import load_config
+from finqlora.training import train
 
 PER_DEVICE_BATCH = 2
 TRAIN_RECORDS = 16  # a multiple of 2 x PER_DEVICE_BATCH: no ragged last batch (see docs/multi-gpu.md)
@@ -62,28 +64,34 @@ def _write_dataset(path: Path) -> Path:
     return path
 
 
+# The run both sides share. Dropout draws random masks per process, so 2 x b and 1 x 2b would
+# draw different ones: it is off here (docs/multi-gpu.md).
+SETTINGS = {
+    "train.device": "cpu",
+    "train.load_in_4bit": "false",
+    "train.compute_dtype": "fp32",
+    "train.gradient_checkpointing": "false",
+    "train.optim": "adamw_torch",
+    "train.lora_dropout": "0.0",
+    "train.lr_scheduler": "constant",
+    "train.warmup_ratio": "0.0",
+    "train.learning_rate": "0.001",
+    "train.num_epochs": "2",
+    "train.max_length": "128",
+    "train.load_best_at_end": "false",
+    "train.seed": "7",
+}
+
+
+def _overrides(model: Path, data: Path, output: Path, batch: int) -> list[str]:
+    run = {**SETTINGS, "train.model": model, "train.dataset": data, "train.output_dir": output, "train.batch_size": batch}
+    return [f"{key}={value}" for key, value in run.items()]
+
+
 def _train_command(model: Path, data: Path, output: Path, *, batch: int, nproc: int, extra: list[str] = ()) -> list[str]:
-    settings = {
-        "train.device": "cpu",
-        "train.load_in_4bit": "false",
-        "train.compute_dtype": "fp32",
-        "train.gradient_checkpointing": "false",
-        "train.optim": "adamw_torch",
-        # Dropout draws random masks per process: 2 x b and 1 x 2b would draw different ones.
-        "train.lora_dropout": "0.0",
-        "train.lr_scheduler": "constant",
-        "train.warmup_ratio": "0.0",
-        "train.learning_rate": "0.001",
-        "train.num_epochs": "2",
-        "train.load_best_at_end": "false",
-        "train.seed": "7",
-    }
-    command = [sys.executable, "-m", "finqlora", "train", "--model", str(model), "--data", str(data)]
-    command += ["--output-dir", str(output), "--batch-size", str(batch), "--max-length", "128", "--no-progress"]
-    for key, value in settings.items():
-        command += ["--set", f"{key}={value}"]
-    if nproc > 1:
-        command += ["--nproc", str(nproc)]
+    command = [sys.executable, "-m", "finqlora", "train", "--no-progress", "--nproc", str(nproc)]
+    for override in _overrides(model, data, output, batch):
+        command += ["--set", override]
     return command + list(extra)
 
 
@@ -122,14 +130,15 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     """A 1-process run (batch 2b), and a 2-process gloo run (batch b per process) that is stopped
     after its first epoch (max_steps) and resumed with `--resume auto` for the second.
 
-    Three launches instead of four (each costs a minute of imports on a busy 2-core machine):
+    Two launches instead of three (each costs a minute of imports on a busy 2-core machine):
     the resumed group must match the uninterrupted single process, which checks the group's
     equality and its resume at once; the tests below tell which part broke.
     """
     root = tmp_path_factory.mktemp("ddp")
     data = _write_dataset(root / "data.jsonl")
     single, group = root / "single", root / "group"
-    _run(_train_command(tiny_model_dir, data, single, batch=2 * PER_DEVICE_BATCH, nproc=1), root)
+    # The reference runs in this process through the library API (one process start less).
+    train(load_config(None, _overrides(tiny_model_dir, data, single, 2 * PER_DEVICE_BATCH)), progress=False)
     stop_after_epoch = ["--set", f"train.max_steps={STEPS_PER_EPOCH}"]
     launched = _run(_train_command(tiny_model_dir, data, group, batch=PER_DEVICE_BATCH, nproc=2, extra=stop_after_epoch), root)
     first_part = {
@@ -153,7 +162,7 @@ def test_two_processes_train_like_one_with_double_batch(runs: dict) -> None:
     # First epoch: the 2-process run before any resume.
     single = _train_losses(runs["single"])
     assert [s for s, _ in single] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
-    group_first = [(r["step"], r["loss"]) for r in map(json.loads, first["log"].splitlines()) if "loss" in r]
+    group_first = [(r["step"], r["loss"]) for r in map(json.loads, runs["first_part"]["log"].splitlines()) if "loss" in r]
     assert [s for s, _ in group_first] == list(range(1, STEPS_PER_EPOCH + 1))
     for (step, a), (_, b) in zip(single, group_first):
         assert b == pytest.approx(a, rel=LOSS_RTOL), f"step {step}: 1 x 2b loss {a}, 2 x b loss {b}"
@@ -161,7 +170,7 @@ def test_two_processes_train_like_one_with_double_batch(runs: dict) -> None:
     single_eval = _eval_losses(runs["single"])
     assert [s for s, _ in single_eval] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
     assert single_eval[1][1] < single_eval[0][1] - 0.02, "the run did not learn: equal curves would prove nothing"
-    group_first_eval = [r["eval_loss"] for r in map(json.loads, first["log"].splitlines()) if "eval_loss" in r]
+    group_first_eval = [r["eval_loss"] for r in map(json.loads, runs["first_part"]["log"].splitlines()) if "eval_loss" in r]
     assert group_first_eval == [pytest.approx(single_eval[0][1], rel=LOSS_RTOL)]
 
 

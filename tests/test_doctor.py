@@ -7,7 +7,6 @@ import importlib
 import json
 import shutil
 import sys
-import tomllib
 from collections import namedtuple
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def test_report_on_this_cpu_machine(tmp_path: Path) -> None:
     assert all(spec in checks["builtin-models"].summary for spec in installed)
 
     assert report.device == "cpu" and report.compute_dtype == "float32"
-    assert report.can_train and report.exit_code == 0
+    assert report.can_train and report.can_serve and report.exit_code == 0
     assert any("4-bit QLoRA" in item for item in report.does_not_work)
     assert any("CPU" in item for item in report.works)
 
@@ -190,6 +189,15 @@ def test_package_versions_against_supported_ranges(monkeypatch: pytest.MonkeyPat
     assert doctor.check_package("gguf").status == "warn"  # only export needs it
 
 
+def test_serving_packages_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    real = doctor._installed_version
+    monkeypatch.setattr(doctor, "_installed_version", lambda name: None if name == "fastapi" else real(name))
+    report = doctor.run_doctor(tmp_path, check_network=False)
+    assert _by_name(report)["fastapi"].status == "warn"
+    assert report.can_serve is False
+    assert report.to_dict()["can_serve"] is False
+
+
 def test_disk_space(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100 * 1024**3, 0, int(0.5 * 1024**3)))
@@ -219,6 +227,8 @@ def test_hub_probe_times_out_quickly(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_supported_ranges_match_pyproject() -> None:
     from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     requirements = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["gpu"]]

@@ -31,6 +31,12 @@ from finqlora.export import (
 TOKEN_IDS = torch.tensor([[1, 100, 2000, 300, 45, 9000, 12, 7, 2]])
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """adapter_from_zip extracts into FINQLORA_HOME: keep tests out of the user's cache."""
+    monkeypatch.setenv("FINQLORA_HOME", str(tmp_path / "finqlora-home"))
+
+
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A training-output-like folder: adapter + tokenizer + training_info.json + loss.png."""
@@ -153,6 +159,7 @@ def test_zip_round_trip(run_dir: Path, tmp_path: Path) -> None:
             assert (folder / name).read_bytes() == (run_dir / name).read_bytes(), name
 
     cached = adapter_from_zip(result.zip_path)
+    assert cached.is_relative_to(tmp_path / "finqlora-home")
     assert (cached / "adapter_model.safetensors").read_bytes() == (run_dir / "adapter_model.safetensors").read_bytes()
     assert adapter_from_zip(result.zip_path) == cached  # second call reuses the verified extraction
 

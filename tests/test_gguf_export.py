@@ -152,6 +152,14 @@ def test_pre_tokenizer_detection_matches_transformers_regexes() -> None:
     assert detect_pre_tokenizer({"pre_tokenizer": smollm}) == "smollm"
     assert detect_pre_tokenizer(split(r"\p{L}+|\p{N}+")) is None
 
+    def splits(*patterns: str) -> dict:
+        steps = [{"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated"} for p in patterns]
+        return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [*steps, {"type": "ByteLevel", "use_regex": False}]}}
+
+    # DeepSeek's split lists (as in llama.cpp's llama-vocab.cpp), shortened to their telling parts.
+    assert detect_pre_tokenizer(splits("[\r\n]", "\\s?[A-Za-zµ]+", "[一-龥]+", "\\p{N}+")) == "deepseek-llm"
+    assert detect_pre_tokenizer(splits("[\r\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", "[一-龥]+", "\\p{N}")) == "deepseek-coder"
+
 
 @pytest.mark.slow
 def test_builtin_smollm2_round_trip(tmp_path: Path) -> None:

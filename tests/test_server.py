@@ -390,3 +390,11 @@ def test_sampling_is_reproducible_with_a_seed_and_survives_edge_values(client: o
     # Found by the fuzz test: seeds beyond 64 bits and vanishing temperatures used to fail with 500.
     assert isinstance(sample(2**70), str) and isinstance(sample(-(2**70)), str)
     assert sample(1, temperature=1e-30) == chat(client, "fin", max_tokens=10)
+
+
+def test_content_parts_and_developer_role_are_understood(client: openai.OpenAI) -> None:
+    as_parts = [{"role": "user", "content": [{"type": "text", "text": QUESTION[0]["content"]}]}]
+    assert chat(client, "fin", messages=as_parts) == chat(client, "fin")
+    with_developer = [{"role": "developer", "content": "你是金融分析助手。"}, *QUESTION]
+    with_system = [{"role": "system", "content": "你是金融分析助手。"}, *QUESTION]
+    assert chat(client, "fin", messages=with_developer) == chat(client, "fin", messages=with_system)

@@ -1,9 +1,12 @@
 """The teacher against a real local server.
 
-The teacher model is the tiny random Llama, first fine-tuned here for a few seconds to answer
-every prompt with one fixed bullish analysis. Served by `finqlora serve`'s app, it must be
-accepted for records labelled 利好 and rejected for records labelled 利空; the untrained base
-(which emits no direction at all) must be rejected as unparseable.
+The teacher is served by `finqlora serve`'s app. Its model is a real (tiny) Llama whose
+weights are wired so that greedy decoding always writes one fixed bullish answer: every
+layer's output projection is zero, so the next token depends only on the current one, and
+the embedding / output rows of the answer's tokens chain each token to the next. (Training
+the tiny model to do this takes minutes on a shared CPU; wiring it takes milliseconds.)
+Records labelled 利好 must be accepted, records labelled 利空 rejected; the random base
+model, which states no direction at all, is rejected as unparseable.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from finqlora.server import ServingEngine, create_app, start_in_thread
 from finqlora.teacher import check_answer, enrich_dataset_file, enrich_records, teacher_messages
 
 KEY = "teacher-key-12345678"
-BULLISH_ANSWER = "降息预期升温压低实际利率，对黄金构成支撑。\n结论：XAUUSD 方向：利好\n风险提示：历史反应不代表未来表现。"
+BULLISH_ANSWER = "XAUUSD Direction: bullish (gold supported by lower real rates)"
 
 
 def news_record(number: int, direction: str, split: str = "train", messages: bool = False) -> dict:
@@ -46,31 +49,28 @@ OTHER_RECORD = {"id": "rq-1", "type": "report_qa", "instruction": "毛利率是�
 
 @pytest.fixture(scope="module")
 def teacher_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny_model_dir trained to answer the teacher prompts with BULLISH_ANSWER."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A Llama with tiny_model_dir's shape and tokenizer that always answers BULLISH_ANSWER."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-    from finqlora.chat_format import encode_for_training
+    from finqlora.chat_format import render_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    examples = []
-    for number, direction in ((1, "利好"), (2, "利空"), (3, "利好")):
-        record = {"messages": [*teacher_messages(news_record(number, direction)), {"role": "assistant", "content": BULLISH_ANSWER}]}
-        encoded = encode_for_training(tokenizer, record, max_length=1024)
-        examples.append((torch.tensor([encoded.input_ids]), torch.tensor(encoded.labels), encoded.prompt_tokens))
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for step in range(60):
-        input_ids, labels, prompt_tokens = examples[step % len(examples)]
-        # Logits only where the answer is predicted: the 49k-word vocabulary over the whole
-        # ~800-token prompt would make each step ~15x slower for nothing.
-        hidden = model.model(input_ids=input_ids).last_hidden_state[0, prompt_tokens - 1 : -1]
-        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden), labels[prompt_tokens:])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert loss.item() < 0.05, f"the teacher stand-in did not learn its answer (loss {loss.item():.3f})"
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings = False
+    config.max_position_embeddings = 4096  # teacher prompts with two tickers pass 1024 tokens
+    model = LlamaForCausalLM(config)
+    prompt_end = tokenizer.encode(render_prompt(tokenizer, [{"role": "user", "content": "x"}]), add_special_tokens=False)[-1]
+    chain = [prompt_end, *tokenizer.encode(BULLISH_ANSWER, add_special_tokens=False), tokenizer.eos_token_id]
+    current = chain[:-1]
+    assert len(set(current)) == len(current) <= config.hidden_size, "each token must lead to exactly one next token"
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        for i, (token, next_token) in enumerate(zip(chain, chain[1:])):
+            model.model.embed_tokens.weight[token] = torch.nn.functional.one_hot(torch.tensor(i), config.hidden_size).float()
+            model.lm_head.weight[next_token, i] = 10.0
     out = tmp_path_factory.mktemp("teacher-model")
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -79,7 +79,7 @@ def teacher_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFac
 
 @pytest.fixture(scope="module")
 def teacher_server(teacher_model_dir: Path):
-    limits = BatchLimits(max_new_tokens=200, default_max_new_tokens=120, max_prompt_tokens=1024)
+    limits = BatchLimits(max_new_tokens=200, default_max_new_tokens=120, max_prompt_tokens=3000)
     engine = ServingEngine.load(str(teacher_model_dir), limits=limits, base_name="teacher", device="cpu")
     running = start_in_thread(create_app(engine, api_key=KEY))
     yield running
@@ -160,3 +160,30 @@ def test_enrich_dataset_file_rewrites_the_file_and_its_stats(teacher_server, tmp
 def test_check_answer(answer: str, status: str) -> None:
     label = {"direction": "利好", "ticker": "XAUUSD", "directions": {"XAUUSD": "利好", "XAGUSD": "利好"}}
     assert check_answer(answer, label)[0] == status
+
+
+def test_finqlora_build_with_a_teacher(teacher_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`finqlora build --teacher URL --teacher-model NAME` over the synthetic sample store."""
+    from typer.testing import CliRunner
+
+    from finqlora.cli import app
+    from finqlora.sample_db import build_sample_db
+
+    db = tmp_path / "sample.db"
+    build_sample_db(db, seed=0)
+    output = tmp_path / "ds.jsonl"
+    monkeypatch.setenv("FINQLORA_API_KEY", KEY)
+    args = ["build", "--db", str(db), "--output", str(output), "-n", "12", "--quiet",
+            "--teacher", teacher_server.url + "/v1", "--teacher-model", "teacher", "--teacher-max-tokens", "120"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    marked = [r for r in rows if "teacher" in r]
+    assert marked and all(r["type"] == "news_impact" for r in marked)
+    for row in marked:
+        bullish = row["label"]["direction"] == "利好"
+        assert (row["teacher"]["status"] == "accepted") == bullish
+        assert (row["output"] == BULLISH_ANSWER) == bullish
+    summary = json.loads((tmp_path / "ds.stats.json").read_text(encoding="utf-8"))["teacher"]
+    assert summary["candidates"] == len(marked) and summary["model"] == "teacher"
+    assert "news-impact answers accepted" in result.output

@@ -373,3 +373,30 @@ def test_demo_config_names_a_cpu_run() -> None:
     assert run.train.load_in_4bit is False and run.train.device == "cpu"
     plan = resolve_plan(run.train)
     assert plan.device == "cpu" and not plan.load_in_4bit
+
+
+@pytest.mark.slow
+def test_lora_layers_adapts_only_the_last_blocks(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "d.jsonl", 8, 2, 0)
+    result = train(tiny_config(tiny_model_dir, data, tmp_path / "out", max_steps=2, lora_layers=1), progress=False)
+    adapter = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert adapter and all(".layers.1." in name for name in adapter)
+    # all seven linear layers of the block, as all-linear would choose
+    assert {name.split(".layers.1.")[1].split(".lora")[0] for name in adapter} == {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    }
+    assert result.info["parameters"]["trainable"] == sum(t.numel() for t in adapter.values())
+    with pytest.raises(FinqloraError, match="has 2 transformer blocks"):
+        train(tiny_config(tiny_model_dir, data, tmp_path / "out2", max_steps=1, lora_layers=3), progress=False)
+
+
+def test_guide_script_runs_the_same_command(tmp_path: Path) -> None:
+    script = REPO / "scripts" / "qlora" / "train_qlora.py"
+    completed = subprocess.run(
+        [sys.executable, str(script), "--data_path", str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path / "o"),
+         "--num_epochs", "1", "--learning_rate", "1e-4"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert completed.returncode == 2, completed.stderr
+    assert "dataset not found" in completed.stderr and "missing.jsonl" in completed.stderr

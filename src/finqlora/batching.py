@@ -183,7 +183,8 @@ class BatcherStats:
 
 
 def _cache_argument_name(model: Any) -> str:
-    """`cache` in transformers >= 5.20, `past_key_values` before (the old name still works but warns)."""
+    """The forward argument for the KV cache: `cache` in recent transformers 5.x, `past_key_values` before
+    (recent versions still take the old name but warn on every step)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 

@@ -874,8 +874,9 @@ def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str,
 def _check_cross_split(drafts: list[Draft], threshold: float, notices: list[str], stats: dict[str, Any]) -> list[Draft]:
     """Drop any news-based record whose news text near-duplicates one in an earlier split.
 
-    report_qa statements are random (pairwise 3-gram Jaccard < 0.45 by construction) and
-    templates are split by template, so only records that carry news are compared.
+    report_qa statements are random (pairwise 3-gram Jaccard about 0.3, at most 0.48 over
+    79,800 measured pairs) and templates are split by template, so only records that carry
+    news are compared.
     """
     groups = [[d for d in drafts if d.split == s and d.news] for s in SPLITS]
     others = [d for d in drafts if not d.news]

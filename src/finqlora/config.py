@@ -99,6 +99,10 @@ class TrainConfig(_Section):
     val_fraction: float = Field(
         0.1, gt=0.0, lt=0.5, description="held out for validation when the dataset has no 'split' field"
     )
+    max_val_samples: int | None = Field(
+        None, ge=1, description="validate on the first N val records only (a cheaper estimate on slow machines); null = all"
+    )
+    eval_on_start: bool = Field(False, description="also measure the val loss before the first step (a baseline)")
     eval_steps: int | None = Field(
         None, ge=1, description="also validate (and checkpoint) every N steps; validation always runs each epoch"
     )

@@ -15,9 +15,9 @@ Without CUDA the processes talk over the gloo backend on the CPU; that is how th
 checks that 2 processes x batch b train exactly like 1 process x batch 2b.
 
 Placement: with `--gpus N` every process must put its whole base model on its own GPU, so a
-4-bit base is loaded with `device_map={"": local_rank()}` (see `process_device`). A
-`device_map="auto"` spread over all GPUs would make every process load onto GPU 0 first and
-is model parallelism, not data parallelism.
+4-bit base is loaded with `device_map={"": local_rank()}` (see `process_device`). With
+`device_map="auto"` every process would spread its copy over all GPUs: model parallelism, with
+all processes competing for the same GPUs, not data parallelism.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from finqlora.errors import FinqloraError
 
 # The CLI options that ask for a launch; they are removed from the command the workers run.
-LAUNCH_OPTIONS = ("--gpus", "--nproc", "--nproc-per-node", "--nproc_per_node")
+LAUNCH_OPTIONS = ("--gpus", "--nproc")
 
 
 def _env_int(name: str, default: int) -> int:

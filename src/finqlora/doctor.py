@@ -60,12 +60,18 @@ class DoctorReport:
         return not any(check.status == "fail" for check in self.checks)
 
     @property
+    def can_serve(self) -> bool:
+        serving = ("python", "torch", "transformers", "peft", "safetensors", *versions.REQUIRED_FOR_SERVING)
+        return all(check.status in ("ok", "info") for check in self.checks if check.name in serving)
+
+    @property
     def exit_code(self) -> int:
         return 0 if self.can_train else 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "can_train": self.can_train,
+            "can_serve": self.can_serve,
             "device": self.device,
             "compute_dtype": self.compute_dtype,
             "training_mode": self.training_mode,
@@ -420,7 +426,8 @@ def run_doctor(output_dir: str | os.PathLike[str] = ".", *, check_network: bool 
     cuda = "compute_dtype" in gpu.details  # set only when torch can use the GPU
     bnb = check_bitsandbytes(cuda)
     checks += [bnb, check_triton(cuda)]
-    checks += [check_package(name) for name in ("transformers", "peft", "trl", "accelerate", "safetensors", "gguf")]
+    packages = ("transformers", "peft", "trl", "accelerate", "safetensors", "gguf", *versions.REQUIRED_FOR_SERVING)
+    checks += [check_package(name) for name in packages]
     from huggingface_hub import constants
 
     checks += [
@@ -435,18 +442,18 @@ def run_doctor(output_dir: str | os.PathLike[str] = ".", *, check_network: bool 
     compute_dtype = gpu.details.get("compute_dtype", "float32") if cuda else "float32"
     if cuda and bnb.status == "ok":
         mode = f"QLoRA: 4-bit NF4 base weights, LoRA in {compute_dtype}, on {gpu.details.get('name')}"
-        works = ["finqlora build", "QLoRA training of 7B models (finqlora train)", "evaluate, serve, export on the GPU"]
+        works = ["finqlora build", "QLoRA training of 7B models (finqlora train)", "finqlora eval / serve / export on the GPU"]
         missing: list[str] = []
     elif cuda:
         mode = f"LoRA without 4-bit on {gpu.details.get('name')} ({compute_dtype}): bitsandbytes is not working"
-        works = ["finqlora build", "LoRA training of models that fit in GPU memory unquantized", "evaluate, serve, export"]
+        works = ["finqlora build", "LoRA training of models that fit in GPU memory unquantized", "finqlora eval / serve / export"]
         missing = ["4-bit QLoRA (fix bitsandbytes above)"]
     else:
         mode = "LoRA on the CPU in float32 (use small models, e.g. builtin:qwen2.5-coder-0.5b-instruct with configs/demo-cpu.yaml)"
         works = [
             "finqlora build (datasets)",
             "LoRA training of small models on the CPU (slow; configs/demo-cpu.yaml)",
-            "finqlora evaluate / ask / serve on the CPU",
+            "finqlora eval / ask / serve on the CPU (slow for models over ~1B parameters)",
             "finqlora export merge / zip / gguf",
         ]
         missing = ["4-bit QLoRA and 7B training (need an NVIDIA GPU, e.g. a Colab T4)"]

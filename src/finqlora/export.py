@@ -36,7 +36,7 @@ MERGE_INFO_NAME = "finqlora_merge.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 # Files of a training output folder that go into the zip (when present), besides tokenizer files.
-RUN_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "training_info.json", "loss.png", "training_log.jsonl")
+RUN_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "training_info.json", "loss.png", "training_log.jsonl", "run_config.yaml")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",

@@ -85,7 +85,10 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
                 f"{model_dir} is a LoRA adapter, not a full model; GGUF needs the merged weights",
                 hint=f"merge it first: finqlora export merge --model BASE --adapter {model_dir} --output merged/",
             )
-        raise FinqloraError(f"{model_dir} has no config.json, so it is not a Hugging Face model folder")
+        raise FinqloraError(
+            f"{model_dir} has no config.json, so it is not a Hugging Face model folder",
+            hint="pass the folder written by `finqlora export merge` (config.json + *.safetensors + tokenizer.json)",
+        )
     return json.loads(config_path.read_text(encoding="utf-8"))
 
 

@@ -109,7 +109,7 @@ def make_stages(config: RunConfig, paths: RunPaths) -> list[Stage]:
         )
         for notice in result.notices:
             print(f"  note: {notice}")
-        return {"records": len(result.records), "by_split": result.stats.get("counts", {}).get("by_split")}
+        return {"records": len(result.records), "by_split": result.stats.get("by_split")}
 
     def build_outputs() -> list[Path]:
         return [paths.dataset]

@@ -81,8 +81,11 @@ def find_eval_dir(run_dir: Path) -> Path:
 
 def find_training_dir(run_dir: Path, meta: dict[str, Any]) -> Path | None:
     adapter = meta.get("adapter")
-    if adapter and (Path(adapter) / "training_info.json").exists():
-        return Path(adapter)
+    if adapter:
+        # The adapter folder itself, or the run folder of a checkpoint-N adapter.
+        for candidate in (Path(adapter), Path(adapter).parent):
+            if (candidate / "training_info.json").exists():
+                return candidate
     for candidate in [run_dir, *sorted(p.parent for p in run_dir.glob("*/training_info.json")), *sorted(p.parent for p in run_dir.parent.glob("*/training_info.json"))]:
         if (candidate / "training_info.json").exists():
             return candidate

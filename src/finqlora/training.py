@@ -745,6 +745,11 @@ def device_description(device: str) -> str:
     return f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
 
 
+def _process_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def peak_memory(device: str) -> dict[str, float]:
     import torch
 
@@ -842,7 +847,8 @@ def train(
     model = _attach_lora(model, cfg, plan, profile)
     trainable, total = model.get_nb_trainable_parameters()
     train_data, train_stats = encode_records(tokenizer, splits.train, cfg.max_length)
-    val_data, val_stats = encode_records(tokenizer, splits.val, cfg.max_length)
+    val_records = splits.val[: cfg.max_val_samples] if cfg.max_val_samples else splits.val
+    val_data, val_stats = encode_records(tokenizer, val_records, cfg.max_length)
     batch_size, eval_batch_size = cfg.batch_size, cfg.eval_batch_size or cfg.batch_size
     packing = bool(getattr(profile, "packing", False))
     if profile is not None:
@@ -885,6 +891,7 @@ def train(
         eval_strategy="steps" if step_strategy else "epoch",
         save_strategy="steps" if step_strategy else "epoch",
         eval_steps=cfg.eval_steps,
+        eval_on_start=cfg.eval_on_start and resume_from is None,
         save_steps=cfg.eval_steps or 500,
         save_total_limit=cfg.keep_checkpoints,
         load_best_model_at_end=cfg.load_best_at_end,
@@ -963,6 +970,7 @@ def train(
             "records": splits.total_records,
             "train_records": len(splits.train),
             "val_records": len(splits.val),
+            "val_records_used": len(val_records),
             "test_records_ignored": splits.test_records,
             "val_source": splits.val_source,
             "train_tokens": {"prompt": train_stats.prompt_tokens, "answer": train_stats.answer_tokens, "max_per_sample": train_stats.max_tokens},
@@ -975,6 +983,9 @@ def train(
         "timing": {
             "load_and_tokenize_seconds": round(load_seconds, 2),
             "train_seconds": round(train_seconds, 2),
+            # CPU time of this process (all threads): on a busy shared machine, CPU seconds / cores
+            # estimates the wall time the run would take alone.
+            "process_cpu_seconds": round(_process_cpu_seconds(), 1),
             "epochs": log_cb.epoch_times,
         },
         "throughput": {

@@ -11,7 +11,6 @@ Each known-good set says where it was verified, so nobody mistakes a plan for a 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 # Lower bounds are what the code needs (APIs we call); upper bounds exclude majors we have
@@ -28,11 +27,15 @@ SUPPORTED: dict[str, str] = {
     # 0.45.1 is the first release that no longer needs `triton.ops` (removed in triton 3.2,
     # which torch >= 2.6 ships): older releases fail to import next to a current torch.
     "bitsandbytes": ">=0.45.1",
+    "fastapi": ">=0.115",
+    "uvicorn": ">=0.30",
 }
 
 # Packages without which no training can start (doctor exits non-zero if one is missing or
 # out of range). bitsandbytes is only needed for 4-bit QLoRA on an NVIDIA GPU.
 REQUIRED_FOR_TRAINING: tuple[str, ...] = ("torch", "transformers", "peft", "trl", "accelerate", "safetensors")
+# Packages the OpenAI-compatible server needs on top of torch/transformers/peft.
+REQUIRED_FOR_SERVING: tuple[str, ...] = ("fastapi", "uvicorn")
 
 # CUDA toolkit versions of PyTorch wheels and the minimum NVIDIA driver each needs on Linux
 # (from NVIDIA's CUDA toolkit release notes, "minor version compatibility" minimums).
@@ -137,8 +140,10 @@ KNOWN_GOOD: dict[str, VersionSet] = {
                 "bitsandbytes": "0.50.2",
             },
             compute_dtype="bfloat16",
-            verified="the H200 machine of this repository's GPU benchmark (torch 2.11+cu130, transformers 5.17, "
-            "peft 0.21, accelerate 1.15 preinstalled; bitsandbytes 0.50.2 installed from its wheel), 2026-11-29",
+            verified="partly: this is the software of the H200 machine this repository's GPU benchmark runs on "
+            "(Python 3.12.3, torch 2.11.0+cu130, transformers 5.17.0, accelerate 1.15.0, triton 3.6.0, driver 580.159; "
+            "bitsandbytes carried as a wheel; see docs/performance.md for what ran there); trl and gguf "
+            "are the CI-tested releases, not run on that machine",
         ),
     )
 }
@@ -158,10 +163,6 @@ def get_version_set(name: str) -> VersionSet:
 def pip_command(name: str, python: str = "python") -> str:
     """One shell line that installs a known-good set (for notebooks and docs)."""
     return " && ".join(get_version_set(name).pip_commands(python))
-
-
-def current_python() -> str:
-    return ".".join(str(part) for part in sys.version_info[:3])
 
 
 def markdown_matrix() -> str:

@@ -122,5 +122,7 @@ def show(
 
 def register(app: typer.Typer) -> None:
     """Add `finqlora build` and the `finqlora data` group to the root app."""
-    app.command("build")(build)
+    from finqlora.teacher import add_teacher_options  # --teacher/--teacher-model (serving area)
+
+    app.command("build")(add_teacher_options(build))
     app.add_typer(data_app)

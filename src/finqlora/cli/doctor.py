@@ -46,6 +46,8 @@ def doctor(
     console.print("[bold]works here:[/] " + "; ".join(report.works))
     if report.does_not_work:
         console.print("[bold]not here:[/] " + "; ".join(report.does_not_work))
+    if not report.can_serve:
+        console.print("[yellow]serving (finqlora serve) cannot run: see the lines above[/]")
     if report.can_train:
         console.print("[green]training can run on this machine[/]")
     else:

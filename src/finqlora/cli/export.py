@@ -43,7 +43,7 @@ def merge(
         f"[green]merged[/] {adapter} into {model} ({result.dtype}) -> {result.output_dir} "
         f"({len(result.shards)} shard(s), {_size(result.total_bytes)}, {result.seconds:.1f} s)"
     )
-    console.print(f"next: finqlora export gguf --model {result.output_dir} --output {result.output_dir}/model-q8_0.gguf --outtype q8_0")
+    console.print(f"next: finqlora export gguf --model {result.output_dir} --output {result.output_dir}-gguf/model-q8_0.gguf --outtype q8_0")
 
 
 def zip_(

@@ -33,13 +33,13 @@ DtypeOpt = Annotated[str, typer.Option(help="auto (CPU float32; GPU bf16, else f
 FourBitOpt = Annotated[
     Optional[bool], typer.Option("--load-in-4bit/--no-load-in-4bit", help="4-bit NF4 (default: on with CUDA, off on the CPU).")
 ]
-RemoteCodeOpt = Annotated[bool, typer.Option(help="Allow the model's own Python code (off: only trusted transformers code runs).")]
+RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code (off: only trusted transformers code runs).")]
 TemplateOpt = Annotated[
     Optional[str], typer.Option(help="Fallback chat template for models without one: 'chatml' or a Jinja string.")
 ]
-PickleOpt = Annotated[bool, typer.Option(help="Allow a pickle adapter_model.bin (can run code; only for adapters you trust).")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle-adapter", help="Allow a pickle adapter_model.bin (can run code; only for adapters you trust).")]
 MismatchOpt = Annotated[
-    bool, typer.Option(help="Load an adapter whose recorded base name differs (shapes are still checked).")
+    bool, typer.Option("--ignore-base-mismatch", help="Load an adapter whose recorded base name differs (shapes are still checked).")
 ]
 MaxTokensOpt = Annotated[int, typer.Option(help="Most tokens per answer.")]
 TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy (reproducible); > 0 samples.")]
@@ -89,7 +89,7 @@ def ask(
     adapter: AdapterOpt = None,
     instruction: Annotated[Optional[str], typer.Option(help="Instruction placed before the text (as in the dataset's instruction/input).")] = None,
     system: Annotated[Optional[str], typer.Option(help="System message.")] = None,
-    compare: Annotated[bool, typer.Option(help="Show the base model's and the fine-tuned answers side by side (needs --adapter).")] = False,
+    compare: Annotated[bool, typer.Option("--compare", help="Show the base model's and the fine-tuned answers side by side (needs --adapter).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt.")] = False,
     max_new_tokens: MaxTokensOpt = 256,
     temperature: TemperatureOpt = 0.0,
@@ -203,7 +203,7 @@ def generate(
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (left-padded).")] = 8,
-    overwrite: Annotated[bool, typer.Option(help="Start over instead of resuming.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over instead of resuming.")] = False,
     max_new_tokens: MaxTokensOpt = 256,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
@@ -285,7 +285,7 @@ def install(
 @models_app.command("prepare")
 def prepare(
     name: Annotated[str, typer.Argument(help="Built-in name, e.g. qwen2.5-coder-0.5b-instruct.")],
-    force: Annotated[bool, typer.Option(help="Convert again even if the cache looks complete.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Convert again even if the cache looks complete.")] = False,
 ) -> None:
     """Verify (sha256) and convert a built-in model into the safetensors cache."""
     from finqlora.builtin_models import get_builtin, prepare_builtin
