@@ -164,14 +164,16 @@ def quality(spec: str, train: list[dict], val: list[dict], steps: int, seed: int
 
 
 def table(speed: list[dict], check: list[dict], info: dict) -> str:
-    lines = [f"Throughput ({info['throughput_model']}, batch 4, max length {info['max_length']}, "
-             f"{info['train_samples']} train samples, mean {info['mean_tokens']:.0f} tokens):", "",
-             "| path | eff. tokens/s | x plain | samples/step |", "| --- | ---: | ---: | ---: |"]
+    lines: list[str] = []
+    if speed:
+        lines += [f"Throughput ({info['throughput_model']}, batch 4, max length {info['max_length']}, "
+                  f"{info['train_samples']} train samples, mean {info['mean_tokens']:.0f} tokens):", "",
+                  "| path | eff. tokens/s | x plain | samples/step |", "| --- | ---: | ---: | ---: |"]
     for r in speed:
         lines.append(f"| {r['variant']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['samples_per_step']:.1f} |")
     if check:
-        lines += ["", f"Quality ({info['quality_model']}, {check[0]['steps']} steps, same batches, "
-                      f"{info['val_samples']} val samples):", "",
+        lines += ["", f"Quality ({info['quality_model']}, {check[0]['steps']} steps, same batches, max length "
+                      f"{info['quality_max_length']}, {info['val_samples']} val samples):", "",
                   "| path | val loss | difference | train time |", "| --- | ---: | ---: | ---: |"]
         for r in check:
             lines.append(f"| {r['path']} | {r['val_loss']:.4f} | {r['relative_difference']:.2%} | {r['train_seconds']:.0f} s |")
@@ -184,10 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct", help="throughput model")
     parser.add_argument("--quality-model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--max-length", type=int, default=384, help="the demo config's max length")
+    parser.add_argument("--quality-max-length", type=int, default=128,
+                        help="max length of the quality check (shorter keeps 2 x 100 steps affordable on 2 cores)")
     parser.add_argument("--train-samples", type=int, default=300)
     parser.add_argument("--val-samples", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per path (throughput)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per path (throughput); 0 skips it")
     parser.add_argument("--quality-steps", type=int, default=100, help="0 skips the quality check")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/cpu_train_throughput")
@@ -197,19 +201,18 @@ def main(argv: list[str] | None = None) -> int:
 
     train_records, val_records = read_split(Path(args.dataset))
     train_records, val_records = train_records[: args.train_samples], val_records[: args.val_samples]
-    samples = encode(load_tokenizer(args.model), train_records, args.max_length)
+    samples = encode(load_tokenizer(args.model), train_records, args.max_length) if args.steps else []
     info = dict(throughput_model=args.model, quality_model=args.quality_model, max_length=args.max_length,
                 train_samples=len(samples), val_samples=len(val_records), dataset=args.dataset,
-                mean_tokens=sum(len(s["input_ids"]) for s in samples) / len(samples),
-                answer_share=sum(sum(1 for x in s["labels"] if x != -100) for s in samples)
-                / sum(len(s["input_ids"]) for s in samples),
+                mean_tokens=sum(len(s["input_ids"]) for s in samples) / max(len(samples), 1),
+                quality_max_length=args.quality_max_length,
                 cpu_profile=dataclasses.asdict(optimized_profile()), environment=tt.environment())
-    speed = throughput(args.model, samples, args.max_length, args.warmup, args.steps)
+    speed = throughput(args.model, samples, args.max_length, args.warmup, args.steps) if args.steps else []
     check: list[dict] = []
     if args.quality_steps:
         tokenizer = load_tokenizer(args.quality_model)
-        check = quality(args.quality_model, encode(tokenizer, train_records, args.max_length),
-                        encode(tokenizer, val_records, args.max_length), args.quality_steps, args.seed)
+        check = quality(args.quality_model, encode(tokenizer, train_records, args.quality_max_length),
+                        encode(tokenizer, val_records, args.quality_max_length), args.quality_steps, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu_train_throughput.json").write_text(json.dumps(dict(info=info, throughput=speed, quality=check),

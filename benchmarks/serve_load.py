@@ -12,6 +12,7 @@ Bounded: a fixed number of requests per level, and --time-budget seconds overall
 that would start after the budget is spent is skipped and reported as such). Loopback only.
 
     .venv/bin/python benchmarks/serve_load.py --model builtin:smollm2-135m-instruct
+    .venv/bin/python benchmarks/serve_load.py --requests-per-client 1 --max-tokens 16 --threads 1  # busy shared CPU
 """
 
 from __future__ import annotations
@@ -91,10 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--time-budget", type=float, default=900.0, help="seconds for the whole run")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is faster on a CPU shared with other jobs)")
     parser.add_argument("--output", help="also write the results as JSON here")
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
     run_started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"loading {args.model} ...", file=sys.stderr)
     loaded = load_model(args.model, device="auto", progress=False)

@@ -95,8 +95,36 @@ def _train_command(model: Path, data: Path, output: Path, *, batch: int, nproc: 
     return command + list(extra)
 
 
-def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Imported by every launched Python process (PYTHONPATH): in a worker of rank > 0 it records
+# each file the process opens for writing under the watched folder (Python's audit hook sees
+# open(), os.open() and so tempfile / atomic writes, json, yaml, matplotlib; not files that
+# C++ code opens, like torch.save's), and writes the list when the process exits.
+WRITE_AUDIT = """
+import atexit, os, sys
+_rank, _watched = os.environ.get("RANK"), os.environ.get("FINQLORA_TEST_WATCH_DIR")
+if _rank not in (None, "0") and _watched:
+    _writes = set()
+
+    def _hook(event, args):
+        if event != "open" or not isinstance(args[0], (str, bytes, os.PathLike)):
+            return
+        path, mode, flags = os.fsdecode(args[0]), args[1], args[2] or 0
+        writing = any(c in (mode or "") for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        if writing and os.path.abspath(path).startswith(_watched):
+            _writes.add(os.path.abspath(path))
+
+    def _report():
+        report = os.path.join(os.environ["FINQLORA_TEST_AUDIT_DIR"], f"rank{_rank}-{os.getpid()}.txt")
+        with open(report, "w") as handle:
+            handle.write("".join(p + "\\n" for p in sorted(_writes)))
+
+    sys.addaudithook(_hook)
+    atexit.register(_report)
+"""
+
+
+def _run(command: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{' '.join(command)}\nexit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
@@ -139,15 +167,24 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     single, group = root / "single", root / "group"
     # The reference runs in this process through the library API (one process start less).
     train(load_config(None, _overrides(tiny_model_dir, data, single, 2 * PER_DEVICE_BATCH)), progress=False)
+    audit = root / "audit"
+    audit.mkdir()
+    (audit / "sitecustomize.py").write_text(WRITE_AUDIT, encoding="utf-8")
+    audit_env = {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(audit), os.environ.get("PYTHONPATH")])),
+        "FINQLORA_TEST_WATCH_DIR": str(group),
+        "FINQLORA_TEST_AUDIT_DIR": str(audit),
+    }
     stop_after_epoch = ["--set", f"train.max_steps={STEPS_PER_EPOCH}"]
-    launched = _run(_train_command(tiny_model_dir, data, group, batch=PER_DEVICE_BATCH, nproc=2, extra=stop_after_epoch), root)
+    launched = _run(_train_command(tiny_model_dir, data, group, batch=PER_DEVICE_BATCH, nproc=2, extra=stop_after_epoch), root, audit_env)
     first_part = {
         "log": (group / "training_log.jsonl").read_text(encoding="utf-8"),
         "info": json.loads((group / "training_info.json").read_text(encoding="utf-8")),
         "adapter": load_file(str(group / "adapter_model.safetensors")),
     }
-    _run(_train_command(tiny_model_dir, data, group, batch=PER_DEVICE_BATCH, nproc=2, extra=["--resume", "auto"]), root)
-    return {"root": root, "single": single, "group": group, "first_part": first_part, "launch_stderr": launched.stderr}
+    _run(_train_command(tiny_model_dir, data, group, batch=PER_DEVICE_BATCH, nproc=2, extra=["--resume", "auto"]), root, audit_env)
+    reports = {path.name: path.read_text(encoding="utf-8").splitlines() for path in audit.glob("rank*.txt")}
+    return {"root": root, "single": single, "group": group, "first_part": first_part, "launch_stderr": launched.stderr, "rank1_writes": reports}
 
 
 @pytest.mark.slow
@@ -206,6 +243,11 @@ def test_only_rank_zero_writes(runs: dict) -> None:
         assert (group / name).is_file(), name
     # The same file set as a 1-process run: no per-rank copies of any output.
     assert sorted(p.name for p in group.iterdir()) == sorted(p.name for p in runs["single"].iterdir())
+    # Watched from inside rank 1 (WRITE_AUDIT): one report per launch, i.e. the hook ran there,
+    # and rank 1 opened nothing under the output folder for writing.
+    reports = runs["rank1_writes"]
+    assert len(reports) == 2 and all(name.startswith("rank1-") for name in reports), reports
+    assert [path for paths in reports.values() for path in paths] == []
     for step in (STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH):
         checkpoint = group / f"checkpoint-{step}"
         files = {p.name for p in checkpoint.iterdir()}

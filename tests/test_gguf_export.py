@@ -210,3 +210,28 @@ def test_cli_gguf(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     assert "<|im_start|>" in reader.fields["tokenizer.chat_template"].contents()
     assert reader.fields["general.file_type"].contents() == 7  # MOSTLY_Q8_0
+
+
+def test_unknown_pre_tokenizer_needs_a_name(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from gguf import GGUFReader
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    definition = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    definition["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": r"\p{L}+|\p{N}+"}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        ],
+    }
+    (model_dir / "tokenizer.json").write_text(json.dumps(definition), encoding="utf-8")
+    with pytest.raises(FinqloraError, match="pre-tokenizer is not one finqlora recognizes") as info:
+        export_gguf(model_dir, tmp_path / "out.gguf", progress=False)
+    assert "--pre-tokenizer" in info.value.hint
+    assert not (tmp_path / "out.gguf").exists()
+
+    result = export_gguf(model_dir, tmp_path / "out.gguf", pre_tokenizer="gpt-2", progress=False)
+    assert GGUFReader(result.gguf_path).fields["tokenizer.ggml.pre"].contents() == "gpt-2"

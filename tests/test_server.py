@@ -398,3 +398,34 @@ def test_content_parts_and_developer_role_are_understood(client: openai.OpenAI) 
     with_developer = [{"role": "developer", "content": "你是金融分析助手。"}, *QUESTION]
     with_system = [{"role": "system", "content": "你是金融分析助手。"}, *QUESTION]
     assert chat(client, "fin", messages=with_developer) == chat(client, "fin", messages=with_system)
+
+
+def test_batcher_timeouts_and_cancellation(sharp_base_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finqlora.batching import Failed
+
+    tokenizer = AutoTokenizer.from_pretrained(sharp_base_dir)
+    model = AutoModelForCausalLM.from_pretrained(sharp_base_dir).eval()
+    prompt = tokenizer.encode("Gold rose because", add_special_tokens=False)
+    events: dict[str, list] = {"expired": [], "slow": [], "cancelled": [], "normal": []}
+    batcher = Batcher(model, tokenizer, BatchLimits(max_batch_size=4, batch_window_ms=100, max_new_tokens=200))
+
+    def job(name: str, max_new_tokens: int = 8, deadline: float = float("inf")) -> GenerationJob:
+        return GenerationJob(prompt, SamplingParams(max_new_tokens=max_new_tokens), None, [], events[name].append, deadline=deadline)
+
+    try:
+        cancelled = job("cancelled")
+        cancelled.cancel()
+        for item in (job("expired", deadline=time.monotonic() - 1), job("slow", 200, deadline=time.monotonic() + 0.15), cancelled, job("normal")):
+            batcher.submit(item)
+        deadline = time.monotonic() + 60
+        while any(not got for got in events.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        batcher.shutdown()
+    assert isinstance(events["expired"][0], Failed) and events["expired"][0].status == 504
+    assert isinstance(events["slow"][0], Failed) and events["slow"][0].code == "timeout"
+    assert events["cancelled"][0].finish_reason == "cancelled"
+    assert events["normal"][0].finish_reason == "length" and events["normal"][0].completion_tokens == 8
+    assert batcher.stats.timed_out == 2 and batcher.stats.cancelled == 1

@@ -212,3 +212,67 @@ def test_padding_collator_needs_a_pad_token(tiny):
     with pytest.raises(FinqloraError, match="no pad token"):
         speedups.make_data_collator(NoPad(), speedups.get_profile("default"))
     assert speedups.make_data_collator(tokenizer, speedups.get_profile("default")) is not None
+
+
+def test_cpu_bf16_detection_reads_cpu_flags():
+    assert speedups.cpu_has_fast_bf16("processor : 0\nflags\t\t: fpu sse2 avx512f amx_bf16 amx_tile\n")
+    assert speedups.cpu_has_fast_bf16("flags : fpu avx512_bf16\n")
+    assert not speedups.cpu_has_fast_bf16("flags : fpu sse2 avx2 avx512f\n")
+    assert speedups.get_profile("cpu").compute_dtype in ("bf16", "fp32")
+
+
+def _bench_module():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("train_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_throughput"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_logic_on_a_tiny_model(tmp_path):
+    """The GPU benchmark's measuring code, run on the CPU: token counts, ratios, the loss check."""
+    import dataclasses
+
+    import numpy as np
+
+    tt = _bench_module()
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(12, 60, 40)
+    ids = rng.integers(3, 500, int(lengths.sum())).astype(np.int32)
+    answer = np.zeros(int(lengths.sum()), bool)
+    start = 0
+    for n in lengths:
+        answer[start + int(n * 0.6) : start + int(n)] = True
+        start += int(n)
+    np.savez(tmp_path / "t.npz", ids=ids, answer=answer, lengths=lengths.astype(np.int32))
+    samples = tt.load_samples(tmp_path / "t.npz")
+    assert [len(s["input_ids"]) for s in samples] == lengths.tolist()
+    assert sum(x != -100 for s in samples for x in s["labels"]) == int(answer.sum())
+
+    arch = dict(tt.DEEPSEEK_7B, vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4, bos_token_id=1, eos_token_id=2)
+    variants = tt.variants()
+    cpu = dict(compute_dtype="fp32", liger=False, load_in_4bit=False, avoid_cudnn_attention=False)
+    results = []
+    for name in ("baseline", "+packing", "repeat-bf16-config"):
+        variant = dataclasses.replace(variants[name], profile=dataclasses.replace(variants[name].profile, **cpu))
+        results.append(tt.run_variant(variant, samples, arch=arch, device="cpu", warmup=1, steps=3))
+    baseline, packed, repeat = results
+    assert baseline["steps"] == 3 and baseline["samples_per_step"] == 4.0
+    # Effective tokens are real tokens only: the sum of the timed batches' sample lengths.
+    assert 3 * 4 * 12 <= baseline["tokens"] <= 3 * 4 * 60
+    assert packed["samples_per_step"] > 4, "a 4x512 token budget holds many short samples"
+    assert repeat["steps"] == 20 and repeat["loss_finite"] and repeat["loss_falls"]
+    assert repeat["tokens"] == 20 * 4 * tt.MAX_LENGTH
+    summarized = tt.summarize(results, peak_tflops=1.0)
+    assert summarized[0]["speedup"] == 1.0 and summarized[1]["speedup"] > 0
+    assert "mfu" in summarized[0] and "speedup" not in summarized[2]
+    text = tt.table(summarized)
+    assert "| baseline |" in text and "ok:" in text
+    assert not tt.loss_check([3.0, 3.0, 3.0, 3.0, 3.0, float("nan")])["loss_falls"]

@@ -179,7 +179,8 @@ def test_loss_falls_on_a_repeated_batch(tiny_model_dir: Path, tmp_path: Path, pr
 def finished_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, object, Path]:
     root = tmp_path_factory.mktemp("run")
     data = write_dataset(root / "data.jsonl", 12, 4, 3)
-    cfg = tiny_config(tiny_model_dir, data, root / "out", num_epochs=2, eval_steps=2, keep_checkpoints=2, save_adapter_bin=True)
+    cfg = tiny_config(tiny_model_dir, data, root / "out", num_epochs=2, eval_steps=2, keep_checkpoints=2, save_adapter_bin=True,
+                      eval_on_start=True, max_val_samples=3)
     return cfg, train(cfg, progress=False), root / "out"
 
 
@@ -221,6 +222,7 @@ def test_every_output_is_present_and_truthful(finished_run, tiny_model_dir: Path
     ds = info["dataset"]
     assert ds["sha256"] == sha256_file(cfg.dataset)
     assert (ds["records"], ds["train_records"], ds["val_records"], ds["test_records_ignored"]) == (19, 12, 4, 3)
+    assert ds["val_records_used"] == 3
 
     for lib in ("torch", "transformers", "peft"):
         assert info["libraries"][lib] == importlib.metadata.version(lib)
@@ -238,9 +240,9 @@ def test_every_output_is_present_and_truthful(finished_run, tiny_model_dir: Path
     assert [r["step"] for r in step_rows] == list(range(1, 7))
     assert [r["loss"] for r in step_rows] == [p["loss"] for p in info["train_losses"]]
     assert all(r["learning_rate"] is not None and r["grad_norm"] is not None and r["tokens_per_s"] > 0 for r in step_rows)
-    # Validation every 2 steps and at each epoch end (step 3 and 6), once per step.
+    # Validation before training, every 2 steps and at each epoch end (step 3 and 6), once per step.
     val_steps = [r["step"] for r in log if "eval_loss" in r]
-    assert val_steps == [2, 3, 4, 6] == [v["step"] for v in info["val_losses"]]
+    assert val_steps == [0, 2, 3, 4, 6] == [v["step"] for v in info["val_losses"]]
 
     best = min(info["val_losses"], key=lambda v: v["loss"])
     assert info["best_step"] == best["step"] and info["best_val_loss"] == pytest.approx(best["loss"])

@@ -161,10 +161,12 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def pick_dtype(dtype: str, device: str):
+def pick_dtype(dtype: Any, device: str):
     """float32 on the CPU; bf16 on GPUs that support it, else fp16 (T4)."""
     import torch
 
+    if isinstance(dtype, torch.dtype):
+        return dtype
     dtype = (dtype or "auto").strip().lower()
     if dtype == "auto":
         if device.startswith("cuda"):
@@ -249,7 +251,7 @@ def load_model(
     *,
     adapter: str | os.PathLike[str] | None = None,
     device: str = "auto",
-    dtype: str = "auto",
+    dtype: Any = "auto",
     load_in_4bit: bool | None = None,
     for_training: bool = False,
     trust_remote_code: bool = False,

@@ -74,6 +74,7 @@ def register(app: typer.Typer) -> None:
         max_tokens: int = typer.Option(1024, min=1, help="Largest max_tokens a request may ask for."),
         default_max_tokens: int = typer.Option(256, min=1, help="max_tokens when a request does not set it."),
         request_timeout: float = typer.Option(300.0, min=1, help="Seconds a request may take (queue + generation) before a 504."),
+        threads: int | None = typer.Option(None, min=1, help="CPU threads for torch (default: torch's choice; fewer can be faster on a shared CPU).", show_default=False),
         ignore_base_mismatch: bool = typer.Option(False, "--ignore-base-mismatch", help="Attach adapters whose recorded base has another name (same weights elsewhere)."),
     ) -> None:
         """Serve the model and its adapters through an OpenAI-compatible API.
@@ -110,6 +111,10 @@ def register(app: typer.Typer) -> None:
             )
         except ValueError as exc:
             raise FinqloraError(str(exc), hint="see finqlora serve --help for the allowed values") from exc
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         with console.status(f"loading {model} and {len(adapters)} adapter(s)..."):
             loaded = ServingEngine.load(
                 model,
