@@ -156,7 +156,8 @@ def _assert_same_adapter(a: Path, b: Path) -> float:
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A 1-process run (batch 2b), and a 2-process gloo run (batch b per process) that is stopped
-    after its first epoch (max_steps) and resumed with `--resume auto` for the second.
+    after its first epoch (max_steps) and resumed with `--resume auto` for the second (launched
+    by `finqlora train --nproc 2` the first time, by torchrun itself the second).
 
     Two launches instead of three (each costs a minute of imports on a busy 2-core machine):
     the resumed group must match the uninterrupted single process, which checks the group's
@@ -182,7 +183,10 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         "info": json.loads((group / "training_info.json").read_text(encoding="utf-8")),
         "adapter": load_file(str(group / "adapter_model.safetensors")),
     }
-    _run(_train_command(tiny_model_dir, data, group, batch=PER_DEVICE_BATCH, nproc=2, extra=["--resume", "auto"]), root, audit_env)
+    # The resume is launched with torchrun directly (the documented alternative to --nproc).
+    resume = _train_command(tiny_model_dir, data, group, batch=PER_DEVICE_BATCH, nproc=1, extra=["--resume", "auto"])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "finqlora"]
+    _run(torchrun + distributed.strip_launch_options(resume[resume.index("train") :]), root, audit_env)
     reports = {path.name: path.read_text(encoding="utf-8").splitlines() for path in audit.glob("rank*.txt")}
     return {"root": root, "single": single, "group": group, "first_part": first_part, "launch_stderr": launched.stderr, "rank1_writes": reports}
 

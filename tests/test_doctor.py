@@ -244,3 +244,15 @@ def test_installation_doc_shows_the_generated_matrix() -> None:
     assert versions.markdown_matrix() in page, "regenerate the matrix: python -c 'from finqlora.versions import markdown_matrix; print(markdown_matrix())'"
     for name in versions.KNOWN_GOOD:
         assert versions.pip_command(name) in page
+
+
+def test_a_crashing_check_becomes_a_red_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def broken() -> doctor.Check:
+        raise RuntimeError("huggingface_hub is half-installed")
+
+    monkeypatch.setattr(doctor, "check_builtins", broken)
+    report = doctor.run_doctor(tmp_path, check_network=False)
+    check = _by_name(report)["builtin-models"]
+    assert check.status == "fail" and "half-installed" in check.summary
+    assert "torch" in _by_name(report)  # the other checks still ran
+    assert report.exit_code == 1

@@ -429,3 +429,13 @@ def test_batcher_timeouts_and_cancellation(sharp_base_dir: Path) -> None:
     assert events["cancelled"][0].finish_reason == "cancelled"
     assert events["normal"][0].finish_reason == "length" and events["normal"][0].completion_tokens == 8
     assert batcher.stats.timed_out == 2 and batcher.stats.cancelled == 1
+
+
+def test_integral_numbers_are_integers_but_booleans_and_strings_are_not(server) -> None:
+    """JSON Schema counts 4.0 as an integer (the fuzz test sends such values); true and "4" are not."""
+    url, headers = server.url + "/v1/chat/completions", {"Authorization": f"Bearer {API_KEY}"}
+    accepted = httpx.post(url, json={"model": "base", "messages": QUESTION, "max_tokens": 4.0}, headers=headers, timeout=60)
+    assert accepted.status_code == 200 and accepted.json()["usage"]["completion_tokens"] <= 4
+    for bad in ({"max_tokens": 4.5}, {"max_tokens": "4"}, {"n": True}):
+        refused = httpx.post(url, json={"model": "base", "messages": QUESTION, **bad}, headers=headers, timeout=60)
+        assert refused.status_code == 400, bad

@@ -20,7 +20,7 @@ import torch
 from finqlora.batching import BatchLimits
 from finqlora.client import FinLLMClient
 from finqlora.server import ServingEngine, create_app, start_in_thread
-from finqlora.teacher import check_answer, enrich_dataset_file, enrich_records, teacher_messages
+from finqlora.teacher import check_answer, enrich_dataset_file, enrich_records
 
 KEY = "teacher-key-12345678"
 BULLISH_ANSWER = "XAUUSD Direction: bullish (gold supported by lower real rates)"

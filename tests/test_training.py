@@ -373,8 +373,13 @@ def test_demo_config_names_a_cpu_run() -> None:
     run = load_config(REPO / "configs" / "demo-cpu.yaml")
     assert run.train.model == "builtin:qwen2.5-coder-0.5b-instruct"
     assert run.train.load_in_4bit is False and run.train.device == "cpu"
-    plan = resolve_plan(run.train)
-    assert plan.device == "cpu" and not plan.load_in_4bit
+    from finqlora import speedups
+
+    profile = speedups.get_profile(run.train.profile)
+    plan = resolve_plan(run.train, profile)
+    assert plan.device == "cpu" and not plan.load_in_4bit and plan.optim == "adamw_torch"
+    # compute_dtype auto: the profile picks bf16 on CPUs with fast bf16 (AMX / AVX512-BF16), else fp32
+    assert plan.dtype_name == profile.compute_dtype
 
 
 @pytest.mark.slow

@@ -174,7 +174,7 @@ def relaunch(argv: Sequence[str], nproc: int) -> None:
     """Replace this process with torchrun running the same finqlora command in `nproc` processes.
 
     The process is replaced (exec), not wrapped, so Ctrl-C and SIGTERM reach torchrun directly;
-    torchrun forwards SIGTERM to the workers, which save a checkpoint and stop together.
+    torchrun forwards them to the workers, which save a checkpoint and stop together.
     """
     command = torchrun_command(argv, nproc)
     print("launching: " + " ".join(_quote(part) for part in command), file=sys.stderr, flush=True)

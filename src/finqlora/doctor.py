@@ -3,7 +3,8 @@
 Each check returns a `Check` with a status (ok / warn / fail / info), one line of summary and,
 when something is wrong, the command that fixes it. A `fail` means training cannot run as
 intended (missing or unsupported core packages, an NVIDIA GPU that PyTorch cannot use,
-bitsandbytes kernels broken on a GPU machine, no disk space); the CLI then exits 1.
+bitsandbytes kernels broken on a GPU machine, no disk space, or a check that itself
+crashed); the CLI then exits 1.
 
 The failures people hit most often with QLoRA stacks are recognized by their messages
 (bitsandbytes "compiled without GPU support", `No module named 'triton.ops'`, a CUDA library
@@ -382,7 +383,7 @@ def check_disk(label: str, path: Path) -> Check:
 def check_hub(timeout: float = HUB_TIMEOUT_S) -> Check:
     from huggingface_hub import constants, get_token
 
-    token = "set" if get_token() else "not set (only gated models need one: huggingface-cli login)"
+    token = "set" if get_token() else "not set (only gated models need one: hf auth login)"
     if constants.HF_HUB_OFFLINE:
         return Check("huggingface-hub", "info", f"offline mode (HF_HUB_OFFLINE=1): hub models must already be cached; built-in models work; token {token}")
     reachable, how = _hub_reachable(constants.ENDPOINT, timeout)
@@ -416,28 +417,49 @@ def check_builtins() -> Check:
 # --------------------------------------------------------------------------------------------
 
 
+def _guarded(name: str, check: Any, *args: Any) -> Check:
+    """Run one check; a check that crashes becomes a red line instead of ending the report.
+
+    A broken environment is exactly when doctor runs, so one unexpected error (a half-installed
+    package raising on import, say) must not hide the other checks.
+    """
+    try:
+        return check(*args)
+    except Exception as exc:
+        return Check(
+            name,
+            "fail",
+            f"the check itself failed: {type(exc).__name__}: {exc}",
+            fix="reinstall the package it names (pip install --force-reinstall ...), then rerun finqlora doctor",
+        )
+
+
+def _hf_hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
 def run_doctor(output_dir: str | os.PathLike[str] = ".", *, check_network: bool = True) -> DoctorReport:
     """Run every check (a few seconds; the hub probe waits at most HUB_TIMEOUT_S)."""
     from finqlora.paths import finqlora_home
 
-    checks = [check_python(), check_torch()]
-    gpu = check_gpu()
+    checks = [_guarded("python", check_python), _guarded("torch", check_torch)]
+    gpu = _guarded("gpu", check_gpu)
     checks.append(gpu)
     cuda = "compute_dtype" in gpu.details  # set only when torch can use the GPU
-    bnb = check_bitsandbytes(cuda)
-    checks += [bnb, check_triton(cuda)]
+    bnb = _guarded("bitsandbytes", check_bitsandbytes, cuda)
+    checks += [bnb, _guarded("triton", check_triton, cuda)]
     packages = ("transformers", "peft", "trl", "accelerate", "safetensors", "gguf", *versions.REQUIRED_FOR_SERVING)
-    checks += [check_package(name) for name in packages]
-    from huggingface_hub import constants
-
+    checks += [_guarded(name, check_package, name) for name in packages]
     checks += [
-        check_disk("finqlora cache", finqlora_home()),
-        check_disk("hugging face cache", Path(constants.HF_HUB_CACHE)),
-        check_disk("output", Path(output_dir)),
+        _guarded("disk:finqlora cache", check_disk, "finqlora cache", finqlora_home()),
+        _guarded("disk:hugging face cache", lambda: check_disk("hugging face cache", Path(_hf_hub_cache()))),
+        _guarded("disk:output", check_disk, "output", Path(output_dir)),
     ]
     if check_network:
-        checks.append(check_hub())
-    checks.append(check_builtins())
+        checks.append(_guarded("huggingface-hub", check_hub))
+    checks.append(_guarded("builtin-models", check_builtins))
 
     compute_dtype = gpu.details.get("compute_dtype", "float32") if cuda else "float32"
     if cuda and bnb.status == "ok":

@@ -487,8 +487,12 @@ def _classification_block(
     def acc(v: str) -> Callable[[np.ndarray], float]:
         return lambda idx: float(np.mean(arrays[v][idx] == truth[idx])) if len(idx) else float("nan")
 
+    # Macro-F1 over the classes that occur in the references or either model's answers
+    # (scikit-learn's default), fixed for all resamples so the bootstrap compares like with like.
+    f1_labels = [label for label in labels if label in y_true or any(label in preds[v] for v in VARIANTS)]
+
     def f1(v: str) -> Callable[[np.ndarray], float]:
-        return lambda idx: M.macro_f1(list(truth[idx]), list(arrays[v][idx]), labels)
+        return lambda idx: M.macro_f1(list(truth[idx]), list(arrays[v][idx]), f1_labels)
 
     def parsed(v: str) -> Callable[[np.ndarray], float]:
         return lambda idx: float(np.mean([p is not None for p in arrays[v][idx]]))
@@ -502,8 +506,11 @@ def _classification_block(
     block: dict[str, Any] = {
         "n": n,
         "labels": labels,
+        "macro_f1_classes": f1_labels,
         "label_counts": {label: y_true.count(label) for label in labels},
-        "baselines": {"majority": M.majority_baseline(y_true, labels), "random": M.random_baseline(y_true, labels)},
+        # The majority baseline's macro-F1 is over the reference classes (the union of references
+        # and its single predicted class); random guessing predicts every class.
+        "baselines": {"majority": M.majority_baseline(y_true, [label for label in labels if label in y_true]), "random": M.random_baseline(y_true, labels)},
     }
     for v in VARIANTS:
         block[v] = {
@@ -518,7 +525,7 @@ def _classification_block(
             for v in VARIANTS:
                 sub_true = [y_true[i] for i in idx]
                 sub_pred = [preds[v][i] for i in idx]
-                breakdown[group][v] = {"accuracy": M.accuracy(sub_true, sub_pred), "macro_f1": M.macro_f1(sub_true, sub_pred, labels)}
+                breakdown[group][v] = {"accuracy": M.accuracy(sub_true, sub_pred), "macro_f1": M.macro_f1(sub_true, sub_pred, f1_labels)}
         block["by_ticker_window"] = breakdown
     return block, rows
 
@@ -587,7 +594,11 @@ def compute_metrics(run_dir: str | Path, *, bootstrap_resamples: int = 1000, see
     # Market analysis: the case named in the answer.
     cases_items = [item for item in items if item["task"] == "market_analysis" and item.get("label") and item["label"].get("case")]
     if cases_items:
-        case_names = sorted({item["label"]["case"] for item in cases_items})
+        # Every case the builder can label, so an answer naming another case is wrong, not unparsed.
+        from finqlora import labels as builder_labels
+
+        known = {builder_labels.EXPECTATION_REALIZED, builder_labels.WAIT_AND_SEE, builder_labels.CONTINUATION, builder_labels.FADING}
+        case_names = sorted(known | {item["label"]["case"] for item in cases_items})
         truth = [item["label"]["case"] for item in cases_items]
         preds = {}
         for v in VARIANTS:

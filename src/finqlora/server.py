@@ -29,12 +29,12 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from finqlora.batching import (
@@ -63,7 +63,19 @@ DISCONNECT_POLL_S = 0.5
 # Request and response bodies (the subset of OpenAI's schema this server implements)
 
 
-# strict: a JSON `true` is not silently taken as n=1, nor "5" as max_tokens=5.
+def _json_integer(value: Any) -> Any:
+    """JSON Schema's integer: 10 and 10.0 are both integers; 10.5 is not (strict check follows)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Strict types: a JSON `true` is not silently taken as n=1, nor "5" as max_tokens=5.
+# (Constraints before the validator, so the OpenAPI document shows them as `minimum`/`maximum`.)
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+PositiveJsonInt = Annotated[int, Field(ge=1), BeforeValidator(_json_integer)]
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(strict=True)
 
@@ -75,14 +87,8 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True)
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart] | None = None  # None only for an assistant turn
+    content: str | list[TextPart] | None = None  # None (e.g. an assistant turn) renders as ""
     name: str | None = None
-
-    @model_validator(mode="after")
-    def _content_required(self) -> ChatMessage:
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs a content")
-        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -103,14 +109,14 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(min_length=1, max_length=200)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: PositiveJsonInt | None = None
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    n: Annotated[int, Field(ge=1, le=1), BeforeValidator(_json_integer)] = Field(1, description="only n=1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
-    seed: int | None = None
+    seed: JsonInt | None = None
     user: str | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -122,7 +128,7 @@ class _SamplingFields(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: PositiveJsonInt | None = None
     tools: list[dict[str, Any]] | None = None
 
 

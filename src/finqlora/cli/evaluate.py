@@ -64,6 +64,7 @@ def eval_main(
     bootstrap: int = typer.Option(1000, min=100, help="Bootstrap resamples for the confidence intervals."),
     seed: int = typer.Option(0, help="Seed for sampling, bootstrap and example selection."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html / report.md after the metrics."),
+    base_only: bool = typer.Option(False, "--base-only", help="Only generate the base model's answers (e.g. before training); the full run reuses them."),
 ) -> None:
     """Run base and fine-tuned on the same prompts; cache generations; write metrics.json + report.
 
@@ -86,8 +87,12 @@ def eval_main(
         benchmarks=specs, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
         seed=seed, batch_size=batch_size, device=device, dtype=dtype, load_in_4bit=load_in_4bit, chat_template=chat_template,
         perplexity=perplexity, forgetting=forgetting, bootstrap_resamples=bootstrap, report=report,
+        variants=("base",) if base_only else ("base", "finetuned"),
     )
     metrics = evaluate(options)
+    if base_only:
+        console.print(f"[green]cached[/] the base model's answers in {output}; run again with --adapter for the comparison")
+        return
     _print_table(metrics)
     console.print(f"[green]wrote[/] {output / 'metrics.json'}" + (f", {output / 'report.html'}, {output / 'report.md'}" if report else ""))
 
