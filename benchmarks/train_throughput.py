@@ -198,6 +198,8 @@ def repeated_batch(samples: list[dict[str, list[int]]], length: int = MAX_LENGTH
         flat_labels += s["labels"]
         if len(flat_ids) >= BATCH_SIZE * length:
             break
+    else:
+        raise ValueError(f"the data has {len(flat_ids)} tokens, fewer than one {BATCH_SIZE} x {length} batch")
     return [{"input_ids": flat_ids[i * length : (i + 1) * length], "labels": flat_labels[i * length : (i + 1) * length]}
             for i in range(BATCH_SIZE)]
 
@@ -311,7 +313,7 @@ def run_variant(variant: Variant, samples: list[dict[str, list[int]]], *, arch: 
     total_steps = warmup + steps
     if variant.repeat_check:
         # One epoch = one step on the same four samples; the Trainer repeats epochs up to max_steps.
-        batch = repeated_batch(samples)
+        batch = repeated_batch(samples, max_length)
         train = [{"pack": batch}] if profile.packing else batch
     elif profile.packing:
         budget = tokens_per_micro_batch(profile, BATCH_SIZE, max_length)

@@ -32,7 +32,7 @@ def _write_config(tmp_path: Path, model_dir: Path, **train: object) -> Path:
             "compute_dtype": "fp32",
             "max_steps": 4,
             "batch_size": 2,
-            "max_length": 256,
+            "max_length": 512,
             "learning_rate": 1e-3,
             "eval_steps": 2,
             "logging_steps": 1,

@@ -148,6 +148,8 @@ def test_text_completions_single_and_batched(client: openai.OpenAI) -> None:
     many = client.completions.create(model="base", prompt=["Gold prices rose because", "Oil fell after"], max_tokens=8, temperature=0)
     assert [c.index for c in many.choices] == [0, 1]
     assert many.choices[0].text == one.choices[0].text
+    streamed = client.completions.create(model="base", prompt="Gold prices rose because", max_tokens=8, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == one.choices[0].text
 
 
 def test_stop_strings_cut_the_answer(client: openai.OpenAI) -> None:

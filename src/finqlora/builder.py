@@ -232,6 +232,8 @@ class LengthCounter:
         return math.ceil(cjk * CJK_TOKENS_PER_CHAR + (len(text) - cjk) / OTHER_CHARS_PER_TOKEN)
 
     def count_many(self, texts: Sequence[str]) -> list[int]:
+        if not texts:  # fast tokenizers fail on an empty batch
+            return []
         if self.tokenizer is None:
             return [self._estimate(t) for t in texts]
         encoded = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
@@ -719,6 +721,11 @@ def _build(config: BuildConfig, stage: Any) -> BuildResult:
         if draft.type == "report_qa":
             report_qa.check_record({"id": draft.record_id, "input": draft.input, "output": draft.output, "label": draft.label})
 
+    if not drafts:
+        raise FinqloraError(
+            f"no record could be built: {'; '.join(notices) or 'nothing to sample from'}",
+            hint=f"raise --max-length (now {config.max_length}) or check the database with `finqlora db check`",
+        )
     records = [_to_record(d, config.output_format) for d in drafts]
     if len(records) < config.num_samples:
         notices.append(f"asked for {config.num_samples} samples, made {len(records)}")

@@ -35,7 +35,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from finqlora.errors import FinqloraError
-from finqlora.fileio import atomic_write_json, sha256_file
+from finqlora.fileio import atomic_write_json
 from finqlora.paths import cache_dir
 
 BUILTIN_PREFIX = "builtin:"

@@ -119,9 +119,12 @@ def make_stages(config: RunConfig, paths: RunPaths) -> list[Stage]:
         return {"dataset": fingerprint_path(paths.dataset), "eval": eval_cfg.model_dump(), "model": train_cfg.model}
 
     def eval_base_run(_resume: bool) -> dict[str, Any]:
-        from finqlora.evaluation import evaluate_base
+        from dataclasses import replace
 
-        return evaluate_base(_eval_options(config, paths, adapter=None))
+        from finqlora.evaluation import evaluate
+
+        result = evaluate(replace(_eval_options(config, paths, adapter=None), variants=("base",)))
+        return {"timings": result["meta"].get("timings", {})}
 
     # -- training ---------------------------------------------------------------------------
     def train_inputs() -> dict[str, Any]:
@@ -163,12 +166,14 @@ def make_stages(config: RunConfig, paths: RunPaths) -> list[Stage]:
 
     # -- report -----------------------------------------------------------------------------
     def report_inputs() -> dict[str, Any]:
-        return {"metrics": fingerprint_path(paths.eval_dir / "metrics.json"), "training": fingerprint_path(paths.adapter / "training_info.json")}
+        # The caches the metrics come from, not metrics.json, which the report itself enriches.
+        caches = [fingerprint_path(paths.eval_dir / name) for name in (*eval_files, "generations_finetuned.jsonl")]
+        return {"eval": caches, "training": fingerprint_path(paths.adapter / "training_info.json")}
 
     def report_run(_resume: bool) -> dict[str, Any]:
         from finqlora.report import build_report
 
-        report = build_report(paths.eval_dir, paths.report_dir, training_dir=paths.adapter, title=f"finqlora run: {config.name}")
+        report = build_report(paths.eval_dir, paths.report_dir, training_dir=paths.adapter, title=f"finqlora run: {config.name}", recompute=False)
         return {"html": str(report.html)}
 
     return [
@@ -177,7 +182,7 @@ def make_stages(config: RunConfig, paths: RunPaths) -> list[Stage]:
         Stage("build", build_inputs, build_run, build_outputs),
         Stage("eval_base", eval_inputs, eval_base_run, lambda: [paths.eval_dir / name for name in eval_files]),
         Stage("train", train_inputs, train_run, train_outputs),
-        Stage("eval_finetuned", eval_ft_inputs, eval_ft_run, lambda: [paths.eval_dir / "metrics.json", paths.eval_dir / "generations_finetuned.jsonl"]),
+        Stage("eval_finetuned", eval_ft_inputs, eval_ft_run, lambda: [paths.eval_dir / "generations_finetuned.jsonl"]),
         Stage("report", report_inputs, report_run, lambda: [paths.report_dir / "report.html", paths.report_dir / "report.md"]),
     ]
 

@@ -17,11 +17,15 @@ The levers (docs/performance.md has the measured effect of each):
   into a block-diagonal causal mask (sdpa/eager/flex) or varlen boundaries (flash attention),
   so no token attends across samples, and no compute is spent on padding;
 - a token budget per micro-batch instead of a fixed number of samples, so short samples fill
-  the same memory that a batch of long ones would;
+  the same memory that a batch of long ones would, laid out in `pack_rows` rows of similar
+  length (attention cost grows with the square of a row's length);
 - answer-only logits: the lm_head and cross-entropy run only at positions that have a label
   (prompt tokens carry -100 and need no logits); the loss is the same number;
 - Liger kernels on CUDA: fused linear + cross-entropy (the 102,400-entry vocabulary of
   deepseek-7b makes logits the largest activation), RMSNorm, SwiGLU and RoPE in Triton;
+- flash / memory-efficient attention instead of cuDNN's, whose per-call CPU planning dominated
+  steps on the H200 we measured (the steps there are CPU-bound);
+- bf16 autocast on CPUs with native bf16 matrix units (AMX / AVX512-BF16);
 - gradient checkpointing only when memory needs it, 4-bit only when memory needs it.
 
 Explicit values in a run config win over a profile's; a profile field of `None` means "the run

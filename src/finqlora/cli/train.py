@@ -91,7 +91,12 @@ def register(app: typer.Typer) -> None:
             distributed.check_process_count(gpus, run.train.device)
             distributed.relaunch(sys.argv[1:], gpus)  # does not return
         console = Console(stderr=True)
-        result = train(run, progress=progress)
+        try:
+            result = train(run, progress=progress)
+        except KeyboardInterrupt:
+            # A second Ctrl-C: stopped at once; the last complete checkpoint is still usable.
+            console.print("[yellow]stopped without saving;[/] resume from the last checkpoint with --resume_from_checkpoint auto")
+            raise typer.Exit(130) from None
         if not distributed.is_main_process():
             return  # rank 0 reports for the group
         _summary(result, console)
