@@ -62,7 +62,8 @@ def test_profile_lookup_and_errors():
         speedups.get_profile("turbo")
     assert "turbo" in str(err.value) and "fast" in str(err.value) and "t4" in str(err.value)
     assert speedups.profile_as_dict(t4)["name"] == "t4"
-    assert speedups.tokens_per_micro_batch(t4, 4, 512) == 2048
+    # t4: 4 rows of batch_size x max_length tokens (measured <= the baseline's peak memory).
+    assert speedups.tokens_per_micro_batch(t4, 4, 512) == 4 * 2048 and t4.pack_rows == 4
 
 
 def test_pack_by_token_budget_is_a_partition_within_budget():

@@ -398,6 +398,7 @@ def test_lora_layers_adapts_only_the_last_blocks(tiny_model_dir: Path, tmp_path:
         train(tiny_config(tiny_model_dir, data, tmp_path / "out2", max_steps=1, lora_layers=3), progress=False)
 
 
+@pytest.mark.slow  # a subprocess that imports torch + transformers
 def test_guide_script_runs_the_same_command(tmp_path: Path) -> None:
     script = REPO / "scripts" / "qlora" / "train_qlora.py"
     completed = subprocess.run(

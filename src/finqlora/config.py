@@ -137,7 +137,7 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """Before/after evaluation (`finqlora eval`), read by the pipeline."""
 
-    max_prompts: int = Field(50, ge=1, description="test-split prompts evaluated (first N in file order)")
+    max_prompts: int = Field(50, ge=1, description="test-split prompts evaluated (a seeded sample, stratified by record type)")
     max_new_tokens: int = Field(256, ge=1)
     batch_size: int = Field(8, ge=1)
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")

@@ -35,6 +35,15 @@ def database_path(config: RunConfig, paths: RunPaths) -> Path:
     return path
 
 
+def _eval_dtype(config: RunConfig) -> str:
+    """bf16 generation on CPUs with native bf16 matrix units (about 4-6x faster there), as training does."""
+    from finqlora.models import pick_device
+    from finqlora.speedups import cpu_has_fast_bf16
+
+    on_cpu = pick_device(config.train.device) == "cpu"
+    return "bfloat16" if on_cpu and config.train.compute_dtype in ("auto", "bf16") and cpu_has_fast_bf16() else "auto"
+
+
 def _eval_options(config: RunConfig, paths: RunPaths, *, adapter: Path | None):
     from finqlora.evaluation import EvalOptions
 
@@ -48,6 +57,7 @@ def _eval_options(config: RunConfig, paths: RunPaths, *, adapter: Path | None):
         temperature=config.eval.temperature,
         batch_size=config.eval.batch_size,
         device=config.train.device,
+        dtype=_eval_dtype(config),
         load_in_4bit=config.train.load_in_4bit,
         chat_template=config.train.chat_template,
         max_length=max(config.train.max_length, 512),

@@ -68,7 +68,7 @@ def run_command(
     from finqlora.config import load_config
 
     cfg = load_config(config, overrides)
-    result = run_pipeline(cfg, start=start, only=only, force=force, log=lambda line: console.print(line, highlight=False))
+    result = run_pipeline(cfg, start=start, only=only, force=force, log=lambda line: console.print(line, highlight=False, markup=False))
     _print_summary(result)
 
 
