@@ -151,3 +151,4 @@ def test_malformed_config_names_key_and_allowed_values(tmp_path: Path) -> None:
     assert "learning_rate" in (info.value.hint or "")
     with pytest.raises(FinqloraError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+

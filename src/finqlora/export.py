@@ -27,7 +27,7 @@ from typing import Any
 
 from finqlora import __version__
 from finqlora.errors import FinqloraError
-from finqlora.fileio import atomic_write_json, sha256_file
+from finqlora.fileio import atomic_write_json, sha256_file, umask_mode
 from finqlora.paths import cache_dir
 
 ZIP_NAME = "qlora_weights.zip"
@@ -299,6 +299,7 @@ def package_adapter(
     zip_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{zip_path.name}.", suffix=".tmp", dir=zip_path.parent)
     os.close(fd)
+    umask_mode(tmp)
     try:
         with zipfile.ZipFile(tmp, "w") as archive:
             for name in names:

@@ -35,7 +35,7 @@ import numpy as np
 
 from finqlora.errors import FinqloraError
 from finqlora.export import usual_permissions
-from finqlora.fileio import atomic_write_text
+from finqlora.fileio import atomic_write_text, umask_mode
 
 OUTTYPES = ("f16", "q8_0", "f32")
 # Hugging Face architecture class -> llama.cpp architecture name.
@@ -471,6 +471,7 @@ def export_gguf(
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     os.close(fd)
+    umask_mode(tmp_name)
     tmp = Path(tmp_name)
     total = sum(_nbytes(plan)[2] for plan in plans)
     try:
