@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from finqlora.errors import FinqloraError
+from finqlora.evaluation import read_cache
 from finqlora.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 CHART_LABELS = {"利好": "bullish", "利空": "bearish", "中性": "neutral"}
@@ -52,18 +53,6 @@ class ReportPaths:
 
 # ---------------------------------------------------------------------------------------------
 # Inputs
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def find_eval_dir(run_dir: Path) -> Path:
@@ -103,7 +92,7 @@ def _loss_points(training_dir: Path | None) -> tuple[list[tuple[float, float]], 
         if train or val:
             return train, val
     train, val = [], []
-    for row in _read_jsonl(training_dir / "training_log.jsonl"):
+    for row in read_cache(training_dir / "training_log.jsonl"):
         if "loss" in row and "step" in row:
             train.append((row["step"], row["loss"]))
         if "eval_loss" in row and "step" in row:
@@ -549,9 +538,9 @@ def build_report(
     train_dir = Path(training_dir) if training_dir else find_training_dir(Path(run_dir), meta)
     training_info = json.loads((train_dir / "training_info.json").read_text(encoding="utf-8")) if train_dir and (train_dir / "training_info.json").exists() else None
 
-    items = _read_jsonl(eval_dir / "items.jsonl")
-    per_item = {row["id"]: row for row in _read_jsonl(eval_dir / "per_item.jsonl")}
-    outputs = {v: {row["id"]: row["output"] for row in _read_jsonl(eval_dir / f"generations_{v}.jsonl")} for v in ("base", "finetuned")}
+    items = read_cache(eval_dir / "items.jsonl")
+    per_item = {row["id"]: row for row in read_cache(eval_dir / "per_item.jsonl")}
+    outputs = {v: {row["id"]: row["output"] for row in read_cache(eval_dir / f"generations_{v}.jsonl")} for v in ("base", "finetuned")}
     examples = select_examples(items, per_item, per_group=examples_per_group, seed=seed)
 
     train_points, val_points = _loss_points(train_dir)
