@@ -117,6 +117,8 @@ def test_bitsandbytes_cuda_library_not_found(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_bitsandbytes_compiled_without_gpu_support(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("bitsandbytes")  # the probe runs only once the import succeeded
+
     def probe(device: str = "cuda") -> None:
         raise RuntimeError("The installed version of bitsandbytes was compiled without GPU support.")
 
