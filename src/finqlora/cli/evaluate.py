@@ -156,7 +156,9 @@ def human_score(
 
 def report_command(
     run: Path = typer.Option(..., "--run", help="Evaluation folder, or a run folder that holds one (e.g. runs/NAME)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write the report (default: the evaluation folder)."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Where to write the report (default: RUN/report for a `finqlora run` folder, else the evaluation folder)."
+    ),
     training_dir: Optional[Path] = typer.Option(None, "--training-dir", help="Training output folder (default: the evaluated adapter's)."),
     examples: int = typer.Option(2, min=0, help="Examples shown per group (win / loss / tie)."),
     seed: int = typer.Option(0, help="Seed of the example draw."),
@@ -164,6 +166,8 @@ def report_command(
     """Rebuild report.html / report.md / metrics.json from cached generations (no model is run)."""
     from finqlora.report import build_report
 
+    if output is None and (run / "pipeline_state.json").exists():
+        output = run / "report"  # where `finqlora run` puts it
     paths = build_report(run, output, training_dir=training_dir, examples_per_group=examples, seed=seed)
     console.print(f"[green]wrote[/] {paths.html}, {paths.markdown}, {paths.metrics}" + "".join(f", {p}" for p in paths.images.values()))
 
