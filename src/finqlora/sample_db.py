@@ -193,7 +193,7 @@ def _templates(rng: random.Random, ts: int, kind: str | None = None) -> _Draft:
         net = amount - maturing
         title = f"央行今日开展{amount}亿元7天期逆回购操作"
         body = (
-            f"中国人民银行今日开展{amount}亿元7天期逆回购操作，操作利率为1.40%，与此前持平。"
+            f"人民银行公开市场今日进行{amount}亿元7天期逆回购，利率1.40%，较上次不变。"
             f"今日有{maturing}亿元逆回购到期，实现净{'投放' if net >= 0 else '回笼'}{abs(net)}亿元。"
         )
         effect = 0.0
