@@ -2,15 +2,19 @@
 
     python benchmarks/cpu_train_throughput.py --dataset data/qlora/instructions.jsonl
 
-1. Throughput (the demo config's settings: built-in Qwen2.5-Coder-0.5B, LoRA r=8 on all linear
-   layers, batch 4, max length 384, AdamW): effective tokens/s (tokens trained, padding
-   excluded) of the plain transformers Trainer (fp32, padded batches, full logits) and of the
-   `cpu` profile (packed rows, answer-only logits, bf16 autocast on CPUs with AMX/AVX512-BF16),
-   measured in the same run on the same data.
+1. Throughput, with the demo config's settings read from --config (configs/demo-cpu.yaml: the
+   built-in Qwen2.5-Coder-0.5B, LoRA r=8 on all linear layers of the last 8 blocks, batch 2,
+   max length 512, AdamW): effective tokens/s (tokens trained, padding excluded) of the plain
+   transformers Trainer (fp32, padded batches, full logits) and of the `cpu` profile (packed
+   micro-batches of batch x max length tokens, answer-only logits, bf16 base on CPUs with
+   AMX/AVX512-BF16), measured in the same run on the same data, with the same LoRA layers.
 2. Quality (a small real model, the built-in SmolLM2-135M, to keep it affordable on 2 cores):
-   100 optimizer steps of each path on the same batches in the same order (the optimized path
-   packs exactly the baseline's 4 samples of each step), then the validation loss of both
-   adapters, computed the same way; they must agree within 2%.
+   100 optimizer steps of each path on the same batches in the same order (the optimized paths
+   pack exactly the baseline's 4 samples of each step): the plain Trainer, the `cpu` profile
+   in fp32 (its exact levers only: packing, answer-only logits) and the `cpu` profile as it
+   runs here (bf16 where the CPU has it). Each adapter is then put on the same fp32 base and
+   scored on the same validation samples; they must agree within 2%. The bf16 adapter's loss
+   on its own bf16 base is reported too.
 
 Results go to --out (JSON + a Markdown table) and are printed.
 """
@@ -39,8 +43,9 @@ PLAIN = dataclasses.replace(get_profile("default"), load_in_4bit=False, gradient
                             compute_dtype="fp32", optimizer="adamw_torch")
 
 
-def optimized_profile() -> SpeedProfile:
-    return dataclasses.replace(get_profile("cpu"), optimizer="adamw_torch")
+def optimized_profile(compute_dtype: str | None = None) -> SpeedProfile:
+    profile = dataclasses.replace(get_profile("cpu"), optimizer="adamw_torch")
+    return dataclasses.replace(profile, compute_dtype=compute_dtype) if compute_dtype else profile
 
 
 def read_split(dataset: Path) -> tuple[list[dict], list[dict]]:
@@ -76,7 +81,8 @@ def arch_of(model: Any) -> dict:
                 num_key_value_heads=config.num_key_value_heads, vocab_size=config.vocab_size)
 
 
-def throughput(spec: str, samples: list[dict], max_length: int, warmup: int, steps: int) -> list[dict]:
+def throughput(spec: str, samples: list[dict], max_length: int, warmup: int, steps: int, *, batch_size: int,
+               lora_layers: int | None) -> list[dict]:
     results = []
     arch = None
     for name, profile in (("plain Trainer (fp32, padded)", PLAIN), ("--profile cpu", optimized_profile())):
@@ -86,10 +92,10 @@ def throughput(spec: str, samples: list[dict], max_length: int, warmup: int, ste
             arch = arch_of(model)
             return model
 
-        variant = tt.Variant(name, name, profile)
+        variant = tt.Variant(name, name, profile, batch_size=batch_size)
         started = time.perf_counter()
         result = tt.run_variant(variant, samples, arch={}, device="cpu", warmup=warmup, steps=steps, build=build,
-                                max_length=max_length, flops_arch=lambda: arch)
+                                max_length=max_length, flops_arch=lambda: arch, lora_layers=lora_layers)
         print(f"[{name}] {result['tokens_per_s']:.1f} tok/s ({time.perf_counter() - started:.0f}s)", flush=True)
         results.append(result)
     base = results[0]["tokens_per_s"]
@@ -117,8 +123,9 @@ def validation_loss(model: Any, samples: list[dict]) -> float:
 
 
 def quality(spec: str, train: list[dict], val: list[dict], steps: int, seed: int) -> list[dict]:
-    """Both paths, the same 4-sample batches in the same order, then the same validation loss."""
+    """Each path on the same 4-sample batches in the same order, then the same validation loss."""
     import torch
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from torch.utils.data import SequentialSampler
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
@@ -133,8 +140,12 @@ def quality(spec: str, train: list[dict], val: list[dict], steps: int, seed: int
         rng.shuffle(chunk)
         order += chunk
     batches = [order[i * tt.BATCH_SIZE : (i + 1) * tt.BATCH_SIZE] for i in range(steps)]
+    paths = [("plain Trainer (fp32, padded)", PLAIN), ("--profile cpu, fp32", optimized_profile("fp32"))]
+    if optimized_profile().compute_dtype != "fp32":
+        paths.append((f"--profile cpu ({optimized_profile().compute_dtype})", optimized_profile()))
+    scorer = None  # the fp32 base with a LoRA wrapper: every adapter is scored on it
     results = []
-    for name, profile in (("plain Trainer (fp32, padded)", PLAIN), ("--profile cpu", optimized_profile())):
+    for name, profile in paths:
         torch.manual_seed(seed)
         model = tt.attach_lora(load_base(spec, profile), profile)
         model = apply_model_speedups(model, profile)
@@ -154,9 +165,16 @@ def quality(spec: str, train: list[dict], val: list[dict], steps: int, seed: int
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
-        loss = validation_loss(model, val)
-        print(f"[quality {name}] val loss {loss:.4f} after {steps} steps ({seconds:.0f}s)", flush=True)
-        results.append(dict(path=name, val_loss=loss, train_seconds=seconds, steps=steps))
+        if scorer is None:
+            scorer = tt.attach_lora(load_base(spec, PLAIN), PLAIN)
+        set_peft_model_state_dict(scorer, {k: v.float() for k, v in get_peft_model_state_dict(model).items()})
+        loss = validation_loss(scorer, val)
+        own = validation_loss(model, val) if profile.compute_dtype != "fp32" else loss
+        print(f"[quality {name}] val loss {loss:.4f} on the fp32 base ({own:.4f} on its own) after {steps} steps "
+              f"({seconds:.0f}s)", flush=True)
+        results.append(dict(path=name, val_loss=loss, val_loss_own_precision=own, train_seconds=seconds, steps=steps,
+                            compute_dtype=profile.compute_dtype))
+        del model, trainer
     base = results[0]["val_loss"]
     for r in results:
         r["relative_difference"] = abs(r["val_loss"] - base) / base
@@ -166,7 +184,8 @@ def quality(spec: str, train: list[dict], val: list[dict], steps: int, seed: int
 def table(speed: list[dict], check: list[dict], info: dict) -> str:
     lines: list[str] = []
     if speed:
-        lines += [f"Throughput ({info['throughput_model']}, batch 4, max length {info['max_length']}, "
+        lines += [f"Throughput ({info['throughput_model']}, batch {info['batch_size']}, max length {info['max_length']}, "
+                  f"LoRA on the last {info['lora_layers'] or 'all'} blocks, "
                   f"{info['train_samples']} train samples, mean {info['mean_tokens']:.0f} tokens):", "",
                   "| path | eff. tokens/s | x plain | samples/step |", "| --- | ---: | ---: | ---: |"]
     for r in speed:
@@ -174,18 +193,20 @@ def table(speed: list[dict], check: list[dict], info: dict) -> str:
     if check:
         lines += ["", f"Quality ({info['quality_model']}, {check[0]['steps']} steps, same batches, max length "
                       f"{info['quality_max_length']}, {info['val_samples']} val samples):", "",
-                  "| path | val loss | difference | train time |", "| --- | ---: | ---: | ---: |"]
+                  "| path | val loss (fp32 base) | difference | val loss (own precision) | train time |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
         for r in check:
-            lines.append(f"| {r['path']} | {r['val_loss']:.4f} | {r['relative_difference']:.2%} | {r['train_seconds']:.0f} s |")
+            lines.append(f"| {r['path']} | {r['val_loss']:.4f} | {r['relative_difference']:.2%} | "
+                         f"{r['val_loss_own_precision']:.4f} | {r['train_seconds']:.0f} s |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, help="instruction JSONL with train/val splits (finqlora build)")
-    parser.add_argument("--model", default="builtin:qwen2.5-coder-0.5b-instruct", help="throughput model")
+    parser.add_argument("--config", default=str(REPO / "configs" / "demo-cpu.yaml"),
+                        help="run config whose model, batch size, max length and LoRA layers the throughput uses")
     parser.add_argument("--quality-model", default="builtin:smollm2-135m-instruct")
-    parser.add_argument("--max-length", type=int, default=384, help="the demo config's max length")
     parser.add_argument("--quality-max-length", type=int, default=128,
                         help="max length of the quality check (shorter keeps 2 x 100 steps affordable on 2 cores)")
     parser.add_argument("--train-samples", type=int, default=300)
@@ -197,17 +218,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/cpu_train_throughput")
     args = parser.parse_args(argv)
 
+    from finqlora.config import load_config
     from finqlora.models import load_tokenizer
 
+    demo = load_config(args.config).train
     train_records, val_records = read_split(Path(args.dataset))
     train_records, val_records = train_records[: args.train_samples], val_records[: args.val_samples]
-    samples = encode(load_tokenizer(args.model), train_records, args.max_length) if args.steps else []
-    info = dict(throughput_model=args.model, quality_model=args.quality_model, max_length=args.max_length,
+    samples = encode(load_tokenizer(demo.model), train_records, demo.max_length) if args.steps else []
+    info = dict(throughput_model=demo.model, quality_model=args.quality_model, max_length=demo.max_length,
+                batch_size=demo.batch_size, lora_layers=demo.lora_layers, config=args.config,
                 train_samples=len(samples), val_samples=len(val_records), dataset=args.dataset,
                 mean_tokens=sum(len(s["input_ids"]) for s in samples) / max(len(samples), 1),
                 quality_max_length=args.quality_max_length,
                 cpu_profile=dataclasses.asdict(optimized_profile()), environment=tt.environment())
-    speed = throughput(args.model, samples, args.max_length, args.warmup, args.steps) if args.steps else []
+    speed = (throughput(demo.model, samples, demo.max_length, args.warmup, args.steps, batch_size=demo.batch_size,
+                        lora_layers=demo.lora_layers) if args.steps else [])
     check: list[dict] = []
     if args.quality_steps:
         tokenizer = load_tokenizer(args.quality_model)

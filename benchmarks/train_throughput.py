@@ -80,6 +80,7 @@ class Variant:
     what: str
     profile: SpeedProfile
     repeat_check: bool = False  # one repeated 4 x 512 batch: does the loss fall?
+    batch_size: int = BATCH_SIZE  # samples per padded batch; a packed budget is batch_size x max_length
 
 
 def resolved(profile: SpeedProfile, **changes: Any) -> SpeedProfile:
@@ -95,13 +96,17 @@ def variants() -> dict[str, Variant]:
     rows = [
         Variant("baseline", "plain Trainer + peft + bnb NF4 (the standard recipe)", base),
         Variant("t4", "--profile t4 (fp16, 4-bit, checkpointing, 4 packed rows of 4x512 tokens)", t4),
-        Variant("fast", "--profile fast (4-bit, checkpointing, 8 packed rows of 4x512 tokens)", fast),
+        Variant("fast", "--profile fast (4-bit, checkpointing, varlen attention, 8x4x512-token micro-batches)", fast),
+        Variant("fast-masked", "fast with sdpa and block-diagonal masks in 8 rows instead of varlen attention",
+                dataclasses.replace(fast, varlen_attention=False)),
         Variant("fast-bf16", "--profile fast-bf16 (like fast, no quantization)", resolved(get_profile("fast-bf16"))),
-        Variant("fast-no-checkpointing", "fast without checkpointing, 2 packed rows (memory for speed)",
+        Variant("fast-no-checkpointing", "fast without checkpointing, 2x4x512-token micro-batches (memory for speed)",
                 dataclasses.replace(fast, gradient_checkpointing=False, budget_scale=2, pack_rows=2)),
         # Ablation: each lever alone on top of the baseline.
         Variant("+packing", "baseline + padding-free packing (1 row, 4x512 token budget)",
                 dataclasses.replace(base, packing=True)),
+        Variant("+packing+varlen", "baseline + padding-free packing with varlen attention (1 row, 4x512 tokens)",
+                dataclasses.replace(base, packing=True, varlen_attention=True)),
         Variant("+answer-only", "baseline + answer-only logits (torch CE)", dataclasses.replace(base, answer_only_logits=True)),
         Variant("+liger", "baseline + Liger RMSNorm/SwiGLU/RoPE + fused linear-CE",
                 dataclasses.replace(base, liger=True, answer_only_logits=True)),
@@ -113,6 +118,9 @@ def variants() -> dict[str, Variant]:
                 dataclasses.replace(base, gradient_checkpointing=False)),
         Variant("fp16-standard", "the standard recipe in fp16 (the T4 config's precision)",
                 dataclasses.replace(base, compute_dtype="fp16")),
+        # Control: more tokens per step without our levers (t4's 8,192-token budget as padded samples).
+        Variant("batch16-standard", "the standard recipe with batch 16 (more tokens per step, no other lever)",
+                base, batch_size=16),
         # Diagnostics of the T4 profile's cost.
         Variant("t4-bf16", "--profile t4 in bf16 (what fp16 costs)", dataclasses.replace(t4, compute_dtype="bf16")),
         Variant("t4-no-checkpointing", "--profile t4 without checkpointing (what checkpointing costs)",
@@ -126,10 +134,12 @@ def variants() -> dict[str, Variant]:
     return {v.name: v for v in rows}
 
 
-# What `run` measures by default: the profiles, the issue-5 checks and the ablations that were
-# not already measured (docs/benchmarks.md has the full ablation from an earlier run).
-MAIN_VARIANTS = ("baseline", "t4", "fast", "fast-bf16", "fast-no-checkpointing", "+no-cudnn-attention",
-                 "no-checkpointing", "repeat-t4-config", "repeat-bf16-config", "repeat-t4-profile")
+# What `run` measures by default (the table in docs/benchmarks.md): the profiles, each lever alone
+# on top of the baseline, the bigger-batch control, and the baseline again at the end, because
+# step times on a shared VM drift; ratios use the faster of the two baseline runs.
+MAIN_VARIANTS = ("baseline", "t4", "fast", "fast-masked", "fast-bf16", "+packing", "+packing+varlen", "+answer-only",
+                 "+liger", "+no-upcast", "+no-cudnn-attention", "no-checkpointing", "fp16-standard",
+                 "batch16-standard", "fast-no-checkpointing", "baseline")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,8 +259,9 @@ def quantize_nf4(model: Any, compute_dtype: Any) -> None:
     model.is_loaded_in_4bit = True
 
 
-def attach_lora(model: Any, profile: SpeedProfile) -> Any:
-    """peft LoRA r=8 on all linear layers; the standard recipe uses prepare_model_for_kbit_training."""
+def attach_lora(model: Any, profile: SpeedProfile, lora_layers: int | None = None) -> Any:
+    """peft LoRA r=8 on all linear layers (of the last `lora_layers` blocks, if given); the
+    standard recipe uses prepare_model_for_kbit_training."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if profile.load_in_4bit and profile.upcast_frozen_to_fp32:
@@ -258,8 +269,10 @@ def attach_lora(model: Any, profile: SpeedProfile) -> Any:
     elif profile.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    blocks = model.config.num_hidden_layers
     config = LoraConfig(r=LORA_R, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", bias="none",
-                        task_type="CAUSAL_LM")
+                        task_type="CAUSAL_LM",
+                        layers_to_transform=list(range(blocks - lora_layers, blocks)) if lora_layers else None)
     return get_peft_model(model, config)
 
 
@@ -287,7 +300,8 @@ def attention_flops(arch: dict, lengths: list[int]) -> float:
 
 def run_variant(variant: Variant, samples: list[dict[str, list[int]]], *, arch: dict, device: str,
                 warmup: int, steps: int, seed: int = 0, trace_steps: int = 0,
-                build: Any = None, max_length: int = MAX_LENGTH, flops_arch: Any = None) -> dict:
+                build: Any = None, max_length: int = MAX_LENGTH, flops_arch: Any = None,
+                lora_layers: int | None = None) -> dict:
     """Train `warmup + steps` optimizer steps and measure the timed ones.
 
     `build(profile)` returns the base model (default: a random model of `arch` on `device`);
@@ -297,12 +311,13 @@ def run_variant(variant: Variant, samples: list[dict[str, list[int]]], *, arch: 
     import torch
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-    from finqlora.speedups import apply_model_speedups, make_data_collator, pack_by_token_budget, tokens_per_micro_batch
+    from finqlora.speedups import (apply_model_speedups, attention_implementation, make_data_collator,
+                                   pack_by_token_budget, tokens_per_micro_batch)
 
     profile = variant.profile
     cuda = device.startswith("cuda")
     model = build(profile) if build is not None else build_model(arch, profile, device)
-    model = attach_lora(model, profile)
+    model = attach_lora(model, profile, lora_layers)
     model = apply_model_speedups(model, profile)
     if cuda:
         torch.cuda.empty_cache()
@@ -316,16 +331,16 @@ def run_variant(variant: Variant, samples: list[dict[str, list[int]]], *, arch: 
         batch = repeated_batch(samples, max_length)
         train = [{"pack": batch}] if profile.packing else batch
     elif profile.packing:
-        budget = tokens_per_micro_batch(profile, BATCH_SIZE, max_length)
+        budget = tokens_per_micro_batch(profile, variant.batch_size, max_length)
         packs = pack_by_token_budget([len(s["input_ids"]) for s in samples], budget, seed=seed)
         train = [{"pack": [samples[i] for i in pack]} for pack in packs]
     else:
         train = samples
-    per_device = 1 if profile.packing else BATCH_SIZE
+    per_device = 1 if profile.packing else variant.batch_size
 
     counted: list[tuple[int, list[int]]] = []  # per micro-batch: real tokens, sample lengths
 
-    collate = make_data_collator(padding_tokenizer(), profile)
+    collate = make_data_collator(padding_tokenizer(), profile, attn_implementation=attention_implementation(model))
 
     def counting_collate(features: list[dict]) -> dict:
         batch = collate(features)
@@ -491,8 +506,9 @@ def matmul_peak_tflops(device: str = "cuda", n: int = 8192, reps: int = 20) -> f
 
 
 def summarize(results: list[dict], peak_tflops: float | None) -> list[dict]:
-    """Add MFU and ratios against the baseline of the same run."""
-    base = next((r for r in results if r["variant"] == "baseline" and "error" not in r), None)
+    """Add MFU and ratios against the baseline of the same run (the fastest, if it ran more than once)."""
+    baselines = [r for r in results if r["variant"] == "baseline" and "error" not in r]
+    base = max(baselines, key=lambda r: r["tokens_per_s"], default=None)
     for r in results:
         if "error" in r:
             continue
@@ -559,8 +575,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     data_info = length_stats(np.load(args.tokens)["lengths"])
     print(json.dumps({"environment": env, "data": data_info}, indent=1), flush=True)
     results = []
-    for name in names:
-        result_file = work / f"variant_{name.replace('+', 'plus_')}.json"
+    for index, name in enumerate(names):
+        result_file = work / f"variant_{index:02d}_{name.replace('+', 'plus_')}.json"
         cmd = [sys.executable, __file__, "worker", "--variant", name, "--tokens", str(args.tokens),
                "--warmup", str(args.warmup), "--steps", str(args.steps), "--json-out", str(result_file)]
         started = time.perf_counter()

@@ -197,6 +197,99 @@ def test_answer_only_loss_matches_full_logits_with_peft(tiny, samples):
     assert any(g.abs().sum() > 0 for g in grads[1].values())
 
 
+def test_varlen_collator_gives_one_row_with_sample_boundaries(samples):
+    profile = speedups.get_profile("fast")
+    assert profile.varlen_attention and profile.pack_rows > 1
+    batch = speedups.make_data_collator(None, profile, attn_implementation=speedups.VARLEN_ATTENTION)(
+        [{"pack": samples}])
+    lengths = [len(s["input_ids"]) for s in samples]
+    assert batch["input_ids"].shape == (1, sum(lengths)), "varlen attention needs no rows: one row holds all"
+    assert batch["cu_seq_lens_q"].tolist() == [0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
+    assert batch["max_length_q"] == max(lengths) and batch["use_cache"] is False
+    # Without varlen attention the profile's rows are kept (masked sdpa, rows of similar length).
+    rows = speedups.make_data_collator(None, profile, attn_implementation="sdpa")([{"pack": samples}])
+    assert rows["input_ids"].shape[0] == len(samples) and "cu_seq_lens_q" not in rows
+
+
+def test_varlen_attention_needs_cuda_and_falls_back_to_sdpa(tiny, samples):
+    """On the CPU the profile keeps sdpa; without boundaries the function is sdpa, and refuses packs."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model, _ = tiny
+    assert not speedups.packed_varlen_available("cpu")
+    copy = type(model)(model.config)
+    copy.load_state_dict(model.state_dict())
+    import dataclasses
+
+    profile = dataclasses.replace(speedups.get_profile("cpu"), varlen_attention=True)
+    speedups.apply_model_speedups(copy, profile)
+    assert speedups.attention_implementation(copy) == "sdpa", "no flash kernel on the CPU: masked packing stays"
+
+    module = model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, 4, 9, 8, generator=generator) for _ in range(3))
+    expected, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.35)
+    got, weights = speedups.varlen_attention_forward(module, query, key, value, None, scaling=0.35,
+                                                     position_ids=torch.arange(9).expand(2, 9))
+    assert weights is None
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    packed_positions = torch.cat([torch.arange(4), torch.arange(5)]).unsqueeze(0)
+    with pytest.raises(FinqloraError, match="without their boundaries"):
+        speedups.varlen_attention_forward(module, query[:1], key[:1], value[:1], None, position_ids=packed_positions)
+    with pytest.raises(FinqloraError, match="one packed row"):
+        speedups.varlen_attention_forward(module, query, key, value, None, cu_seq_lens_q=torch.tensor([0, 4, 9]),
+                                          max_length_q=5)
+
+
+@pytest.mark.skipif(not speedups.packed_varlen_available("cuda" if torch.cuda.is_available() else "cpu"),
+                    reason="varlen flash attention needs a CUDA GPU of compute capability 8.0+ (none here)")
+def test_varlen_attention_matches_masked_packing_on_cuda():
+    """Same loss and LoRA gradients as sdpa with the block-diagonal mask; generation unchanged.
+
+    A random grouped-query Llama (4 query heads, 2 key/value heads) in bf16, five packed samples.
+    """
+    import dataclasses
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for length in (37, 64, 5, 120, 18):
+        ids = torch.randint(3, 512, (length,), generator=generator).tolist()
+        samples.append({"input_ids": ids, "labels": [-100] * (length // 2) + ids[length // 2:]})
+    results = []
+    for varlen in (False, True):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").to("cuda")
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
+        profile = dataclasses.replace(speedups.get_profile("cpu"), compute_dtype="bf16", varlen_attention=varlen)
+        speedups.apply_model_speedups(model, profile)
+        assert (speedups.attention_implementation(model) == speedups.VARLEN_ATTENTION) is varlen
+        collate = speedups.make_data_collator(None, profile, attn_implementation=speedups.attention_implementation(model))
+        batch = {k: v.to("cuda") if hasattr(v, "to") else v for k, v in collate([{"pack": samples}]).items()}
+        model.train()
+        loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.eval()
+        prompt = torch.tensor([samples[3]["input_ids"][:12]], device="cuda")
+        with torch.no_grad():
+            generated = model.generate(input_ids=prompt, max_new_tokens=8, do_sample=False)
+        results.append((loss.item(), grads, generated.tolist()))
+    (masked_loss, masked_grads, masked_gen), (varlen_loss, varlen_grads, varlen_gen) = results
+    assert varlen_loss == pytest.approx(masked_loss, rel=1e-2)
+    for name in masked_grads:
+        torch.testing.assert_close(varlen_grads[name], masked_grads[name], rtol=5e-2, atol=5e-3)
+    assert varlen_gen == masked_gen
+
+
 def test_liger_profiles_refuse_the_cpu(tiny):
     model, _ = tiny
     with pytest.raises(FinqloraError, match="CUDA"):

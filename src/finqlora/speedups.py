@@ -5,7 +5,7 @@ applies on top of the run config. The training code uses three calls:
 
     profile = get_profile(config.profile)
     apply_model_speedups(model, profile)          # after peft wraps the model
-    collator = make_data_collator(tokenizer, profile)
+    collator = make_data_collator(tokenizer, profile, attn_implementation=attention_implementation(model))
 
 and, when `profile.packing` is on, `pack_by_token_budget(...)` to group samples into
 micro-batches of at most `tokens_per_micro_batch(profile, batch_size, max_length)` tokens.
@@ -25,6 +25,9 @@ The levers (docs/performance.md has the measured effect of each):
   deepseek-7b makes logits the largest activation), RMSNorm, SwiGLU and RoPE in Triton;
 - flash / memory-efficient attention instead of cuDNN's, whose per-call CPU planning dominated
   steps on the H200 we measured (the steps there are CPU-bound);
+- varlen attention on GPUs with flash attention (compute capability 8.0+): packed samples go
+  through torch's `varlen_attn` with per-sample boundaries, so attention costs the sum of the
+  squared sample lengths instead of a full masked square per row;
 - bf16 autocast on CPUs with native bf16 matrix units (AMX / AVX512-BF16);
 - gradient checkpointing only when memory needs it, 4-bit only when memory needs it.
 
@@ -69,6 +72,10 @@ class SpeedProfile:
     # cuDNN's fused attention (PyTorch's first choice on Hopper) costs ~1.5 ms of CPU per call
     # to plan each new shape; packed rows change shape every step, so use flash/mem-efficient.
     avoid_cudnn_attention: bool = False
+    # Packed samples attend through torch's varlen flash kernel (per-sample boundaries, one row
+    # per micro-batch) instead of sdpa with a block-diagonal mask that still computes every
+    # masked block. CUDA with compute capability 8.0+ only; elsewhere the masked path runs.
+    varlen_attention: bool = False
     # prepare_model_for_kbit_training casts norms, embeddings and lm_head to fp32; with fused
     # kernels that is memory and time for no gain, so fast profiles keep them in compute dtype.
     upcast_frozen_to_fp32: bool = True
@@ -104,7 +111,7 @@ PROFILES: dict[str, SpeedProfile] = {
         SpeedProfile(
             name="fast",
             description="GPUs with memory to spare (24 GB+): 4-bit base, gradient checkpointing, micro-batches "
-            "of 8 packed rows of batch_size x max_length tokens each, answer-only logits, Liger kernels",
+            "of 8 x batch_size x max_length packed tokens, varlen attention, answer-only logits, Liger kernels",
             packing=True,
             budget_scale=8,
             pack_rows=8,
@@ -114,6 +121,7 @@ PROFILES: dict[str, SpeedProfile] = {
             load_in_4bit=True,
             upcast_frozen_to_fp32=False,
             avoid_cudnn_attention=True,
+            varlen_attention=True,
         ),
         SpeedProfile(
             name="fast-bf16",
@@ -129,6 +137,7 @@ PROFILES: dict[str, SpeedProfile] = {
             compute_dtype="bf16",
             upcast_frozen_to_fp32=False,
             avoid_cudnn_attention=True,
+            varlen_attention=True,
         ),
         SpeedProfile(
             name="cpu",
@@ -294,10 +303,15 @@ class PackedCollator:
 
 
 def make_data_collator(tokenizer: Any, profile: SpeedProfile, *, attn_implementation: str | None = None) -> Callable:
-    """The collator for `profile`: padding-free packing, or dynamic padding with -100 labels."""
+    """The collator for `profile`: padding-free packing, or dynamic padding with -100 labels.
+
+    Pass the model's `attention_implementation(model)`: varlen and flash attention take one
+    packed row with sample boundaries (`cu_seq_lens_*`) instead of several masked rows.
+    """
     if profile.packing:
-        return PackedCollator(rows=profile.pack_rows,
-                              return_flash_attn_kwargs=bool(attn_implementation and "flash" in attn_implementation))
+        if attn_implementation == VARLEN_ATTENTION or "flash" in (attn_implementation or ""):
+            return PackedCollator(rows=1, return_flash_attn_kwargs=True)
+        return PackedCollator(rows=profile.pack_rows)
     from transformers import DataCollatorForSeq2Seq
 
     if tokenizer.pad_token_id is None:
@@ -344,11 +358,116 @@ def apply_model_speedups(model: Any, profile: SpeedProfile) -> Any:
                 hint="use --set train.profile=cpu on the CPU",
             )
         _apply_liger(lm)
+    if profile.varlen_attention and packed_varlen_available(device):
+        _install_varlen_attention(lm)
     if profile.answer_only_logits:
         _install_answer_only_loss(lm, fused=profile.liger)
     if profile.torch_compile:
         return torch.compile(model)
     return model
+
+
+def attention_implementation(model: Any) -> str:
+    """The attention implementation the (peft-wrapped) model runs, e.g. "sdpa" or VARLEN_ATTENTION."""
+    return str(getattr(_causal_lm(model).config, "_attn_implementation", None) or "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Varlen attention: packed samples through torch's flash kernel with per-sample boundaries
+
+VARLEN_ATTENTION = "finqlora_varlen"
+
+
+def packed_varlen_available(device: Any) -> bool:
+    """Whether torch's varlen flash attention runs here (CUDA, compute capability 8.0+)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (torch >= 2.10)
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _install_varlen_attention(lm: Any) -> None:
+    """Register the varlen attention (and its mask rule) with transformers and switch `lm` to it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_attention_mask)
+    lm.set_attn_implementation(VARLEN_ATTENTION)
+
+
+def _varlen_attention_mask(*args: Any, **kwargs: Any) -> Any:
+    """No mask for unpadded (packed) input: varlen attention takes its boundaries from
+    `cu_seq_lens_*`. Padded input (batched generation) gets sdpa's mask and the sdpa path."""
+    if kwargs.get("attention_mask") is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
+def _varlen_causal_kwargs() -> dict[str, Any]:
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    # torch 2.10 takes is_causal; 2.11+ expresses causality as window_size=(-1, 0).
+    if "window_size" in inspect.signature(varlen_attn).parameters:
+        return {"window_size": (-1, 0)}
+    return {"is_causal": True}
+
+
+def varlen_attention_forward(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                             dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[Any, None]:
+    """A transformers attention function: causal attention confined to each packed sample.
+
+    query/key/value are (batch, heads, tokens, head_dim). With `cu_seq_lens_q` (one packed row
+    from the collator) torch's varlen flash kernel runs; without it (generation, padded batches)
+    this is transformers' sdpa attention with the mask it was given.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu_seq_q = kwargs.get("cu_seq_lens_q")
+    if cu_seq_q is None:
+        position_ids = kwargs.get("position_ids")
+        if attention_mask is None and query.shape[2] > 1 and position_ids is not None \
+                and bool((position_ids[:, 1:] == 0).any()):
+            raise FinqloraError(
+                "packed samples reached varlen attention without their boundaries (cu_seq_lens_q); "
+                "they would attend to each other",
+                hint="build batches with speedups.make_data_collator(tokenizer, profile, "
+                "attn_implementation=speedups.attention_implementation(model))",
+            )
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if query.shape[0] != 1:
+        raise FinqloraError(f"varlen attention takes one packed row per micro-batch, got {query.shape[0]}",
+                            hint="use speedups.make_data_collator(..., attn_implementation=...) for packed batches")
+    if dropout:
+        raise FinqloraError("varlen attention does not implement attention dropout",
+                            hint="set the model's attention_dropout to 0 or use a profile without varlen_attention")
+    from torch.nn.attention.varlen import varlen_attn
+
+    q, k, v = (t.transpose(1, 2)[0].contiguous() for t in (query, key, value))  # (tokens, heads, head_dim)
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        # The flash kernel takes half precision only; fp32 activations (norms upcast by
+        # prepare_model_for_kbit_training) run it in the autocast dtype, as sdpa would under autocast.
+        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        q, k, v = q.to(half), k.to(half), v.to(half)
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: repeat each key/value head
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    cu_seq_k = kwargs.get("cu_seq_lens_k", cu_seq_q)
+    out = varlen_attn(q, k, v, cu_seq_q.to(torch.int32), cu_seq_k.to(torch.int32), int(kwargs["max_length_q"]),
+                      int(kwargs.get("max_length_k", kwargs["max_length_q"])), scale=scaling, **_varlen_causal_kwargs())
+    return out.to(query.dtype).unsqueeze(0), None
 
 
 def _apply_liger(lm: Any) -> None:

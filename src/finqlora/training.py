@@ -855,7 +855,8 @@ def train(
         from finqlora import speedups
 
         model = speedups.apply_model_speedups(model, profile)
-        collator = speedups.make_data_collator(tokenizer, profile)
+        collator = speedups.make_data_collator(tokenizer, profile,
+                                               attn_implementation=speedups.attention_implementation(model))
         if packing:
             # One micro-batch = one pack of samples up to the token budget of batch_size x max_length.
             # Packs are made once (seeded), so a resumed run sees the same micro-batches.
