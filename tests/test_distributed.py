@@ -299,3 +299,31 @@ def test_process_count_is_checked_before_launching() -> None:
         with pytest.raises(FinqloraError, match="logical cores"):
             distributed.check_process_count((os.cpu_count() or 1) + 1, "cpu")
         distributed.check_process_count(min(2, os.cpu_count() or 1), "cpu")
+
+
+@pytest.mark.slow
+def test_multi_gpu_benchmark_logic_over_gloo(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """benchmarks/multi_gpu_throughput.py's three runs and read-back, on the CPU with a tiny model.
+
+    The same `finqlora train` commands the 2-GPU benchmark issues (`--gpus 2` runs two gloo
+    processes here), the numbers it reads from training_info.json / training_log.jsonl, and its
+    loss comparison: 2 x b must match 1 x 2b step by step.
+    """
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "multi_gpu_throughput.py"
+    spec = importlib.util.spec_from_file_location("multi_gpu_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    data = _write_dataset(tmp_path / "data.jsonl")
+    runs = {name: bench.train_run(name, tmp_path, tiny_model_dir, data, gpus=gpus, batch=batch, steps=3)
+            for name, gpus, batch in (("2gpu_b", 2, 1), ("1gpu_2b", 1, 2))}
+    two, one = runs["2gpu_b"], runs["1gpu_2b"]
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert len(two["losses"]) == len(one["losses"]) == 3
+    assert two["tokens"] == one["tokens"] > 0, "both runs train the same samples, so the same tokens"
+    assert two["tokens_per_second"] > 0 and one["tokens_per_second"] > 0
+    compared = bench.compare_losses(one["losses"], two["losses"])
+    assert compared["steps"] == 3 and compared["max_relative_difference"] < LOSS_RTOL, compared
+    assert bench.compare_losses([1.0, 2.0], [1.0, 2.2])["max_relative_difference"] == pytest.approx(0.1)

@@ -197,6 +197,46 @@ def test_answer_only_loss_matches_full_logits_with_peft(tiny, samples):
     assert any(g.abs().sum() > 0 for g in grads[1].values())
 
 
+def test_lora_update_in_fp32_keeps_small_updates_over_a_bf16_base(tiny, samples):
+    """Over a bf16 base, an adapted layer's LoRA update is added in fp32: an update far below bf16's
+    resolution of the layer output still changes it (without the lever it is rounded away), and
+    the model also runs outside autocast (evaluation, generation)."""
+    import dataclasses
+
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny
+    profile = dataclasses.replace(speedups.get_profile("cpu"), compute_dtype="bf16", lora_update_in_fp32=True)
+    x = torch.randn(1, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for lever in (False, True):
+        base = type(model)(model.config)
+        base.load_state_dict(model.state_dict())
+        peft_model = get_peft_model(base.to(torch.bfloat16),
+                                    LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_dropout=0.0))
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.fill_(1e-8)
+        speedups.apply_model_speedups(peft_model, profile if lever else dataclasses.replace(profile, lora_update_in_fp32=False))
+        layer = peft_model.get_base_model().model.layers[0].self_attn.q_proj
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            adapted = layer(x)
+            with peft_model.disable_adapter():
+                plain = layer(x)
+        outputs[lever] = (adapted, plain)
+    assert outputs[False][0].dtype == torch.bfloat16 and torch.equal(*outputs[False]), "bf16 add rounds it away"
+    adapted, plain = outputs[True]
+    assert adapted.dtype == torch.float32 and not torch.equal(adapted, plain)
+    assert (adapted - plain).abs().max() < 1e-3, "only the tiny LoRA update differs"
+    # Outside autocast: bf16 layers take the fp32 activations of adapted ones without dtype errors.
+    peft_model.eval()
+    with torch.no_grad():
+        logits = peft_model(input_ids=torch.tensor([samples[0]["input_ids"]])).logits
+    assert torch.isfinite(logits).all()
+    assert peft_model.get_base_model().model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
+
+
 def test_varlen_collator_gives_one_row_with_sample_boundaries(samples):
     profile = speedups.get_profile("fast")
     assert profile.varlen_attention and profile.pack_rows > 1
@@ -373,3 +413,32 @@ def test_gpu_benchmark_logic_on_a_tiny_model(tmp_path):
     text = tt.table(summarized)
     assert "| baseline |" in text and "ok:" in text
     assert not tt.loss_check([3.0, 3.0, 3.0, 3.0, 3.0, float("nan")])["loss_falls"]
+
+
+@pytest.mark.slow
+def test_cpu_benchmark_quality_check_on_a_tiny_model(tiny_model_dir, samples):
+    """benchmarks/cpu_train_throughput.py's quality check: the same batches for every path, every
+    adapter scored on the same fp32 base, differences relative to the plain path."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    _bench_module()  # the CPU benchmark imports the GPU one by name
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_train_throughput.py"
+    spec = importlib.util.spec_from_file_location("cpu_train_throughput", path)
+    cpu_bench = importlib.util.module_from_spec(spec)
+    sys.modules["cpu_train_throughput"] = cpu_bench
+    spec.loader.exec_module(cpu_bench)
+
+    train = samples * 3
+    results = cpu_bench.quality(str(tiny_model_dir), train, samples, steps=3, seed=0)
+    names = [r["path"] for r in results]
+    assert names[:2] == ["plain Trainer (fp32, padded)", "--profile cpu, fp32"]
+    assert len(names) == (3 if speedups.cpu_has_fast_bf16() else 2)
+    plain, exact = results[0], results[1]
+    assert plain["relative_difference"] == 0.0
+    # Packing and answer-only logits are exact: the fp32 profile trains the same adapter.
+    assert exact["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-4)
+    assert exact["val_loss_own_precision"] == exact["val_loss"]
+    text = cpu_bench.table([], results, {"quality_model": "tiny", "quality_max_length": 128, "val_samples": 3})
+    assert "| --profile cpu, fp32 |" in text

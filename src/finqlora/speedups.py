@@ -79,6 +79,10 @@ class SpeedProfile:
     # prepare_model_for_kbit_training casts norms, embeddings and lm_head to fp32; with fused
     # kernels that is memory and time for no gain, so fast profiles keep them in compute dtype.
     upcast_frozen_to_fp32: bool = True
+    # Over a bf16 base: each adapted layer's frozen output is cast to fp32 before LoRA's update
+    # is added (in bf16 that small update is rounded to the base output's precision, 2^-8
+    # relative), so the adapted blocks carry fp32 activations; the frozen products stay bf16.
+    lora_update_in_fp32: bool = False
     torch_compile: bool = False
     # TrainingArguments.optim; None = the run config's (paged_adamw_8bit on CUDA).
     optimizer: str | None = None
@@ -146,6 +150,7 @@ PROFILES: dict[str, SpeedProfile] = {
             packing=True,
             budget_scale=1,
             answer_only_logits=True,
+            lora_update_in_fp32=True,
             liger=False,
             gradient_checkpointing=False,
             load_in_4bit=False,
@@ -358,6 +363,8 @@ def apply_model_speedups(model: Any, profile: SpeedProfile) -> Any:
                 hint="use --set train.profile=cpu on the CPU",
             )
         _apply_liger(lm)
+    if profile.lora_update_in_fp32 and next(lm.parameters()).dtype == torch.bfloat16:
+        _add_lora_updates_in_fp32(lm)
     if profile.varlen_attention and packed_varlen_available(device):
         _install_varlen_attention(lm)
     if profile.answer_only_logits:
@@ -365,6 +372,33 @@ def apply_model_speedups(model: Any, profile: SpeedProfile) -> Any:
     if profile.torch_compile:
         return torch.compile(model)
     return model
+
+
+def _add_lora_updates_in_fp32(lm: Any) -> None:
+    """Cast adapted layers' frozen outputs to fp32 (see the profile field); bf16 layers cast their
+    inputs, so the model also runs outside autocast (evaluation, generation)."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    modules = dict(lm.named_modules())
+    for module in modules.values():
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.bfloat16:
+            module.register_forward_pre_hook(_input_to_weight_dtype)
+    # Every linear beside an adapted one goes fp32 too (with LoRA on q and v only, k must match).
+    parents = {name.rsplit(".", 1)[0] for name, module in modules.items() if isinstance(module, LoraLayer) and "." in name}
+    for parent in parents:
+        for child in modules[parent].children():
+            base = child.get_base_layer() if isinstance(child, LoraLayer) else child
+            if isinstance(base, torch.nn.Linear) and base.weight.dtype == torch.bfloat16:
+                base.register_forward_hook(_output_to_fp32)
+
+
+def _input_to_weight_dtype(module: Any, args: tuple) -> tuple:
+    return (args[0].to(module.weight.dtype), *args[1:])
+
+
+def _output_to_fp32(module: Any, inputs: Any, output: Any) -> Any:
+    return output.float()
 
 
 def attention_implementation(model: Any) -> str:
