@@ -28,7 +28,8 @@ The levers (docs/performance.md has the measured effect of each):
 - varlen attention on GPUs with flash attention (compute capability 8.0+): packed samples go
   through torch's `varlen_attn` with per-sample boundaries, so attention costs the sum of the
   squared sample lengths instead of a full masked square per row;
-- bf16 autocast on CPUs with native bf16 matrix units (AMX / AVX512-BF16);
+- bf16 autocast on CPUs with native bf16 matrix units (AMX / AVX512-BF16), with LoRA's updates
+  added in fp32 (in bf16 they are rounded away early in training);
 - gradient checkpointing only when memory needs it, 4-bit only when memory needs it.
 
 Explicit values in a run config win over a profile's; a profile field of `None` means "the run
@@ -146,7 +147,8 @@ PROFILES: dict[str, SpeedProfile] = {
         SpeedProfile(
             name="cpu",
             description="CPU LoRA (no 4-bit): packed micro-batches without padding, answer-only logits, and bf16 "
-            "autocast where the CPU has native bf16 matrix units (AMX / AVX512-BF16), else fp32; no Triton kernels",
+            "products where the CPU has native bf16 matrix units (AMX / AVX512-BF16; LoRA updates added in fp32), "
+            "else fp32; no Triton kernels",
             packing=True,
             budget_scale=1,
             answer_only_logits=True,
