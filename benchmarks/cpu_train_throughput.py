@@ -216,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(REPO / "configs" / "demo-cpu.yaml"),
                         help="run config whose model, batch size, max length and LoRA layers the throughput uses")
     parser.add_argument("--quality-model", default="builtin:smollm2-135m-instruct")
-    parser.add_argument("--quality-max-length", type=int, default=128,
-                        help="max length of the quality check (shorter keeps 2 x 100 steps affordable on 2 cores)")
+    parser.add_argument("--quality-max-length", type=int, default=256,
+                        help="max length of the quality check (shorter than training's keeps 3 x 100 steps "
+                        "affordable on 2 cores)")
     parser.add_argument("--train-samples", type=int, default=300)
     parser.add_argument("--val-samples", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=1)

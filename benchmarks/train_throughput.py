@@ -269,14 +269,11 @@ def attach_lora(model: Any, profile: SpeedProfile, lora_layers: int | None = Non
     elif profile.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    from finqlora.training import block_linear_names
+    from finqlora.training import lora_targets
 
-    blocks = model.config.num_hidden_layers
-    # peft takes a block selection only with explicit module names (as finqlora.training does).
-    targets = block_linear_names(model) if lora_layers else "all-linear"
+    targets, layers = lora_targets(model, "all-linear", lora_layers)
     config = LoraConfig(r=LORA_R, lora_alpha=16, lora_dropout=0.05, target_modules=targets, bias="none",
-                        task_type="CAUSAL_LM",
-                        layers_to_transform=list(range(blocks - lora_layers, blocks)) if lora_layers else None)
+                        task_type="CAUSAL_LM", layers_to_transform=layers)
     return get_peft_model(model, config)
 
 

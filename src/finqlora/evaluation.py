@@ -597,8 +597,7 @@ def compute_metrics(run_dir: str | Path, *, bootstrap_resamples: int = 1000, see
         # Every case the builder can label, so an answer naming another case is wrong, not unparsed.
         from finqlora import labels as builder_labels
 
-        known = {builder_labels.EXPECTATION_REALIZED, builder_labels.WAIT_AND_SEE, builder_labels.CONTINUATION, builder_labels.FADING}
-        case_names = sorted(known | {item["label"]["case"] for item in cases_items})
+        case_names = sorted(set(builder_labels.MARKET_CASES) | {item["label"]["case"] for item in cases_items})
         truth = [item["label"]["case"] for item in cases_items]
         preds = {}
         for v in VARIANTS:

@@ -44,6 +44,7 @@ EXPECTATION_REALIZED = "预期兑现"
 WAIT_AND_SEE = "观望信号"
 CONTINUATION = "趋势延续"
 FADING = "反应消退"
+MARKET_CASES = (EXPECTATION_REALIZED, WAIT_AND_SEE, CONTINUATION, FADING)  # what label_market_case returns
 IMPORTANCE = "重要性与波动"
 ABOVE_NORMAL, NORMAL, BELOW_NORMAL = "高于常态", "接近常态", "低于常态"
 

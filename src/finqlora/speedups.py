@@ -38,6 +38,7 @@ config decides" (the standard recipe), which is what the `default` profile does 
 
 from __future__ import annotations
 
+import functools
 import random
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -448,6 +449,7 @@ def _varlen_attention_mask(*args: Any, **kwargs: Any) -> Any:
     return sdpa_mask(*args, **kwargs)
 
 
+@functools.lru_cache(maxsize=1)
 def _varlen_causal_kwargs() -> dict[str, Any]:
     import inspect
 

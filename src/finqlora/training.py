@@ -416,19 +416,7 @@ def _attach_lora(model: Any, cfg: TrainConfig, plan: _Plan, profile: Any | None)
         # Frozen embeddings would give checkpointed blocks inputs without grad; LoRA needs them.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    target_modules: str | list[str] = cfg.target_modules
-    layers_to_transform = None
-    if cfg.lora_layers is not None:
-        n_blocks = int(model.config.get_text_config().num_hidden_layers)
-        if cfg.lora_layers > n_blocks:
-            raise FinqloraError(
-                f"train.lora_layers is {cfg.lora_layers} but the model has {n_blocks} transformer blocks",
-                hint=f"use a number from 1 to {n_blocks}, or null for all blocks",
-            )
-        layers_to_transform = list(range(n_blocks - cfg.lora_layers, n_blocks))
-        # peft takes a block selection only with explicit module names.
-        if target_modules == "all-linear":
-            target_modules = block_linear_names(model)
+    target_modules, layers_to_transform = lora_targets(model, cfg.target_modules, cfg.lora_layers)
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -439,6 +427,21 @@ def _attach_lora(model: Any, cfg: TrainConfig, plan: _Plan, profile: Any | None)
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def lora_targets(model: Any, target_modules: str | list[str], lora_layers: int | None) -> tuple[Any, list[int] | None]:
+    """peft's (target_modules, layers_to_transform) for LoRA on the last `lora_layers` blocks (None: all)."""
+    if lora_layers is None:
+        return target_modules, None
+    n_blocks = int(model.config.get_text_config().num_hidden_layers)
+    if lora_layers > n_blocks:
+        raise FinqloraError(
+            f"train.lora_layers is {lora_layers} but the model has {n_blocks} transformer blocks",
+            hint=f"use a number from 1 to {n_blocks}, or null for all blocks",
+        )
+    # peft takes a block selection only with explicit module names.
+    names = block_linear_names(model) if target_modules == "all-linear" else target_modules
+    return names, list(range(n_blocks - lora_layers, n_blocks))
 
 
 def block_linear_names(model: Any) -> list[str]:
