@@ -33,16 +33,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from finqlora import db as store  # noqa: E402
-from finqlora import textdedup  # noqa: E402
-from finqlora.builder import BuildConfig, news_text, build_dataset  # noqa: E402
+from finqlora.store import db as store  # noqa: E402
+from finqlora.core import textdedup  # noqa: E402
+from finqlora.dataset.builder import BuildConfig, news_text, build_dataset  # noqa: E402
 
 TARGETS = {300: 10.0, 20_000: 60.0}
 
 
 def build_store(data: Path, folder: Path) -> Path:
-    from finqlora.impacts import compute_impacts
-    from finqlora.ingest import ingest_news, ingest_prices
+    from finqlora.store.impacts import compute_impacts
+    from finqlora.store.ingest import ingest_news, ingest_prices
 
     db = folder / "finance_analysis.db"
     ingest_news(db, sorted((data / "news").glob("cls_2026-0*.slim.jsonl.gz")), fmt="cls")

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import train_throughput as tt  # noqa: E402
 
-from finqlora.speedups import SpeedProfile, apply_model_speedups, get_profile, make_data_collator  # noqa: E402
+from finqlora.train.speedups import SpeedProfile, apply_model_speedups, get_profile, make_data_collator  # noqa: E402
 
 PLAIN = dataclasses.replace(get_profile("default"), load_in_4bit=False, gradient_checkpointing=False,
                             compute_dtype="fp32", optimizer="adamw_torch")
@@ -58,7 +58,7 @@ def read_split(dataset: Path) -> tuple[list[dict], list[dict]]:
 
 
 def encode(tokenizer: Any, records: list[dict], max_length: int) -> list[dict[str, list[int]]]:
-    from finqlora.chat_format import encode_for_training
+    from finqlora.core.chat_format import encode_for_training
 
     out = []
     for record in records:
@@ -68,7 +68,7 @@ def encode(tokenizer: Any, records: list[dict], max_length: int) -> list[dict[st
 
 
 def load_base(spec: str, profile: SpeedProfile) -> Any:
-    from finqlora.models import load_model
+    from finqlora.models.loading import load_model
 
     dtype = {"bf16": "bfloat16", "fp32": "float32"}[profile.compute_dtype]
     return load_model(spec, device="cpu", dtype=dtype, load_in_4bit=False, for_training=True, progress=False).model
@@ -231,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/cpu_train_throughput")
     args = parser.parse_args(argv)
 
-    from finqlora.config import load_config
-    from finqlora.models import load_tokenizer
+    from finqlora.core.config import load_config
+    from finqlora.models.loading import load_tokenizer
 
     demo = load_config(args.config).train
     train_records, val_records = read_split(Path(args.dataset))

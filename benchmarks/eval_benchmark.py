@@ -4,7 +4,7 @@
         [--data DATASET.jsonl] [--prompts 16] [--batch-size 8] [--max-new-tokens 64] [--dtype auto] [--json out.json]
 
 Both runs answer the same prompts (the test split of --data, else the built-in general-text
-passages as questions) greedily with the same settings through `finqlora.generation.generate`;
+passages as questions) greedily with the same settings through `finqlora.models.generation.generate`;
 the baseline is batch_size=1 measured in the same process right after. The script prints the
 wall time of each, new tokens per second, and the speed-up ratio, and checks that greedy
 answers agree between the two (left padding must not change a greedy answer, up to rare
@@ -25,8 +25,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 
 def _prompts(data: str | None, count: int) -> list[list[dict[str, str]]]:
-    from finqlora.chat_format import record_to_chat
-    from finqlora.evaluation import general_texts, load_test_records
+    from finqlora.core.chat_format import record_to_chat
+    from finqlora.evaluate.evaluation import general_texts, load_test_records
 
     if data:
         records = load_test_records(Path(data), max_samples=count)
@@ -47,8 +47,8 @@ def main() -> None:
 
     import torch
 
-    from finqlora.generation import GenerationSettings, generate
-    from finqlora.models import load_model
+    from finqlora.models.generation import GenerationSettings, generate
+    from finqlora.models.loading import load_model
 
     loaded = load_model(args.model, dtype=args.dtype, progress=False)
     prompts = _prompts(args.data, args.prompts)

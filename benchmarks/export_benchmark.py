@@ -6,13 +6,13 @@
 1. Adapter: LoRA r=8 on q/k/v/o_proj made with peft on the base, B factors drawn at random
    (seed 0) so the adapter changes the outputs; saved with the tokenizer, as `finqlora train`
    leaves it. (Stands in for a trained adapter: export does not care how B was learned.)
-2. Merge (finqlora.export.merge_adapter) in float16 and float32. Fidelity: logits of the merged
+2. Merge (finqlora.export.adapter.merge_adapter) in float16 and float32. Fidelity: logits of the merged
    model vs the unmerged base + adapter (peft) on a finance prompt, in float32.
    Baseline measured in the same run: the same adapter merged into weights that went through
    bitsandbytes NF4 quantize -> dequantize (what merging into a QLoRA-loaded base does); the
    ratio of its error to the float16 merge's error is why finqlora reloads the base unquantized.
 3. Zip: package_adapter + verify_adapter_zip time and size.
-4. GGUF (finqlora.gguf_export) f16 and q8_0 from the float16 merged folder, loaded back with
+4. GGUF (finqlora.export.gguf) f16 and q8_0 from the float16 merged folder, loaded back with
    transformers' GGUF loader: logits vs the merged model, argmax agreement, and file size as a
    ratio of the safetensors size.
 """
@@ -32,9 +32,9 @@ sys.path.insert(0, str(REPO / "src"))
 
 import torch  # noqa: E402
 
-from finqlora.export import adapter_from_zip, merge_adapter, package_adapter, verify_adapter_zip  # noqa: E402
-from finqlora.gguf_export import export_gguf  # noqa: E402
-from finqlora.models import resolve_model  # noqa: E402
+from finqlora.export.adapter import adapter_from_zip, merge_adapter, package_adapter, verify_adapter_zip  # noqa: E402
+from finqlora.export.gguf import export_gguf  # noqa: E402
+from finqlora.models.loading import resolve_model  # noqa: E402
 
 PROMPT = "美联储宣布加息25个基点，对A股银行板块和黄金价格的短期影响如何？请给出方向和理由。"
 

@@ -41,7 +41,7 @@ BATCH_PROMPTS = [
 _CONVERT = """
 import json, resource, sys, time
 started = time.perf_counter()
-from finqlora.builtin_models import prepare_builtin
+from finqlora.models.builtin import prepare_builtin
 prepare_builtin(sys.argv[1], progress=False, log=lambda _: None)
 print(json.dumps({"seconds": time.perf_counter() - started,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -49,7 +49,7 @@ print(json.dumps({"seconds": time.perf_counter() - started,
 
 
 def measure_first_conversion(spec: str) -> dict:
-    from finqlora.builtin_models import get_builtin
+    from finqlora.models.builtin import get_builtin
 
     with tempfile.TemporaryDirectory(prefix="finqlora-bench-home-") as home:
         env = {**os.environ, "FINQLORA_HOME": home}
@@ -62,7 +62,7 @@ def measure_first_conversion(spec: str) -> dict:
 def run_generation(loaded, prompts: list[str], batch_size: int, max_new_tokens: int) -> dict:
     import torch
 
-    from finqlora.generation import GenerationSettings, build_messages, generate
+    from finqlora.models.generation import GenerationSettings, build_messages, generate
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     chats = [build_messages(p) for p in prompts]
@@ -90,8 +90,8 @@ def main() -> int:
     import torch
     import transformers
 
-    from finqlora.builtin_models import is_builtin_spec
-    from finqlora.models import load_model
+    from finqlora.models.builtin import is_builtin_spec
+    from finqlora.models.loading import load_model
 
     report: dict = {
         "model": args.model,

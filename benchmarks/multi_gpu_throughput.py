@@ -96,7 +96,7 @@ def make_dataset(work: Path, num_samples: int) -> Path:
     if data.is_file():
         return data
     sys.path.insert(0, str(REPO / "src"))
-    from finqlora.sample_db import build_sample_db
+    from finqlora.store.sample_db import build_sample_db
 
     db = work / "sample.db"
     if not db.is_file():

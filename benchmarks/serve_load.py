@@ -29,9 +29,9 @@ from typing import Any
 import openai
 import torch
 
-from finqlora.batching import Batcher, BatchLimits
-from finqlora.models import load_model
-from finqlora.server import ServingEngine, create_app, start_in_thread
+from finqlora.serve.batching import Batcher, BatchLimits
+from finqlora.models.loading import load_model
+from finqlora.serve.server import ServingEngine, create_app, start_in_thread
 
 QUESTIONS = [
     "美联储宣布加息25个基点，对黄金价格有何影响？",

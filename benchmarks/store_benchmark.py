@@ -52,8 +52,8 @@ def _files(data: Path) -> tuple[list[Path], list[Path]]:
 
 
 def child_full(data: Path, db: Path) -> dict:
-    from finqlora import ingest
-    from finqlora.impacts import compute_impacts
+    from finqlora.store import ingest
+    from finqlora.store.impacts import compute_impacts
 
     news, prices = _files(data)
     timings = {}
@@ -115,7 +115,7 @@ def child_naive_impacts(db: Path) -> dict:
 
     import numpy as np
 
-    from finqlora.impacts import event_returns
+    from finqlora.store.impacts import event_returns
 
     conn = sqlite3.connect(db)
     bars = conn.execute("SELECT ts, close FROM prices WHERE ticker = 'XAUUSD' ORDER BY ts").fetchall()

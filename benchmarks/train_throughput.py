@@ -49,7 +49,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from finqlora.speedups import SpeedProfile, get_profile  # noqa: E402
+from finqlora.train.speedups import SpeedProfile, get_profile  # noqa: E402
 
 DEEPSEEK_7B = dict(
     vocab_size=102400,
@@ -151,10 +151,10 @@ def prepare(dataset: Path, tokenizer_spec: str, out: Path, vocab_size: int, max_
     from rich.progress import track
     from transformers import AutoTokenizer
 
-    from finqlora.chat_format import encode_for_training
+    from finqlora.core.chat_format import encode_for_training
 
     if tokenizer_spec.startswith("builtin:") or not Path(tokenizer_spec).exists():
-        from finqlora.models import load_tokenizer
+        from finqlora.models.loading import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_spec)
     else:
@@ -269,7 +269,7 @@ def attach_lora(model: Any, profile: SpeedProfile, lora_layers: int | None = Non
     elif profile.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    from finqlora.training import lora_targets
+    from finqlora.train.training import lora_targets
 
     targets, layers = lora_targets(model, "all-linear", lora_layers)
     config = LoraConfig(r=LORA_R, lora_alpha=16, lora_dropout=0.05, target_modules=targets, bias="none",
@@ -312,7 +312,7 @@ def run_variant(variant: Variant, samples: list[dict[str, list[int]]], *, arch: 
     import torch
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-    from finqlora.speedups import (apply_model_speedups, attention_implementation, make_data_collator,
+    from finqlora.train.speedups import (apply_model_speedups, attention_implementation, make_data_collator,
                                    pack_by_token_budget, tokens_per_micro_batch)
 
     profile = variant.profile

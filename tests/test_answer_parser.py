@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from finqlora.answer_parser import NEGATIVE, NEUTRAL, POSITIVE, parse_direction, parse_number
+from finqlora.dataset.answer_parser import NEGATIVE, NEUTRAL, POSITIVE, parse_direction, parse_number
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from finqlora.batching import BatchLimits
-from finqlora.server import ServingEngine, create_app
+from finqlora.serve.batching import BatchLimits
+from finqlora.serve.server import ServingEngine, create_app
 
 API_KEY = "fuzz-key-0123456789"
 EXAMPLES_PER_OPERATION = int(os.environ.get("FINQLORA_FUZZ_EXAMPLES", "60"))

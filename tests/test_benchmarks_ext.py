@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from finqlora.answer_parser import NEGATIVE, NEUTRAL, POSITIVE
-from finqlora.benchmarks_ext import load_benchmark, parse_label_map
-from finqlora.errors import FinqloraError
+from finqlora.dataset.answer_parser import NEGATIVE, NEUTRAL, POSITIVE
+from finqlora.evaluate.benchmarks import load_benchmark, parse_label_map
+from finqlora.core.errors import FinqloraError
 
 
 def _write(path: Path, text: str, encoding: str = "utf-8") -> Path:

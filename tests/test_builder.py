@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from finqlora import builder, textdedup
-from finqlora.answer_parser import parse_direction, parse_number
-from finqlora.builder import BuildConfig, build_dataset
-from finqlora.chat_format import record_to_chat, user_content
-from finqlora.db import Event, init_db
-from finqlora.errors import FinqloraError
-from finqlora.labels import LabelRules, direction, threshold_for
-from finqlora.sample_db import build_sample_db
+from finqlora.dataset import builder
+from finqlora.core import textdedup
+from finqlora.dataset.answer_parser import parse_direction, parse_number
+from finqlora.dataset.builder import BuildConfig, build_dataset
+from finqlora.core.chat_format import record_to_chat, user_content
+from finqlora.store.db import Event, init_db
+from finqlora.core.errors import FinqloraError
+from finqlora.dataset.labels import LabelRules, direction, threshold_for
+from finqlora.store.sample_db import build_sample_db
 
 REPO = Path(__file__).resolve().parents[1]
 FINQLORA = [sys.executable, "-c", "from finqlora.cli import main; main()"]
@@ -277,8 +278,8 @@ def test_long_inputs_are_trimmed_and_outputs_kept(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_trimming_with_the_models_tokenizer(sample_db: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
-    from finqlora.chat_format import encode_for_training
-    from finqlora.models import load_tokenizer
+    from finqlora.core.chat_format import encode_for_training
+    from finqlora.models.loading import load_tokenizer
 
     result = build_dataset(BuildConfig(output=tmp_path / "tok.jsonl", db=sample_db, num_samples=60, tokenizer=str(tiny_model_dir), max_length=384, progress=False))
     assert result.stats["length_tokens"]["counted_with"] != "estimate"

@@ -16,16 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finqlora.builder import BuildConfig, build_dataset
-from finqlora.labels import direction
+from finqlora.dataset.builder import BuildConfig, build_dataset
+from finqlora.dataset.labels import direction
 
 pytestmark = pytest.mark.shared_data
 
 
 @pytest.fixture(scope="session")
 def shared_store(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from finqlora.impacts import compute_impacts
-    from finqlora.ingest import ingest_news, ingest_prices
+    from finqlora.store.impacts import compute_impacts
+    from finqlora.store.ingest import ingest_news, ingest_prices
 
     db = tmp_path_factory.mktemp("shared-store") / "finance_analysis.db"
     ingest_news(db, sorted((shared_data / "news").glob("cls_2026-0*.slim.jsonl.gz")), fmt="cls")
@@ -147,8 +147,8 @@ def test_20000_sample_build(shared_store: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_cross_source_duplicates_never_reach_the_dataset(shared_data: Path, tmp_path: Path) -> None:
     """June 2026 from CLS, 东方财富 and 同花顺: the same events told three times."""
-    from finqlora.impacts import compute_impacts
-    from finqlora.ingest import ingest_news, ingest_prices
+    from finqlora.store.impacts import compute_impacts
+    from finqlora.store.ingest import ingest_news, ingest_prices
 
     db = tmp_path / "june.db"
     news = shared_data / "news"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from finqlora import builtin_models
-from finqlora.builtin_models import (
+from finqlora.models import builtin as builtin_models
+from finqlora.models.builtin import (
     BUILTINS,
     MARKER_FILE,
     PackagePart,
@@ -22,8 +22,8 @@ from finqlora.builtin_models import (
     read_marker,
     verify_builtin,
 )
-from finqlora.errors import FinqloraError
-from finqlora.fileio import sha256_file
+from finqlora.core.errors import FinqloraError
+from finqlora.core.fileio import sha256_file
 
 SMOL = BUILTINS["smollm2-135m-instruct"]
 QWEN = BUILTINS["qwen2.5-coder-0.5b-instruct"]
@@ -123,7 +123,7 @@ def test_builtin_status_reports_missing_packages(private_home):
 
 _PREPARE = """
 import sys
-from finqlora.builtin_models import prepare_builtin
+from finqlora.models.builtin import prepare_builtin
 print(prepare_builtin("smollm2-135m-instruct", progress=False))
 """
 

@@ -12,10 +12,10 @@ import openai
 import pytest
 import torch
 
-from finqlora.batching import BatchLimits
-from finqlora.client import FinLLMClient, LLMUnavailable, Provider, provider_from_spec
-from finqlora.errors import FinqloraError
-from finqlora.server import ServingEngine, create_app, start_in_thread
+from finqlora.serve.batching import BatchLimits
+from finqlora.models.client import FinLLMClient, LLMUnavailable, Provider, provider_from_spec
+from finqlora.core.errors import FinqloraError
+from finqlora.serve.server import ServingEngine, create_app, start_in_thread
 
 LOCAL_KEY = "local-key-12345678"
 DEEPSEEK_KEY = "deepseek-standin-key-1234"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finqlora.config import RunConfig, TrainConfig, dump_config, load_config, parse_override
-from finqlora.errors import FinqloraError
+from finqlora.core.config import RunConfig, TrainConfig, dump_config, load_config, parse_override
+from finqlora.core.errors import FinqloraError
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))

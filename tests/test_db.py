@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finqlora import db
-from finqlora.impacts import compute_impacts
-from finqlora.ingest import Bars, store_bars
-from finqlora.errors import FinqloraError
-from finqlora.fileio import sha256_file
+from finqlora.store import db
+from finqlora.store.impacts import compute_impacts
+from finqlora.store.ingest import Bars, store_bars
+from finqlora.core.errors import FinqloraError
+from finqlora.core.fileio import sha256_file
 
 
 def _user_db(path: Path, *, time_column: str = "publish_time", times: tuple[str, ...] = ("2026-06-01 16:00:00", "2026-06-01 16:05:00")) -> Path:
@@ -228,7 +228,7 @@ def test_impacts_keep_a_migrated_users_own_returns(tmp_path):
 
 
 def test_stats_read_a_users_database_without_changing_it(tmp_path):
-    from finqlora.store_stats import store_stats
+    from finqlora.store.stats import store_stats
 
     path = _user_db(tmp_path / "user.db")
     before = sha256_file(path)

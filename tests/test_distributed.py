@@ -20,9 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finqlora import distributed
-from finqlora.config import load_config
-from finqlora.training import train
+from finqlora.train import distributed
+from finqlora.core.config import load_config
+from finqlora.train.training import train
 
 PER_DEVICE_BATCH = 2
 TRAIN_RECORDS = 16  # a multiple of 2 x PER_DEVICE_BATCH: no ragged last batch (see docs/multi-gpu.md)
@@ -289,7 +289,7 @@ def test_rank_helpers_read_the_launcher_environment(monkeypatch: pytest.MonkeyPa
 
 
 def test_process_count_is_checked_before_launching() -> None:
-    from finqlora.errors import FinqloraError
+    from finqlora.core.errors import FinqloraError
 
     with pytest.raises(FinqloraError, match="1 or more"):
         distributed.check_process_count(0)

@@ -14,7 +14,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finqlora import doctor, versions
+from finqlora.models import doctor
+from finqlora.core import versions
 
 REPO = Path(__file__).resolve().parents[1]
 T4_SMI = {"driver": "535.104.05", "cuda": "12.2", "gpus": [{"name": "Tesla T4", "memory_mib": 15360}]}
@@ -39,7 +40,7 @@ def test_report_on_this_cpu_machine(tmp_path: Path) -> None:
         # Importable, and honest that GPU kernels were not exercised on this machine.
         assert checks["bitsandbytes"].status == "info" and "not checked" in checks["bitsandbytes"].summary
 
-    from finqlora.builtin_models import BUILTINS, builtin_status
+    from finqlora.models.builtin import BUILTINS, builtin_status
 
     installed = [spec for spec, model in ((m.spec, m) for m in BUILTINS.values()) if builtin_status(model).installed]
     assert all(spec in checks["builtin-models"].summary for spec in installed)
@@ -243,7 +244,7 @@ def test_supported_ranges_match_pyproject() -> None:
 
 def test_installation_doc_shows_the_generated_matrix() -> None:
     page = (REPO / "docs" / "installation.md").read_text(encoding="utf-8")
-    assert versions.markdown_matrix() in page, "regenerate the matrix: python -c 'from finqlora.versions import markdown_matrix; print(markdown_matrix())'"
+    assert versions.markdown_matrix() in page, "regenerate the matrix: python -c 'from finqlora.core.versions import markdown_matrix; print(markdown_matrix())'"
     for name in versions.KNOWN_GOOD:
         assert versions.pip_command(name) in page
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from finqlora.errors import FinqloraError
-from finqlora.evaluation import BenchmarkSpec, EvalOptions, build_items, compute_metrics, evaluate, general_texts, load_test_records
+from finqlora.core.errors import FinqloraError
+from finqlora.evaluate.evaluation import BenchmarkSpec, EvalOptions, build_items, compute_metrics, evaluate, general_texts, load_test_records
 
 
 def _record(i: int, kind: str, split: str) -> dict:
@@ -134,8 +134,8 @@ def test_evaluate_end_to_end_with_cache(tmp_path: Path, tiny_model_dir: Path, ti
     assert rows["perplexity.reference"]["base"] != rows["perplexity.reference"]["finetuned"]
 
     # Base answers are the plain base model's answers (adapter off = same weights, same template).
-    from finqlora.generation import GenerationSettings, generate_answers
-    from finqlora.models import load_model
+    from finqlora.models.generation import GenerationSettings, generate_answers
+    from finqlora.models.loading import load_model
 
     plain = load_model(str(tiny_model_dir), progress=False)
     items = [json.loads(line) for line in (out / "items.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -143,12 +143,12 @@ def test_evaluate_end_to_end_with_cache(tmp_path: Path, tiny_model_dir: Path, ti
     assert direct == [r["output"] for r in base_rows[:3]]
 
     # Re-running never regenerates: generation is now forbidden, and the metrics are the same.
-    import finqlora.generation
+    import finqlora.models.generation
 
     def forbidden(*args, **kwargs):
         raise AssertionError("generation ran although every answer was cached")
 
-    monkeypatch.setattr(finqlora.generation, "generate", forbidden)
+    monkeypatch.setattr(finqlora.models.generation, "generate", forbidden)
     again = evaluate(options)
     assert again["table"] == metrics["table"]
     # A changed generation setting invalidates the cache (and would regenerate).

@@ -17,8 +17,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finqlora.errors import FinqloraError
-from finqlora.export import (
+from finqlora.core.errors import FinqloraError
+from finqlora.export.adapter import (
     CHECKSUMS_NAME,
     ZIP_NAME,
     adapter_from_zip,

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from finqlora.fileio import atomic_write_json, atomic_write_text, sha256_file
+from finqlora.core.fileio import atomic_write_json, atomic_write_text, sha256_file
 
 
 def test_written_files_get_the_usual_mode(tmp_path: Path) -> None:
     """Atomic writes go through mkstemp (owner-only); the result must be readable like open()'s."""
-    from finqlora.fileio import atomic_write_text
+    from finqlora.core.fileio import atomic_write_text
 
     mask = os.umask(0o022)
     try:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from finqlora.errors import FinqloraError
-from finqlora.generation import (
+from finqlora.core.errors import FinqloraError
+from finqlora.models.generation import (
     GenerationSettings,
     build_messages,
     generate,
@@ -20,7 +20,7 @@ from finqlora.generation import (
     stream_answer,
     trim_history,
 )
-from finqlora.models import load_model
+from finqlora.models.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]

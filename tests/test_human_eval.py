@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from finqlora.errors import FinqloraError
-from finqlora.human_eval import LOSS, TIE, WIN, cohen_kappa, fleiss_kappa, make_sheet, score_sheets
+from finqlora.core.errors import FinqloraError
+from finqlora.evaluate.human_eval import LOSS, TIE, WIN, cohen_kappa, fleiss_kappa, make_sheet, score_sheets
 
 
 def _items(n: int) -> list[dict[str, str]]:

@@ -7,10 +7,10 @@ import sqlite3
 import numpy as np
 import pytest
 
-from finqlora.db import connect, init_db, read_impacts, transaction
-from finqlora.errors import FinqloraError
-from finqlora.impacts import STATUS_CODES, compute_impacts, event_returns
-from finqlora.ingest import Bars, NewsRecord, store_bars, store_news
+from finqlora.store.db import connect, init_db, read_impacts, transaction
+from finqlora.core.errors import FinqloraError
+from finqlora.store.impacts import STATUS_CODES, compute_impacts, event_returns
+from finqlora.store.ingest import Bars, NewsRecord, store_bars, store_news
 
 T = 1_780_000_020 - (1_780_000_020 % 86400) + 10 * 3600  # some day, 10:00 UTC
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from finqlora import ingest
-from finqlora.db import connect, init_db, read_events
-from finqlora.errors import FinqloraError
+from finqlora.store import ingest
+from finqlora.store.db import connect, init_db, read_events
+from finqlora.core.errors import FinqloraError
 
 BASE = 1_780_300_000  # 2026-06-01 ~08:00 UTC
 

@@ -1,4 +1,4 @@
-"""The labelling rules of finqlora.labels, one test per rule and boundary."""
+"""The labelling rules of finqlora.dataset.labels, one test per rule and boundary."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from finqlora import labels as lab
+from finqlora.dataset import labels as lab
 
 RULES = lab.LabelRules()
 

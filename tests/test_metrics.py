@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from finqlora import metrics as M
+from finqlora.evaluate import metrics as M
 
 
 def test_accuracy_counts_unparsed_as_wrong() -> None:
@@ -156,7 +156,7 @@ def test_token_nll_matches_the_models_own_loss(tiny_model_dir) -> None:
         assert count == ids.shape[1] - 1
         assert nll / count == pytest.approx(loss, rel=1e-4)
     # Answer-only scoring counts exactly the answer tokens + end-of-turn marker.
-    from finqlora.chat_format import encode_for_training
+    from finqlora.core.chat_format import encode_for_training
 
     record = {"instruction": "判断方向", "input": "美联储降息", "output": "方向：利好"}
     (nll, count), = M.answer_nll(model, tokenizer, [record])

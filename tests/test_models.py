@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from finqlora.errors import FinqloraError
-from finqlora.models import (
+from finqlora.core.errors import FinqloraError
+from finqlora.models.loading import (
     ResolvedModel,
     adapter_base_model,
     describe_model,

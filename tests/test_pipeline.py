@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finqlora.config import load_config
-from finqlora.errors import FinqloraError
-from finqlora.pipeline import STAGES, run_pipeline
+from finqlora.core.config import load_config
+from finqlora.core.errors import FinqloraError
+from finqlora.pipeline.engine import STAGES, run_pipeline
 
 
 def _write_config(tmp_path: Path, model_dir: Path, **train: object) -> Path:
@@ -87,7 +87,7 @@ def test_interrupted_training_resumes(tmp_path: Path, tiny_model_dir: Path, monk
     """A real SIGINT during training leaves a checkpoint; the rerun resumes from it."""
     from transformers import TrainerCallback
 
-    import finqlora.training as training
+    import finqlora.train.training as training
 
     class InterruptAtStep(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201 - transformers' signature

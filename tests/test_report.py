@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from finqlora.evaluation import compute_metrics
-from finqlora.report import build_report, select_examples
+from finqlora.evaluate.evaluation import compute_metrics
+from finqlora.report.report import build_report, select_examples
 
 DIRECTIONS = ["利好", "利空", "中性"]
 

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from finqlora import report_qa as rq
-from finqlora.answer_parser import parse_number
-from finqlora.errors import FinqloraError
+from finqlora.dataset import report_qa as rq
+from finqlora.dataset.answer_parser import parse_number
+from finqlora.core.errors import FinqloraError
 
 # A statement written out by hand (万元); the expected answers below are worked by hand too.
 HAND = rq.Statement(

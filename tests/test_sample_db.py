@@ -8,9 +8,9 @@ import sqlite3
 
 import pytest
 
-from finqlora.db import check_db, connect, get_meta, read_events, read_impacts
-from finqlora.errors import FinqloraError
-from finqlora.sample_db import build_sample_db
+from finqlora.store.db import check_db, connect, get_meta, read_events, read_impacts
+from finqlora.core.errors import FinqloraError
+from finqlora.store.sample_db import build_sample_db
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ import openai
 import pytest
 import torch
 
-from finqlora.batching import Batcher, BatchLimits, Finished, GenerationJob, SamplingParams
-from finqlora.errors import FinqloraError
-from finqlora.server import ServingEngine, check_bind, create_app, start_in_thread, vllm_command
+from finqlora.serve.batching import Batcher, BatchLimits, Finished, GenerationJob, SamplingParams
+from finqlora.core.errors import FinqloraError
+from finqlora.serve.server import ServingEngine, check_bind, create_app, start_in_thread, vllm_command
 
 API_KEY = "test-key-0123456789"
 QUESTION = [{"role": "user", "content": "美联储宣布加息25个基点，对黄金价格有何影响？"}]
@@ -254,7 +254,7 @@ def test_client_disconnect_cancels_the_generation(server) -> None:
 def test_batched_greedy_decoding_matches_one_at_a_time(sharp_base_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finqlora.chat_format import render_prompt, stop_token_ids
+    from finqlora.core.chat_format import render_prompt, stop_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(sharp_base_dir)
     model = AutoModelForCausalLM.from_pretrained(sharp_base_dir).eval()
@@ -358,7 +358,7 @@ def test_builtin_smollm2_with_an_adapter(tmp_path: Path) -> None:
     """The built-in SmolLM2 served with a LoRA adapter: a real English answer; the adapter changes it."""
     from peft import LoraConfig, get_peft_model
 
-    from finqlora.models import load_model
+    from finqlora.models.loading import load_model
 
     loaded = load_model("builtin:smollm2-135m-instruct", device="cpu")
     peft_model = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
@@ -405,7 +405,7 @@ def test_content_parts_and_developer_role_are_understood(client: openai.OpenAI) 
 def test_batcher_timeouts_and_cancellation(sharp_base_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finqlora.batching import Failed
+    from finqlora.serve.batching import Failed
 
     tokenizer = AutoTokenizer.from_pretrained(sharp_base_dir)
     model = AutoModelForCausalLM.from_pretrained(sharp_base_dir).eval()

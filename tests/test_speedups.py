@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finqlora import speedups
-from finqlora.chat_format import encode_for_training
-from finqlora.errors import FinqloraError
+from finqlora.train import speedups
+from finqlora.core.chat_format import encode_for_training
+from finqlora.core.errors import FinqloraError
 
 RECORDS = [
     {"instruction": "判断这条新闻对黄金的影响", "input": "美联储宣布降息25个基点。", "output": "利好。降息压低实际利率。"},

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from finqlora import ingest
-from finqlora.impacts import compute_impacts
+from finqlora.store import ingest
+from finqlora.store.impacts import compute_impacts
 
 pytestmark = pytest.mark.shared_data
 POST_WINDOWS = (5, 10, 15, 30, 120)

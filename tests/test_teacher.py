@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from finqlora.batching import BatchLimits
-from finqlora.client import FinLLMClient
-from finqlora.server import ServingEngine, create_app, start_in_thread
-from finqlora.teacher import check_answer, enrich_dataset_file, enrich_records
+from finqlora.serve.batching import BatchLimits
+from finqlora.models.client import FinLLMClient
+from finqlora.serve.server import ServingEngine, create_app, start_in_thread
+from finqlora.dataset.teacher import check_answer, enrich_dataset_file, enrich_records
 
 KEY = "teacher-key-12345678"
 BULLISH_ANSWER = "XAUUSD Direction: bullish (gold supported by lower real rates)"
@@ -52,7 +52,7 @@ def teacher_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFac
     """A Llama with tiny_model_dir's shape and tokenizer that always answers BULLISH_ANSWER."""
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-    from finqlora.chat_format import render_prompt
+    from finqlora.core.chat_format import render_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     config = AutoConfig.from_pretrained(tiny_model_dir)
@@ -167,7 +167,7 @@ def test_finqlora_build_with_a_teacher(teacher_server, tmp_path: Path, monkeypat
     from typer.testing import CliRunner
 
     from finqlora.cli import app
-    from finqlora.sample_db import build_sample_db
+    from finqlora.store.sample_db import build_sample_db
 
     db = tmp_path / "sample.db"
     build_sample_db(db, seed=0)

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from finqlora import templates as tp
-from finqlora.answer_parser import parse_number
+from finqlora.dataset import templates as tp
+from finqlora.dataset.answer_parser import parse_number
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 

@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, TrainerCallback
 
-from finqlora.chat_format import assistant_turn_suffix, render_prompt, record_to_chat
-from finqlora.config import TrainConfig
-from finqlora.errors import FinqloraError
-from finqlora.fileio import sha256_file
-from finqlora.training import (
+from finqlora.core.chat_format import assistant_turn_suffix, render_prompt, record_to_chat
+from finqlora.core.config import TrainConfig
+from finqlora.core.errors import FinqloraError
+from finqlora.core.fileio import sha256_file
+from finqlora.train.training import (
     CHECKPOINT_MARKER,
     check_free_space,
     checkpoint_is_complete,
@@ -368,12 +368,12 @@ def test_out_of_memory_is_caught_with_advice(tiny_model_dir: Path, tmp_path: Pat
 
 
 def test_demo_config_names_a_cpu_run() -> None:
-    from finqlora.config import load_config
+    from finqlora.core.config import load_config
 
     run = load_config(REPO / "configs" / "demo-cpu.yaml")
     assert run.train.model == "builtin:qwen2.5-coder-0.5b-instruct"
     assert run.train.load_in_4bit is False and run.train.device == "cpu"
-    from finqlora import speedups
+    from finqlora.train import speedups
 
     profile = speedups.get_profile(run.train.profile)
     plan = resolve_plan(run.train, profile)

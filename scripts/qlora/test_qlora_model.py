@@ -4,8 +4,8 @@
     python scripts/qlora/test_qlora_model.py --adapter_path models/qlora/adapter \
         --test_cases "美联储宣布加息25个基点"
 
-It runs the same code as `finqlora ask --adapter ... --compare` (finqlora.models +
-finqlora.generation): the base model is the one recorded in the adapter unless --base_model
+It runs the same code as `finqlora ask --adapter ... --compare` (finqlora.models.loading +
+finqlora.models.generation): the base model is the one recorded in the adapter unless --base_model
 says otherwise, and with --compare the base model's answers are shown next to the fine-tuned
 ones. Errors (missing adapter, wrong base, no network) are printed with what to do.
 """
@@ -33,8 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from finqlora.cli.models import err_console, load_from_options, print_answers
-    from finqlora.errors import FinqloraError
-    from finqlora.generation import GenerationSettings, ask_prompts
+    from finqlora.core.errors import FinqloraError
+    from finqlora.models.generation import GenerationSettings, ask_prompts
 
     try:
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from finqlora import __version__
-from finqlora.errors import FinqloraError
+from finqlora.core.errors import FinqloraError
 
 # Order is the order of `finqlora --help`: the pipeline's stages first, then tools.
 AREAS = ("pipeline", "db", "data", "train", "evaluate", "models", "serve", "export", "doctor")

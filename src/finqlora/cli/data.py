@@ -11,7 +11,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from finqlora.errors import FinqloraError
+from finqlora.core.errors import FinqloraError
 
 data_app = typer.Typer(name="data", help="Inspect instruction datasets.", no_args_is_help=True)
 console = Console()
@@ -49,8 +49,8 @@ def build(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress spinner or summary table."),
 ) -> None:
     """Build the instruction dataset (news impact, market analysis, report Q&A) from the event store."""
-    from finqlora.builder import BuildConfig, build_dataset
-    from finqlora.labels import LabelRules
+    from finqlora.dataset.builder import BuildConfig, build_dataset
+    from finqlora.dataset.labels import LabelRules
 
     config = BuildConfig(
         output=output,
@@ -111,7 +111,7 @@ def show(
     n: int = typer.Option(3, "-n", "--num", help="How many records to print."),
 ) -> None:
     """Print the first records of a dataset file readably."""
-    from finqlora.builder import preview_records
+    from finqlora.dataset.builder import preview_records
 
     records = preview_records(file, n)
     if not records:
@@ -122,7 +122,7 @@ def show(
 
 def register(app: typer.Typer) -> None:
     """Add `finqlora build` and the `finqlora data` group to the root app."""
-    from finqlora.teacher import add_teacher_options  # --teacher/--teacher-model (serving area)
+    from finqlora.dataset.teacher import add_teacher_options  # --teacher/--teacher-model (serving area)
 
     app.command("build")(add_teacher_options(build))
     app.add_typer(data_app)

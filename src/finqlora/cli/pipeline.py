@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from finqlora.pipeline import STAGES, RunResult, run_pipeline
+from finqlora.pipeline.engine import STAGES, RunResult, run_pipeline
 
 console = Console()
 
@@ -65,7 +65,7 @@ def run_command(
 
     Stages whose inputs did not change are skipped; an interrupted training resumes.
     """
-    from finqlora.config import load_config
+    from finqlora.core.config import load_config
 
     cfg = load_config(config, overrides)
     result = run_pipeline(cfg, start=start, only=only, force=force, log=lambda line: console.print(line, highlight=False, markup=False))

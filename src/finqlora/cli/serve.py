@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from finqlora.errors import FinqloraError
+from finqlora.core.errors import FinqloraError
 
 ENGINES = ("native", "vllm")
 
@@ -31,7 +31,7 @@ def _parse_adapters(values: list[str]) -> dict[str, str]:
 
 
 def _api_key(api_key_file: Path | None, no_auth: bool) -> str | None:
-    from finqlora.server import read_api_key
+    from finqlora.serve.server import read_api_key
 
     if no_auth:
         if api_key_file is not None:
@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
 
         Example: finqlora serve --model builtin:qwen2.5-coder-0.5b-instruct --adapter fin=runs/demo --api-key-file KEY
         """
-        from finqlora.server import check_bind
+        from finqlora.serve.server import check_bind
 
         if engine not in ENGINES:
             raise FinqloraError(f"unknown --engine {engine!r}", hint="use native or vllm")
@@ -96,8 +96,8 @@ def register(app: typer.Typer) -> None:
 
         api_key = _api_key(api_key_file, no_auth)
         check_bind(host, api_key)
-        from finqlora.batching import BatchLimits
-        from finqlora.server import ServingEngine, serve
+        from finqlora.serve.batching import BatchLimits
+        from finqlora.serve.server import ServingEngine, serve
 
         try:
             limits = BatchLimits(
@@ -144,8 +144,8 @@ def _run_vllm(
     print_command: bool,
     console: Console,
 ) -> None:
-    from finqlora.models import resolve_model
-    from finqlora.server import check_bind, vllm_command
+    from finqlora.models.loading import resolve_model
+    from finqlora.serve.server import check_bind, vllm_command
 
     have_vllm = importlib.util.find_spec("vllm") is not None
     if not have_vllm and not print_command:

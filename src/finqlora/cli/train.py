@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from finqlora.errors import FinqloraError
+from finqlora.core.errors import FinqloraError
 
 
 def _summary(result, console: Console) -> None:
@@ -63,8 +63,8 @@ def register(app: typer.Typer) -> None:
 
         Ctrl-C or SIGTERM saves a checkpoint and exits; continue with --resume_from_checkpoint auto.
         """
-        from finqlora.config import load_config
-        from finqlora.training import train
+        from finqlora.core.config import load_config
+        from finqlora.train.training import train
 
         overrides = list(set_)
         # Dedicated flags are shorthands for --set and win over the config file.
@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
                 "no training data given",
                 hint="pass --data data/qlora/instructions.jsonl (build one with `finqlora build`) or set train.dataset",
             )
-        from finqlora import distributed
+        from finqlora.train import distributed
 
         if gpus is not None and gpus > 1 and not distributed.is_distributed():
             distributed.check_process_count(gpus, run.train.device)

@@ -1,0 +1,290 @@
+"""Run configuration: one YAML file names everything a run needs.
+
+A run config has a `name` and three sections that the pipeline stages read:
+
+- `data`  (`DataConfig`)  -- how `finqlora build` makes the instruction dataset;
+- `train` (`TrainConfig`) -- how `finqlora train` fine-tunes (QLoRA on a GPU, LoRA on the CPU);
+- `eval`  (`EvalConfig`)  -- how `finqlora eval` compares the base and the fine-tuned model.
+
+Every field has a default, so `name: x` alone is a valid file. Unknown keys and bad values are
+refused with the file, the dotted key, what was given and what is allowed. `--set key=value`
+overrides any field (`train.learning_rate=1e-4`, or just `learning_rate=1e-4` when the key
+name belongs to one section only); values are parsed as YAML, so `3`, `1e-4`, `true`,
+`null` and `[q_proj, v_proj]` mean what they look like.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from finqlora.core.errors import FinqloraError
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Dataset build (`finqlora build`), read by the pipeline."""
+
+    db: str = Field("sample", description="path to a finqlora.store.db store, or 'sample' for the built-in synthetic sample DB")
+    num_samples: int = Field(300, ge=1, description="number of instruction records to build")
+    seed: int = Field(0, description="sampling and split seed (same seed + same DB = same dataset)")
+    format: Literal["alpaca", "messages"] = Field("alpaca", description="record layout of the JSONL file")
+    output: str | None = Field(None, description="dataset JSONL path (default: <output root>/<name>/dataset.jsonl)")
+    tokenizer: str | None = Field(None, description="tokenizer for token-aware trimming (default: train.model)")
+
+
+class TrainConfig(_Section):
+    """Fine-tuning (`finqlora train`). Defaults are the standard QLoRA recipe."""
+
+    model: str = Field(
+        "builtin:qwen2.5-coder-0.5b-instruct",
+        description="base model: hub id, local folder, .gguf file or builtin:<name>",
+    )
+    dataset: str | None = Field(None, description="instruction JSONL (records with split train/val/test); CLI --data")
+    output_dir: str | None = Field(None, description="output folder (default: runs/<name>); CLI --output-dir")
+    resume_from_checkpoint: str | None = Field(
+        None, description="'auto' (latest complete checkpoint in output_dir) or a checkpoint-N folder"
+    )
+    profile: str = Field("default", description="speed profile name from finqlora.train.speedups.PROFILES")
+
+    # Hardware and precision.
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu")
+    load_in_4bit: bool | None = Field(None, description="4-bit NF4 base (QLoRA); null = on with CUDA, off on CPU")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 on GPUs that support it, fp16 on older GPUs (T4), fp32 on CPU"
+    )
+    gradient_checkpointing: bool | None = Field(None, description="null = on with CUDA, off on CPU")
+
+    # LoRA.
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = Field(
+        "all-linear", description="'all-linear' (every linear layer of the blocks, not lm_head) or a list of names"
+    )
+    lora_layers: int | None = Field(
+        None,
+        ge=1,
+        description="LoRA only in the last N transformer blocks (null = all); backpropagation then stops at the "
+        "lowest adapted block, which roughly halves CPU training time with N = a quarter of the blocks",
+    )
+
+    # Schedule.
+    num_epochs: float = Field(3.0, gt=0)
+    max_steps: int = Field(-1, description="stop after this many optimizer steps; -1 = run num_epochs")
+    batch_size: int = Field(4, ge=1, description="per-device batch size")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1, description="null = batch_size")
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="fraction of steps spent warming up")
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optim: Literal["auto", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adafactor"] = Field(
+        "auto", description="auto = paged_adamw_8bit on CUDA, adamw_torch on CPU"
+    )
+    max_length: int = Field(512, ge=32, description="tokens per sample; longer prompts are cut in the middle")
+    seed: int = 0
+
+    # Validation, checkpoints, logging.
+    val_fraction: float = Field(
+        0.1, gt=0.0, lt=0.5, description="held out for validation when the dataset has no 'split' field"
+    )
+    max_val_samples: int | None = Field(
+        None, ge=1, description="validate on the first N val records only (a cheaper estimate on slow machines); null = all"
+    )
+    eval_on_start: bool = Field(False, description="also measure the val loss before the first step (a baseline)")
+    eval_steps: int | None = Field(
+        None, ge=1, description="also validate (and checkpoint) every N steps; validation always runs each epoch"
+    )
+    keep_checkpoints: int = Field(
+        2, ge=2, description="checkpoint-N folders kept (plus the best); >= 2 so a crash mid-save leaves a complete one"
+    )
+    load_best_at_end: bool = Field(True, description="the saved adapter is the checkpoint with the lowest val loss")
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after N validations without improvement")
+    early_stopping_threshold: float = Field(0.0, ge=0.0)
+    logging_steps: int = Field(1, ge=1)
+    save_adapter_bin: bool = Field(False, description="also write adapter_model.bin (for tools that need it)")
+    chat_template: str | None = Field(None, description="'chatml' fallback for models without a chat template")
+    trust_remote_code: bool = False
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str) and value != "all-linear":
+            raise ValueError("must be 'all-linear' or a list of module names such as [q_proj, v_proj]")
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one module")
+        return value
+
+    @field_validator("resume_from_checkpoint")
+    @classmethod
+    def _resume(cls, value: str | None) -> str | None:
+        if value is not None and value.strip() == "":
+            return None
+        return value
+
+
+class EvalConfig(_Section):
+    """Before/after evaluation (`finqlora eval`), read by the pipeline."""
+
+    max_prompts: int = Field(50, ge=1, description="test-split prompts evaluated (a seeded sample, stratified by record type)")
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(8, ge=1)
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
+    benchmarks: list[str] = Field(default_factory=list, description="external benchmark files to add")
+
+
+class RunConfig(_Section):
+    """One run: dataset build, training and evaluation, repeatable from this file alone."""
+
+    name: str = Field("finqlora-run", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _default_output_dir(self) -> RunConfig:
+        if self.train.output_dir is None:
+            self.train.output_dir = str(Path("runs") / self.name)
+        return self
+
+
+SECTIONS: dict[str, type[_Section]] = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def _allowed_values(section: type[_Section], key: str) -> str | None:
+    """Human-readable allowed values of a field with a fixed choice, else None."""
+    field = section.model_fields.get(key)
+    if field is None:
+        return None
+    for arg in (field.annotation, *typing.get_args(field.annotation)):
+        if typing.get_origin(arg) is Literal:
+            return ", ".join(repr(v) for v in typing.get_args(arg))
+    return None
+
+
+def _unknown_key_hint(section_name: str | None, key: str) -> str:
+    fields = list(SECTIONS[section_name].model_fields) if section_name else ["name", *SECTIONS]
+    candidates = fields if section_name else fields + [f"{n}.{k}" for n, s in SECTIONS.items() for k in s.model_fields]
+    close = difflib.get_close_matches(key, candidates, n=1) or difflib.get_close_matches(
+        key, [c.split(".")[-1] for c in candidates], n=1
+    )
+    where = f"section '{section_name}'" if section_name else "the top level"
+    guess = f"did you mean '{close[0]}'? " if close else ""
+    return f"{guess}keys allowed in {where}: {', '.join(fields)}"
+
+
+def _validation_error(exc: ValidationError, origin: str) -> FinqloraError:
+    lines = []
+    hint = None
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"]]
+        dotted = ".".join(loc)
+        section_name = loc[0] if len(loc) > 1 and loc[0] in SECTIONS else None
+        key = loc[-1] if loc else ""
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{dotted}'")
+            hint = hint or _unknown_key_hint(section_name, key)
+            continue
+        allowed = _allowed_values(SECTIONS[section_name], key) if section_name else None
+        got = err.get("input")
+        message = f"'{dotted}': {err['msg']} (got {got!r})"
+        if allowed and err["type"] != "literal_error":  # pydantic already lists a Literal's values
+            message += f"; allowed: {allowed}"
+        lines.append(message)
+        field = SECTIONS[section_name].model_fields.get(key) if section_name else None
+        if field is not None and field.description and hint is None:
+            hint = f"{dotted}: {field.description}"
+    return FinqloraError(f"invalid config {origin}: " + "; ".join(lines), hint=hint or "see docs/training.md for every key")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (['train', 'lr'], 0.0001); a bare key is found in the section that has it."""
+    if "=" not in text:
+        raise FinqloraError(f"--set {text!r} is not key=value", hint="example: --set train.learning_rate=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise FinqloraError(f"--set {text!r}: the value is not valid YAML ({exc})") from exc
+    parts = key.split(".")
+    if len(parts) == 1 and parts[0] != "name":
+        owners = [name for name, section in SECTIONS.items() if parts[0] in section.model_fields]
+        if len(owners) != 1:
+            what = f"is in several sections ({', '.join(owners)})" if owners else "is not a known key"
+            raise FinqloraError(
+                f"--set {key}: '{key}' {what}",
+                hint="write the section too, e.g. --set train.seed=1; " + _unknown_key_hint(None, key),
+            )
+        parts = [owners[0], parts[0]]
+    if len(parts) > 2 or (len(parts) == 2 and parts[0] not in SECTIONS):
+        raise FinqloraError(f"--set {key}: unknown section", hint=f"sections: {', '.join(SECTIONS)}")
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` overrides to a raw (not yet validated) config mapping."""
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for text in overrides:
+        parts, value = parse_override(text)
+        if len(parts) == 1:
+            merged[parts[0]] = value
+        else:
+            section = merged.setdefault(parts[0], {})
+            if not isinstance(section, dict):
+                raise FinqloraError(f"config section '{parts[0]}' is not a mapping", hint="fix the YAML file")
+            section[parts[1]] = value
+    return merged
+
+
+def config_from_mapping(raw: dict[str, Any], *, origin: str = "(in memory)") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise _validation_error(exc, origin) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults when `path` is None) and apply `--set` overrides."""
+    raw: dict[str, Any] = {}
+    origin = "(defaults)"
+    if path is not None:
+        file = Path(path)
+        origin = str(file)
+        if not file.is_file():
+            configs = sorted(p.name for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
+            raise FinqloraError(
+                f"config file not found: {file}",
+                hint=f"configs in ./configs: {', '.join(configs)}" if configs else "pass a YAML file, e.g. configs/demo-cpu.yaml",
+            )
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise FinqloraError(f"{file}: not valid YAML{where}", hint=str(exc)) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise FinqloraError(f"{file}: the top level must be a mapping (name:, data:, train:, eval:)")
+        raw = loaded
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        origin += " with --set " + " ".join(overrides)
+    return config_from_mapping(raw, origin=origin)
+
+
+def dump_config(config: RunConfig) -> str:
+    """The config as YAML (what a run records so it can be repeated)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), allow_unicode=True, sort_keys=False)

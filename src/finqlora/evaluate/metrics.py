@@ -1,0 +1,374 @@
+"""Metrics for before/after evaluation, each small enough to check by hand.
+
+Conventions (also in docs/evaluation.md):
+
+* Classification: a prediction of `None` (answer not parseable) counts as wrong. Macro-F1
+  averages the per-class F1 over the classes given (default: the classes in the reference
+  labels); a class never predicted has precision 0 (not undefined), as in scikit-learn's
+  `zero_division=0`.
+* Baselines: *majority* always predicts the most frequent class of the reference labels of a
+  training split when one is given, else of the test labels (an optimistic baseline);
+  *random* is the expected score of guessing uniformly among the classes.
+* Numbers: a numeric answer is correct when `|pred - answer| <= tolerance` in the reference
+  unit (the builder writes each question's tolerance into its label).
+* Text overlap: text is tokenized with `overlap_tokens`: each CJK character is one token
+  (Chinese has no spaces and word segmenters disagree; character level is what sacreBLEU's
+  `zh` tokenizer and most Chinese ROUGE reports use), runs of Latin letters are words,
+  numbers (with decimals) are one token, and each punctuation mark is a token. ROUGE-L is
+  the LCS F1 (beta = 1) averaged over samples; BLEU is corpus BLEU-4 (Papineni et al.,
+  uniform weights, brevity penalty), with sacreBLEU's "exp" smoothing for n-gram orders
+  without matches, reported on a 0-100 scale.
+* Perplexity: exp(total negative log-likelihood / total answer tokens), over the answer
+  tokens only (the prompt is context), with the same prompt format as training.
+* Uncertainty: percentile bootstrap (1,000 resamples of test items, fixed seed) for every
+  metric, and for the difference fine-tuned - base the resampling is paired (the same items
+  for both). McNemar's test compares paired correctness: the exact binomial test on the
+  discordant pairs, and the chi-squared version with continuity correction.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# Classification
+
+
+def accuracy(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"{len(y_true)} labels but {len(y_pred)} predictions")
+    if not y_true:
+        return float("nan")
+    return sum(t == p for t, p in zip(y_true, y_pred)) / len(y_true)
+
+
+def per_class_f1(y_true: Sequence[Any], y_pred: Sequence[Any], labels: Sequence[Any]) -> dict[Any, dict[str, float]]:
+    """Precision, recall, F1 and support per class (zero when undefined)."""
+    result: dict[Any, dict[str, float]] = {}
+    for label in labels:
+        tp = sum(t == label and p == label for t, p in zip(y_true, y_pred))
+        predicted = sum(p == label for p in y_pred)
+        support = sum(t == label for t in y_true)
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        result[label] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    return result
+
+
+def macro_f1(y_true: Sequence[Any], y_pred: Sequence[Any], labels: Sequence[Any] | None = None) -> float:
+    if not y_true:
+        return float("nan")
+    labels = list(labels) if labels is not None else sorted(set(y_true), key=str)
+    scores = per_class_f1(y_true, y_pred, labels)
+    return sum(s["f1"] for s in scores.values()) / len(labels)
+
+
+UNPARSED = "(unparsed)"
+
+
+def confusion_matrix(y_true: Sequence[Any], y_pred: Sequence[Any], labels: Sequence[Any]) -> dict[str, Any]:
+    """Rows = reference class, columns = predicted class plus an "(unparsed)" column."""
+    columns = list(labels) + [UNPARSED]
+    matrix = [[0] * len(columns) for _ in labels]
+    index = {label: i for i, label in enumerate(labels)}
+    for t, p in zip(y_true, y_pred):
+        if t not in index:
+            continue
+        column = index[p] if p in index else len(labels)
+        matrix[index[t]][column] += 1
+    return {"labels": list(labels), "columns": columns, "matrix": matrix}
+
+
+def majority_baseline(y_true: Sequence[Any], labels: Sequence[Any], train_labels: Sequence[Any] | None = None) -> dict[str, Any]:
+    source = list(train_labels) if train_labels else list(y_true)
+    counts = Counter(source)
+    # Ties broken by the order of `labels` so the baseline is deterministic.
+    majority = max(labels, key=lambda label: (counts.get(label, 0), -list(labels).index(label)))
+    predictions = [majority] * len(y_true)
+    return {
+        "class": majority,
+        "from": "train" if train_labels else "test",
+        "accuracy": accuracy(y_true, predictions),
+        "macro_f1": macro_f1(y_true, predictions, labels),
+    }
+
+
+def random_baseline(y_true: Sequence[Any], labels: Sequence[Any]) -> dict[str, Any]:
+    """Expected accuracy and macro-F1 of guessing uniformly among `labels`.
+
+    For class c with test share p_c and k classes: expected precision p_c, recall 1/k,
+    F1 = 2 p_c / (k p_c + 1); accuracy = 1/k.
+    """
+    k = len(labels)
+    n = len(y_true)
+    shares = [sum(t == label for t in y_true) / n if n else 0.0 for label in labels]
+    f1s = [2 * p / (k * p + 1) if p else 0.0 for p in shares]
+    return {"accuracy": 1 / k, "macro_f1": sum(f1s) / k}
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers
+
+
+def numeric_correct(predicted: float | None, answer: float, tolerance: float) -> bool:
+    return predicted is not None and math.isfinite(predicted) and abs(predicted - answer) <= tolerance + 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# Text overlap
+
+_TOKEN = re.compile(
+    r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df]"  # one CJK character
+    r"|[A-Za-z]+(?:'[A-Za-z]+)?"  # a Latin word
+    r"|\d+(?:[.,]\d+)*"  # a number
+    r"|[^\s\w]",  # a punctuation mark
+)
+
+
+def overlap_tokens(text: str) -> list[str]:
+    """Character-level for CJK, word-level for Latin script; see the module docstring."""
+    return _TOKEN.findall(text or "")
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    if len(a) < len(b):
+        a, b = b, a
+    previous = [0] * (len(b) + 1)
+    for token in a:
+        current = [0]
+        for j, other in enumerate(b, start=1):
+            current.append(previous[j - 1] + 1 if token == other else max(previous[j], current[j - 1]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 of one candidate against one reference (0-1)."""
+    cand, ref = overlap_tokens(candidate), overlap_tokens(reference)
+    if not cand or not ref:
+        return 0.0
+    lcs = _lcs_length(cand, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(cand), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+@dataclass(frozen=True)
+class BleuStats:
+    """Sufficient statistics of one sentence: n-gram matches and totals (n = 1..4), lengths."""
+
+    matches: tuple[int, ...]
+    totals: tuple[int, ...]
+    candidate_length: int
+    reference_length: int
+
+
+def bleu_stats(candidate: str, reference: str, max_order: int = 4) -> BleuStats:
+    cand, ref = overlap_tokens(candidate), overlap_tokens(reference)
+    matches, totals = [], []
+    for n in range(1, max_order + 1):
+        cand_ngrams = Counter(tuple(cand[i : i + n]) for i in range(len(cand) - n + 1))
+        ref_ngrams = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
+        matches.append(sum(min(count, ref_ngrams[gram]) for gram, count in cand_ngrams.items()))
+        totals.append(max(len(cand) - n + 1, 0))
+    return BleuStats(tuple(matches), tuple(totals), len(cand), len(ref))
+
+
+def bleu_from_stats(stats: Sequence[BleuStats]) -> float:
+    """Corpus BLEU (0-100) from per-sentence statistics."""
+    if not stats:
+        return float("nan")
+    order = len(stats[0].matches)
+    matches = [sum(s.matches[i] for s in stats) for i in range(order)]
+    totals = [sum(s.totals[i] for s in stats) for i in range(order)]
+    cand_len = sum(s.candidate_length for s in stats)
+    ref_len = sum(s.reference_length for s in stats)
+    if cand_len == 0:
+        return 0.0
+    log_precision = 0.0
+    smooth = 1.0
+    for m, t in zip(matches, totals):
+        if t == 0:
+            return 0.0
+        if m == 0:
+            smooth *= 2  # sacreBLEU "exp" smoothing: 1 / (2^k * total) for the k-th empty order
+            log_precision += math.log(1 / (smooth * t))
+        else:
+            log_precision += math.log(m / t)
+    brevity = 1.0 if cand_len > ref_len else math.exp(1 - ref_len / cand_len)
+    return 100 * brevity * math.exp(log_precision / order)
+
+
+def corpus_bleu(candidates: Sequence[str], references: Sequence[str]) -> float:
+    return bleu_from_stats([bleu_stats(c, r) for c, r in zip(candidates, references)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity
+
+
+def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> float:
+    """exp(sum of negative log-likelihoods / sum of tokens)."""
+    tokens = sum(token_counts)
+    if tokens == 0:
+        return float("nan")
+    return math.exp(sum(nll_sums) / tokens)
+
+
+def token_nll(
+    model: Any,
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    pad_id: int = 0,
+    batch_size: int = 4,
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[float, int]]:
+    """(negative log-likelihood sum, scored token count) of each `(input_ids, labels)` pair.
+
+    Labels of -100 are context, not scored; every other label is predicted from the tokens
+    before it (the usual one-position shift of causal language models).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    results: list[tuple[float, int]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, (input_ids, row_labels) in enumerate(batch):  # right padding keeps positions 0..n-1
+                n = len(input_ids)
+                ids[row, :n] = torch.tensor(list(input_ids))
+                labels[row, :n] = torch.tensor(list(row_labels))
+                mask[row, :n] = 1
+            with torch.no_grad():
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            shifted_logits = logits[:, :-1, :]
+            shifted_labels = labels[:, 1:].to(device)
+            losses = torch.nn.functional.cross_entropy(
+                shifted_logits.reshape(-1, shifted_logits.size(-1)),
+                shifted_labels.reshape(-1),
+                ignore_index=-100,
+                reduction="none",
+            ).view(len(batch), -1)
+            counted = (shifted_labels != -100).sum(dim=1)
+            results.extend((float(losses[row].sum()), int(counted[row])) for row in range(len(batch)))
+            if progress:
+                progress(len(batch))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def answer_nll(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], *, max_length: int = 1024, **kwargs: Any) -> list[tuple[float, int]]:
+    """NLL of each record's reference answer given its prompt.
+
+    Tokens and the -100 prompt mask come from `chat_format.encode_for_training`, so the
+    model is scored on exactly the text fine-tuning taught it (answer + end-of-turn marker).
+    """
+    from finqlora.core.chat_format import encode_for_training
+
+    encoded = [encode_for_training(tokenizer, record, max_length) for record in records]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return token_nll(model, [(e.input_ids, e.labels) for e in encoded], pad_id=pad_id, **kwargs)
+
+
+def text_nll(model: Any, tokenizer: Any, texts: Sequence[str], *, max_length: int = 512, **kwargs: Any) -> list[tuple[float, int]]:
+    """NLL of plain texts (language-model perplexity, no chat template): every token but the
+    first is scored."""
+    examples = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_length]
+        examples.append((ids, ids))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return token_nll(model, examples, pad_id=pad_id, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Uncertainty
+
+
+@dataclass(frozen=True)
+class Interval:
+    low: float
+    high: float
+    level: float = 0.95
+
+
+def bootstrap_ci(
+    statistic: Callable[[np.ndarray], float],
+    n_items: int,
+    *,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """Percentile bootstrap interval of `statistic(indices)` over resampled test items."""
+    if n_items == 0:
+        return Interval(float("nan"), float("nan"), level)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_resamples):
+        value = statistic(rng.integers(0, n_items, size=n_items))
+        if not math.isnan(value):
+            values.append(value)
+    if not values:
+        return Interval(float("nan"), float("nan"), level)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return Interval(float(low), float(high), level)
+
+
+@dataclass(frozen=True)
+class McNemarResult:
+    """Paired comparison of correctness: b = only base right, c = only fine-tuned right."""
+
+    both_correct: int
+    base_only: int
+    finetuned_only: int
+    both_wrong: int
+    p_exact: float
+    chi2_corrected: float
+    p_corrected: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def mcnemar(base_only: int, finetuned_only: int, both_correct: int = 0, both_wrong: int = 0) -> McNemarResult:
+    """McNemar's test on the discordant counts b (base only) and c (fine-tuned only).
+
+    Exact: two-sided binomial test of b against Binomial(b + c, 1/2),
+    p = min(1, 2 * P[X <= min(b, c)]). Corrected: chi2 = (|b - c| - 1)^2 / (b + c), df = 1.
+    With no discordant pairs both p-values are 1.
+    """
+    b, c = base_only, finetuned_only
+    n = b + c
+    if n == 0:
+        return McNemarResult(both_correct, b, c, both_wrong, 1.0, 0.0, 1.0)
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n
+    p_exact = min(1.0, 2 * tail)
+    chi2 = (abs(b - c) - 1) ** 2 / n  # as statsmodels mcnemar(exact=False, correction=True)
+    p_corrected = math.erfc(math.sqrt(chi2 / 2))  # survival function of chi2 with 1 df
+    return McNemarResult(both_correct, b, c, both_wrong, p_exact, chi2, p_corrected)
+
+
+def mcnemar_paired(base_correct: Sequence[bool], finetuned_correct: Sequence[bool]) -> McNemarResult:
+    if len(base_correct) != len(finetuned_correct):
+        raise ValueError("paired test needs the same items for both models")
+    pairs = Counter(zip(map(bool, base_correct), map(bool, finetuned_correct)))
+    return mcnemar(pairs[(True, False)], pairs[(False, True)], pairs[(True, True)], pairs[(False, False)])

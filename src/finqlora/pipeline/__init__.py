@@ -1,0 +1,2 @@
+"""The whole run: an engine that runs a given list of fingerprinted stages, and the stage list
+of finqlora run."""

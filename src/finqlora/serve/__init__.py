@@ -1,0 +1,1 @@
+"""Using the model: the OpenAI-compatible server over one base with several adapters."""

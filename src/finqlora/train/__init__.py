@@ -1,0 +1,2 @@
+"""Stage 3, fine-tuning: QLoRA/LoRA training with checkpoints and resume, speed profiles,
+several processes."""
