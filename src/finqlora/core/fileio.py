@@ -1,4 +1,4 @@
-"""Atomic file writes and content fingerprints.
+"""Atomic file writes, the one JSONL reader, and content fingerprints.
 
 Every file finqlora produces is written to a temporary file in the same folder, flushed,
 fsynced and renamed over the target, so an interrupted run never leaves a half-written file.
@@ -10,9 +10,11 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from finqlora.core.errors import FinqloraError
 
 
 def umask_mode(path: str | os.PathLike[str]) -> None:
@@ -58,3 +60,44 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def iter_jsonl(
+    path: str | os.PathLike[str],
+    *,
+    what: str = "file",
+    hint: str = "each line must be one JSON object (JSONL); fix or delete that line",
+    torn_tail: bool = False,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file.
+
+    A line that is not a JSON object raises FinqloraError naming the file and the line. With
+    `torn_tail` (append-only caches), an unreadable *last* line is an interrupted write and is
+    skipped; anywhere else it is still an error.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FinqloraError(f"{what} not found: {file}", hint=f"check the path of the {what}")
+    with file.open(encoding="utf-8") as handle:
+        lines = list(enumerate(handle, start=1)) if torn_tail else enumerate(handle, start=1)
+        last = lines[-1][0] if torn_tail and lines else None
+        for number, line in lines:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                if number == last:
+                    return
+                detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                raise FinqloraError(f"{file}:{number}: not valid JSON ({detail})", hint=hint) from None
+            if not isinstance(row, dict):
+                if number == last:
+                    return
+                raise FinqloraError(f"{file}:{number}: expected a JSON object, got {type(row).__name__}", hint=hint)
+            yield number, row
+
+
+def read_jsonl(path: str | os.PathLike[str], **options: Any) -> list[dict[str, Any]]:
+    """All objects of a JSONL file (see `iter_jsonl` for the options and the errors)."""
+    return [row for _number, row in iter_jsonl(path, **options)]
