@@ -1,9 +1,11 @@
-"""GPU training throughput and memory: the standard QLoRA recipe vs finqlora's speed profiles.
+"""GPU training throughput and memory: the standard QLoRA recipe, finqlora's speed profiles and
+stock Unsloth, measured side by side in one run.
 
 Model: the exact deepseek-llm-7b-chat architecture (Llama, vocab 102,400, hidden 4096,
-intermediate 11,008, 30 layers, 32 heads) with random weights, built directly on the GPU and
-quantized to NF4 with bitsandbytes (double quantization) exactly as a 4-bit load would do it:
-speed and memory do not depend on weight values, and the real weights cannot be fetched there.
+intermediate 11,008, 30 layers, 32 heads) with random weights, built on the GPU one layer at a
+time, each decoder layer quantized to bitsandbytes NF4 (double quant) as soon as it exists, as a
+4-bit load would do it: speed and memory do not depend on weight values, and the real weights
+cannot be fetched there.
 
 Data: token ids of a real instruction dataset, made on a machine that has the data:
 
@@ -16,16 +18,33 @@ prompt/answer split are what matter for speed). Then, on the GPU machine:
 
     python benchmarks/train_throughput.py run --tokens .bench/train_tokens.npz --out results/
 
-runs each variant in its own process (clean peak-memory numbers, no kernel patches leaking
-between variants) and prints a table: effective tokens/s (tokens that are trained, padding
-excluded), peak GPU memory, MFU against a bf16 matmul peak measured in the same run, and the
-speed-up over the baseline, which is measured in the same run:
+How `run` measures. Every variant is a worker process of its own (its own CUDA context, so its
+peak memory and its kernel patches stay its own) that builds its model once and then trains in
+blocks on command, one worker at a time. First each trains a warm-up block of `--warmup` steps;
+then `--repeats` rounds follow, and in each round every variant trains one block of one untimed
+step plus `--steps` timed ones, in the order given (A B C, then C B A in the next round, so slow
+drift cancels). All variants with the same batch layout see the same samples in the same order.
+A row reports:
 
-    plain transformers Trainer + peft + bitsandbytes NF4 double quant, batch 4, max length 512,
-    dynamic padding, gradient checkpointing, paged 8-bit AdamW, all-linear LoRA r=8.
+- effective tokens/s (tokens trained, prompt and answer, padding excluded) as the median over
+  its timed blocks, with the range;
+- ratios against the baseline row and the matched stock-Unsloth row as the median of per-round
+  ratios (each block against the other row's block of the same round);
+- peak GPU memory after the model is built: torch's allocated and reserved peaks, plus the
+  paged 8-bit optimizer state (CUDA managed memory, which torch's counters do not see);
+- samples per optimizer step: a row whose micro-batches hold more samples than the baseline's
+  (the packed profiles) trains a different batch size, and the table says so.
 
-`--repeat-check` variants train 25 steps on one repeated batch of 4 x 512 tokens and report
-whether the loss stays finite and falls (issue 5's check for the T4 and bf16 configs).
+Baseline: plain transformers Trainer + peft + bitsandbytes NF4 double quant, batch 4, max length
+512, dynamic padding, gradient checkpointing, paged 8-bit AdamW, all-linear LoRA r=8 (alpha 16,
+dropout 0.05), bf16. Unsloth rows (`engine="unsloth"`, need unsloth installed) run stock
+Unsloth's FastLanguageModel on a random bf16 checkpoint of the same architecture, saved once
+per run, with the same data, optimizer, schedule and timing; `-varlen` Unsloth rows hand its
+packed attention torch's varlen flash kernel through a shim and are NOT stock Unsloth.
+
+`--quality` runs the same machinery on a model of the same shape with fewer layers: every
+variant trains the same batches for `--steps` steps in one block and then scores held-out
+samples; the table gives each row's loss against the standard recipe in the same precision.
 """
 
 from __future__ import annotations
@@ -35,14 +54,14 @@ import dataclasses
 import json
 import math
 import os
+import selectors
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -72,15 +91,19 @@ STANDARD = dict(load_in_4bit=True, gradient_checkpointing=True, compute_dtype="b
 BATCH_SIZE = 4
 MAX_LENGTH = 512
 LORA_R = 8
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
     what: str
-    profile: SpeedProfile
+    profile: SpeedProfile  # for Unsloth rows only the data layout (packing, budget) is used
     repeat_check: bool = False  # one repeated 4 x 512 batch: does the loss fall?
     batch_size: int = BATCH_SIZE  # samples per padded batch; a packed budget is batch_size x max_length
+    engine: str = "finqlora"  # "finqlora" (peft + the profile's levers) or "unsloth" (stock FastLanguageModel)
+    lora_dropout: float = 0.05
+    varlen_shim: bool = False  # Unsloth rows: torch's varlen kernel for packed rows (not stock)
 
 
 def resolved(profile: SpeedProfile, **changes: Any) -> SpeedProfile:
@@ -90,56 +113,77 @@ def resolved(profile: SpeedProfile, **changes: Any) -> SpeedProfile:
 
 
 def variants() -> dict[str, Variant]:
+    replace = dataclasses.replace
     base = resolved(get_profile("default"))
     t4 = resolved(get_profile("t4"))
     fast = resolved(get_profile("fast"))
+    fused = resolved(get_profile("fused"))
+    t4_fused = resolved(get_profile("t4-fused"))
     rows = [
         Variant("baseline", "plain Trainer + peft + bnb NF4 (the standard recipe)", base),
+        Variant("fp16-standard", "the standard recipe in fp16 (a T4's precision)", replace(base, compute_dtype="fp16")),
+        # The profiles that keep the recipe's 4 samples per step.
+        Variant("fused", "--profile fused: fused LoRA (dropout kept), Liger, answer-only fused CE, no upcast, "
+                "offloaded checkpointing", fused),
+        Variant("t4-fused", "--profile t4-fused: the same in fp16, sm75 kernels only", t4_fused),
+        Variant("fused-no-offload", "fused with checkpointed layer inputs kept on the GPU",
+                replace(fused, offload_activations=False)),
+        # Each lever alone on top of the baseline.
+        Variant("+fused-lora", "baseline + fused LoRA projections", replace(base, fused_lora=True)),
+        Variant("+offload", "baseline + checkpointing with layer inputs in CPU memory",
+                replace(base, offload_activations=True)),
+        Variant("+answer-only", "baseline + answer-only logits (torch CE)", replace(base, answer_only_logits=True)),
+        Variant("+liger", "baseline + Liger RMSNorm/SwiGLU/RoPE + fused linear-CE",
+                replace(base, liger=True, answer_only_logits=True)),
+        Variant("+no-upcast", "baseline without fp32 upcast of norms/embeddings/lm_head",
+                replace(base, upcast_frozen_to_fp32=False)),
+        Variant("+no-cudnn-attention", "baseline with flash/mem-efficient attention instead of cuDNN's",
+                replace(base, avoid_cudnn_attention=True)),
+        Variant("no-checkpointing", "baseline without gradient checkpointing", replace(base, gradient_checkpointing=False)),
+        # Packed profiles: more samples per optimizer step than the recipe's 4.
         Variant("t4", "--profile t4 (fp16, 4-bit, checkpointing, 4 packed rows of 4x512 tokens)", t4),
         Variant("fast", "--profile fast (4-bit, checkpointing, varlen attention, 8x4x512-token micro-batches)", fast),
+        Variant("fast-fused", "fast + fused LoRA projections", replace(fast, fused_lora=True)),
         Variant("fast-masked", "fast with sdpa and block-diagonal masks in 8 rows instead of varlen attention",
-                dataclasses.replace(fast, varlen_attention=False)),
+                replace(fast, varlen_attention=False)),
         Variant("fast-bf16", "--profile fast-bf16 (like fast, no quantization)", resolved(get_profile("fast-bf16"))),
-        Variant("fast-no-checkpointing", "fast without checkpointing, 2x4x512-token micro-batches (memory for speed)",
-                dataclasses.replace(fast, gradient_checkpointing=False, budget_scale=2, pack_rows=2)),
-        # Ablation: each lever alone on top of the baseline.
-        Variant("+packing", "baseline + padding-free packing (1 row, 4x512 token budget)",
-                dataclasses.replace(base, packing=True)),
+        Variant("+packing", "baseline + padding-free packing (1 row, 4x512 token budget)", replace(base, packing=True)),
         Variant("+packing+varlen", "baseline + padding-free packing with varlen attention (1 row, 4x512 tokens)",
-                dataclasses.replace(base, packing=True, varlen_attention=True)),
-        Variant("+answer-only", "baseline + answer-only logits (torch CE)", dataclasses.replace(base, answer_only_logits=True)),
-        Variant("+liger", "baseline + Liger RMSNorm/SwiGLU/RoPE + fused linear-CE",
-                dataclasses.replace(base, liger=True, answer_only_logits=True)),
-        Variant("+no-upcast", "baseline without fp32 upcast of norms/embeddings/lm_head",
-                dataclasses.replace(base, upcast_frozen_to_fp32=False)),
-        Variant("+no-cudnn-attention", "baseline with flash/mem-efficient attention instead of cuDNN's",
-                dataclasses.replace(base, avoid_cudnn_attention=True)),
-        Variant("no-checkpointing", "baseline without gradient checkpointing",
-                dataclasses.replace(base, gradient_checkpointing=False)),
-        Variant("fp16-standard", "the standard recipe in fp16 (the T4 config's precision)",
-                dataclasses.replace(base, compute_dtype="fp16")),
-        # Control: more tokens per step without our levers (t4's 8,192-token budget as padded samples).
+                replace(base, packing=True, varlen_attention=True)),
         Variant("batch16-standard", "the standard recipe with batch 16 (more tokens per step, no other lever)",
                 base, batch_size=16),
-        # Diagnostics of the T4 profile's cost.
-        Variant("t4-bf16", "--profile t4 in bf16 (what fp16 costs)", dataclasses.replace(t4, compute_dtype="bf16")),
-        Variant("t4-no-checkpointing", "--profile t4 without checkpointing (what checkpointing costs)",
-                dataclasses.replace(t4, gradient_checkpointing=False)),
+        # Stock Unsloth (and one shimmed variant) on the same samples.
+        Variant("unsloth-d05", "stock Unsloth, padded batches of 4, lora_dropout 0.05", base, engine="unsloth"),
+        Variant("unsloth-d0", "stock Unsloth, padded batches of 4, lora_dropout 0 (its fast LoRA path)", base,
+                engine="unsloth", lora_dropout=0.0),
+        Variant("unsloth-packs-d05", "stock Unsloth on fast's micro-batches (one padding-free row each)", fast,
+                engine="unsloth"),
+        Variant("unsloth-packs-varlen-d05", "Unsloth on fast's micro-batches with a varlen-attention shim (NOT stock)",
+                fast, engine="unsloth", varlen_shim=True),
+        Variant("unsloth-packs-varlen-d0", "as unsloth-packs-varlen-d05 with lora_dropout 0 (NOT stock)", fast,
+                engine="unsloth", lora_dropout=0.0, varlen_shim=True),
         # Issue 5: the two GPU configs (and the T4 profile) on one repeated batch.
         Variant("repeat-t4-config", "T4 config (standard recipe, fp16) on a repeated 4x512 batch",
-                dataclasses.replace(base, compute_dtype="fp16"), repeat_check=True),
+                replace(base, compute_dtype="fp16"), repeat_check=True),
         Variant("repeat-bf16-config", "bf16 config (standard recipe) on a repeated 4x512 batch", base, repeat_check=True),
         Variant("repeat-t4-profile", "--profile t4 on a repeated 4x512 batch", t4, repeat_check=True),
     ]
     return {v.name: v for v in rows}
 
 
-# What `run` measures by default (the table in docs/benchmarks.md): the profiles, each lever alone
-# on top of the baseline, the bigger-batch control, and the baseline again at the end, because
-# step times on a shared VM drift; ratios use the faster of the two baseline runs.
-MAIN_VARIANTS = ("baseline", "t4", "fast", "fast-masked", "fast-bf16", "+packing", "+packing+varlen", "+answer-only",
-                 "+liger", "+no-upcast", "+no-cudnn-attention", "no-checkpointing", "fp16-standard",
-                 "batch16-standard", "fast-no-checkpointing", "baseline")
+# Named sets for `run --variants` (what docs/benchmarks.md reports).
+VARIANT_SETS = {
+    # The recipe's 4 samples per step: baseline, stock Unsloth, our profiles and each lever alone.
+    "small-batch": ("baseline", "unsloth-d05", "fused", "t4-fused", "fp16-standard", "fused-no-offload",
+                    "+fused-lora", "+offload", "unsloth-d0"),
+    # Packed micro-batches (more samples per step), against Unsloth on the same packs.
+    "packed": ("baseline", "fast", "fast-fused", "t4", "unsloth-packs-varlen-d05", "unsloth-packs-d05",
+               "unsloth-packs-varlen-d0"),
+    # The loss after the same 100 batches, each profile against the recipe in its precision.
+    "quality": ("baseline", "fused", "+fused-lora", "fp16-standard", "t4-fused"),
+}
+# Which standard row a row's loss is compared with (`--quality`): the recipe in the same precision.
+QUALITY_REFERENCE = {"bf16": "baseline", "fp16": "fp16-standard"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,25 +261,50 @@ def repeated_batch(samples: list[dict[str, list[int]]], length: int = MAX_LENGTH
 # ---------------------------------------------------------------------------------------------
 # Model
 
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
-def build_model(arch: dict, profile: SpeedProfile, device: str) -> Any:
-    """Random-weight Llama of `arch` on `device`, NF4-quantized when the profile says so."""
+
+def build_model(arch: dict, profile: SpeedProfile, device: str, *, quantize: bool | None = None) -> Any:
+    """Random-weight Llama of `arch` on `device`, built one layer at a time (NF4 when the profile says so).
+
+    Built on the meta device and materialized layer by layer, each decoder layer quantized before
+    the next one exists, so building never holds the full bf16 model (14 GB for deepseek-7b) and
+    workers can build side by side. Weights ~ N(0, initializer_range), norms 1, as from_config.
+    """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[profile.compute_dtype]
+    dtype = getattr(torch, DTYPES[profile.compute_dtype])
+    quantize = profile.load_in_4bit if quantize is None else quantize
     config = LlamaConfig(**arch)
-    torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    if profile.load_in_4bit:
-        quantize_nf4(model, dtype)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for module in (model.model.embed_tokens, model.model.norm, model.lm_head, *model.model.layers):
+        module.to_empty(device=device)
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                if param.dim() == 1:
+                    param.fill_(1.0)  # RMSNorm scales
+                else:
+                    param.normal_(0.0, config.initializer_range, generator=generator)
+        if quantize and module in model.model.layers:
+            quantize_layer_nf4(module, dtype)
+    # Its inverse frequencies are computed in __init__ (a non-persistent buffer): build it again for real.
+    model.model.rotary_emb = type(model.model.rotary_emb)(model.config).to(device)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"random model left tensors unmaterialized: {left[:5]}")
+    if quantize:
+        model.is_loaded_in_4bit = True
     model.config.use_cache = False
     return model
 
 
-def quantize_nf4(model: Any, compute_dtype: Any) -> None:
-    """Swap every linear layer of the decoder blocks for a bitsandbytes NF4 (double-quant) layer.
+def quantize_layer_nf4(layer: Any, compute_dtype: Any) -> None:
+    """Swap every linear layer of one decoder block for a bitsandbytes NF4 (double-quant) layer.
 
     This is what `from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True,
     bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=...))`
@@ -244,22 +313,38 @@ def quantize_nf4(model: Any, compute_dtype: Any) -> None:
     import bitsandbytes as bnb
     import torch
 
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if type(child) is not torch.nn.Linear:
-                    continue
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
-                                      quant_storage=torch.uint8, device="meta")
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4", quant_storage=torch.uint8,
-                                             module=q).to(child.weight.device)
-                setattr(parent, name, q)
-    model.is_loaded_in_4bit = True
+    for parent in (layer.self_attn, layer.mlp):
+        for name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                  quant_storage=torch.uint8, device="meta")
+            q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4", quant_storage=torch.uint8,
+                                         module=q).to(child.weight.device)
+            setattr(parent, name, q)
 
 
-def attach_lora(model: Any, profile: SpeedProfile, lora_layers: int | None = None) -> Any:
+def save_random_checkpoint(arch: dict, path: Path) -> dict:
+    """A bf16 random checkpoint of `arch` (with a padding tokenizer) for the Unsloth rows to load."""
+    import torch
+
+    started = time.perf_counter()
+    profile = dataclasses.replace(get_profile("default"), compute_dtype="bf16", load_in_4bit=False)
+    model = build_model(arch, profile, "cuda" if torch.cuda.is_available() else "cpu")
+    model.config.architectures = ["LlamaForCausalLM"]
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, max_shard_size="4GB")
+    tokenizer = padding_tokenizer()
+    tokenizer.eos_token = tokenizer.bos_token = tokenizer.pad_token
+    tokenizer.model_max_length = 4096
+    tokenizer.save_pretrained(path)
+    return {"checkpoint": str(path), "params": sum(p.numel() for p in model.parameters()),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def attach_lora(model: Any, profile: SpeedProfile, lora_layers: int | None = None, lora_dropout: float = 0.05) -> Any:
     """peft LoRA r=8 on all linear layers (of the last `lora_layers` blocks, if given); the
     standard recipe uses prepare_model_for_kbit_training."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -272,8 +357,11 @@ def attach_lora(model: Any, profile: SpeedProfile, lora_layers: int | None = Non
     from finqlora.train.training import lora_targets
 
     targets, layers = lora_targets(model, "all-linear", lora_layers)
-    config = LoraConfig(r=LORA_R, lora_alpha=16, lora_dropout=0.05, target_modules=targets, bias="none",
+    config = LoraConfig(r=LORA_R, lora_alpha=16, lora_dropout=lora_dropout, target_modules=targets, bias="none",
                         task_type="CAUSAL_LM", layers_to_transform=layers)
+    import torch
+
+    torch.manual_seed(0)  # peft draws LoRA's A at random: the same adapters in every variant
     return get_peft_model(model, config)
 
 
@@ -296,88 +384,128 @@ def attention_flops(arch: dict, lengths: list[int]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# One variant
+# Training in blocks (one worker = one variant = one model)
+
+# The next block of a session: (untimed steps, timed steps), or None to stop.
+Plan = Callable[[], "tuple[int, int] | None"]
 
 
-def run_variant(variant: Variant, samples: list[dict[str, list[int]]], *, arch: dict, device: str,
-                warmup: int, steps: int, seed: int = 0, trace_steps: int = 0,
-                build: Any = None, max_length: int = MAX_LENGTH, flops_arch: Any = None,
-                lora_layers: int | None = None) -> dict:
-    """Train `warmup + steps` optimizer steps and measure the timed ones.
+def _no_event(*args: Any, **kwargs: Any) -> None:
+    return None
 
-    `build(profile)` returns the base model (default: a random model of `arch` on `device`);
-    LoRA and the profile's levers are added here, as the training path does. `flops_arch()`
-    gives the dimensions for the MFU count when `build` makes a model other than `arch`.
+
+class BlockClock:
+    """Trainer callback: stamps every optimizer step's end and, after each block, asks `plan` for the next.
+
+    The Trainer waits inside `on_step_end` while the coordinator runs the other variants, so the
+    pause is outside every timed interval. (A plain class: transformers is imported only inside
+    the worker, after Unsloth where a row needs it.)
     """
-    import torch
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-    from finqlora.train.speedups import (apply_model_speedups, attention_implementation, make_data_collator,
-                                   pack_by_token_budget, tokens_per_micro_batch)
+    def __init__(self, plan: Plan, on_block: Callable[[dict], None], cuda: bool) -> None:
+        self.plan, self.on_block, self.cuda = plan, on_block, cuda
+        self.marks: list[float] = []  # perf_counter at the end of each optimizer step
+        self.losses: list[float] = []
+        self.blocks: list[dict] = []
+        self.remaining = 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("on_"):  # every other Trainer event
+            return _no_event
+        raise AttributeError(name)
+
+    def _next(self, control: Any) -> None:
+        step = self.plan()
+        if step is None or sum(step) == 0:
+            control.should_training_stop = True
+            return
+        untimed, timed = step
+        self.blocks.append({"begin": len(self.marks), "untimed": untimed, "timed": timed,
+                            "resumed": time.perf_counter()})
+        self.remaining = untimed + timed
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._next(control)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        self.marks.append(time.perf_counter())
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.on_block(self.blocks[-1])
+            self._next(control)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+
+
+def block_result(marks: list[float], block: dict, counted: list[tuple[int, list[int]]], arch: dict) -> dict:
+    """Tokens, time and FLOPs of a block's timed steps (micro-batch k is optimizer step k)."""
+    begin, untimed, timed = block["begin"], block["untimed"], block["timed"]
+    if timed == 0:
+        return {"steps": 0}
+    first = begin + untimed
+    start = marks[first - 1] if untimed else block["resumed"]
+    stamps = [start] + marks[first : first + timed]
+    seconds = stamps[-1] - stamps[0]
+    batches = counted[first : first + timed]
+    tokens = sum(n for n, _ in batches)
+    lengths = [n for _, ls in batches for n in ls]
+    return dict(steps=timed, seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds if seconds > 0 else float("nan"),
+                samples=len(lengths), samples_per_step=len(lengths) / timed,
+                step_times_s=[b - a for a, b in zip(stamps, stamps[1:])],
+                flops=model_flops_per_token(arch) * tokens + attention_flops(arch, lengths))
+
+
+def train_items(variant: Variant, samples: list[dict], max_length: int, seed: int) -> tuple[list[dict], int]:
+    """The Trainer's dataset and per-device batch size for the variant's batch layout."""
+    from finqlora.train.speedups import pack_by_token_budget, tokens_per_micro_batch
 
     profile = variant.profile
-    cuda = device.startswith("cuda")
-    model = build(profile) if build is not None else build_model(arch, profile, device)
-    model = attach_lora(model, profile, lora_layers)
-    model = apply_model_speedups(model, profile)
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-    if variant.repeat_check:  # issue 5 asks for 20+ steps
-        warmup, steps = max(warmup, 5), max(steps, 20)
-    total_steps = warmup + steps
     if variant.repeat_check:
         # One epoch = one step on the same four samples; the Trainer repeats epochs up to max_steps.
         batch = repeated_batch(samples, max_length)
-        train = [{"pack": batch}] if profile.packing else batch
-    elif profile.packing:
+        return ([{"pack": batch}], 1) if profile.packing else (batch, BATCH_SIZE)
+    if profile.packing:
         budget = tokens_per_micro_batch(profile, variant.batch_size, max_length)
         packs = pack_by_token_budget([len(s["input_ids"]) for s in samples], budget, seed=seed)
-        train = [{"pack": [samples[i] for i in pack]} for pack in packs]
-    else:
-        train = samples
-    per_device = 1 if profile.packing else variant.batch_size
+        return [{"pack": [samples[i] for i in pack]} for pack in packs], 1
+    return samples, variant.batch_size
 
-    counted: list[tuple[int, list[int]]] = []  # per micro-batch: real tokens, sample lengths
 
+def finqlora_model(variant: Variant, *, arch: dict, device: str, build: Any, lora_layers: int | None) -> tuple[Any, Any]:
+    """peft LoRA on the random base (or `build(profile)`), the profile's levers, the profile's collator."""
+    from finqlora.train.speedups import apply_model_speedups, attention_implementation, make_data_collator
+
+    profile = variant.profile
+    model = build(profile) if build is not None else build_model(arch, profile, device)
+    model = attach_lora(model, profile, lora_layers, variant.lora_dropout)
+    model = apply_model_speedups(model, profile)
     collate = make_data_collator(padding_tokenizer(), profile, attn_implementation=attention_implementation(model))
+    return model, collate
 
-    def counting_collate(features: list[dict]) -> dict:
-        batch = collate(features)
-        flat = [s for f in features for s in (f["pack"] if "pack" in f else [f])]
-        counted.append((sum(len(s["input_ids"]) for s in flat), [len(s["input_ids"]) for s in flat]))
-        return batch
 
-    class Clock(TrainerCallback):
-        def __init__(self) -> None:
-            self.marks: list[float] = []
-            self.losses: list[float] = []
+def training_arguments(variant: Variant, per_device: int, total_steps: int, seed: int, cuda: bool) -> Any:
+    from transformers import TrainingArguments
 
-        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-            if cuda:
-                torch.cuda.synchronize()
-            self.marks.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
-    clock = Clock()
-    callbacks: list[Any] = [clock]
-    if trace_steps:
-        callbacks.append(ProfileSteps(warmup, trace_steps))
-    args = TrainingArguments(
+    profile = variant.profile
+    unsloth = variant.engine == "unsloth"
+    checkpointing = bool(profile.gradient_checkpointing) and not unsloth  # Unsloth checkpoints its own way
+    return TrainingArguments(
         output_dir=os.environ.get("TMPDIR", "/tmp") + f"/bench-{variant.name}",
         per_device_train_batch_size=per_device,
         max_steps=total_steps,
         learning_rate=2e-4,
         lr_scheduler_type="cosine" if not variant.repeat_check else "constant",
         warmup_steps=2,
-        optim=profile.optimizer if cuda else "adamw_torch",
-        bf16=profile.compute_dtype == "bf16",  # on the CPU: bf16 autocast (AMX / AVX512-BF16)
-        fp16=cuda and profile.compute_dtype == "fp16",
-        gradient_checkpointing=profile.gradient_checkpointing,
+        optim=(profile.optimizer if not unsloth else "paged_adamw_8bit") if cuda else "adamw_torch",
+        bf16=unsloth or profile.compute_dtype == "bf16",  # on the CPU: bf16 autocast (AMX / AVX512-BF16)
+        fp16=cuda and not unsloth and profile.compute_dtype == "fp16",
+        gradient_checkpointing=checkpointing,
         # The plain recipe keeps transformers' defaults; our paths use non-reentrant checkpointing.
         gradient_checkpointing_kwargs=None if profile.upcast_frozen_to_fp32 else {"use_reentrant": False},
         logging_steps=1,
@@ -390,40 +518,188 @@ def run_variant(variant: Variant, samples: list[dict[str, list[int]]], *, arch: 
         disable_tqdm=True,
         use_cpu=not cuda,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=counting_collate,
-                      callbacks=callbacks)
-    trainer.remove_callback(PrinterCallback)  # per-step log dicts would drown the table
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
 
-    # Micro-batch k is collated just before optimizer step k (no workers, no accumulation).
-    timed = clock.marks[warmup - 1 :] if warmup > 0 else [start] + clock.marks
-    seconds = timed[-1] - timed[0]
-    timed_batches = counted[warmup : warmup + len(timed) - 1]
-    tokens = sum(n for n, _ in timed_batches)
-    lengths = [n for _, ls in timed_batches for n in ls]
-    result = dict(
-        variant=variant.name,
-        what=variant.what,
-        profile=dataclasses.asdict(profile),
-        steps=len(timed) - 1,
-        seconds=seconds,
-        tokens=tokens,
-        tokens_per_s=tokens / seconds if seconds > 0 else float("nan"),
-        samples_per_step=len(lengths) / max(len(timed_batches), 1),
-        step_times_s=[b - a for a, b in zip(timed, timed[1:])],
-        flops=model_flops_per_token(flops_arch() if flops_arch else arch) * tokens
-        + attention_flops(flops_arch() if flops_arch else arch, lengths),
-        losses=clock.losses,
-        wall_s=wall,
-    )
+
+def train_session(variant: Variant, samples: list[dict], *, arch: dict, device: str, plan: Plan, total_steps: int,
+                  on_block: Callable[[dict], None] | None = None, ready: Callable[[dict], None] | None = None,
+                  seed: int = 0, build: Any = None, max_length: int = MAX_LENGTH, flops_arch: Any = None,
+                  lora_layers: int | None = None, checkpoint: str | None = None, trace_steps: int = 0) -> tuple[dict, Any]:
+    """Build the variant's model once, then train the blocks `plan` hands out; returns (result, model)."""
+    import torch
+    from transformers import PrinterCallback, Trainer
+
+    cuda = device.startswith("cuda")
+    started = time.perf_counter()
+    if variant.engine == "unsloth":
+        model, collate = unsloth_model(variant, checkpoint)
+    else:
+        model, collate = finqlora_model(variant, arch=arch, device=device, build=build, lora_layers=lora_layers)
+    train, per_device = train_items(variant, samples, max_length, seed)
+    counted: list[tuple[int, list[int]]] = []  # per micro-batch: real tokens, sample lengths
+
+    def counting_collate(features: list[dict]) -> dict:
+        batch = collate(features)
+        flat = [s for f in features for s in (f["pack"] if "pack" in f else [f])]
+        counted.append((sum(len(s["input_ids"]) for s in flat), [len(s["input_ids"]) for s in flat]))
+        return batch
+
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    load_s = time.perf_counter() - started
+    if ready is not None:
+        ready({"load_s": round(load_s, 1)})
+    blocks: list[dict] = []
+    dims = flops_arch() if flops_arch else arch
+
+    def done(block: dict) -> None:
+        blocks.append(block_result(clock.marks, block, counted, dims))
+        if on_block is not None:
+            on_block(blocks[-1])
+
+    clock = BlockClock(plan, done, cuda)
+    callbacks: list[Any] = [clock] + ([ProfileSteps(1, trace_steps)] if trace_steps else [])
+    trainer = Trainer(model=model, args=training_arguments(variant, per_device, total_steps, seed, cuda),
+                      train_dataset=train, data_collator=counting_collate, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # per-step log dicts would drown the table
+    trainer.train()
+    result = dict(variant=variant.name, what=variant.what, engine=variant.engine, profile=dataclasses.asdict(variant.profile),
+                  lora_dropout=variant.lora_dropout, blocks=blocks, losses=clock.losses, load_s=round(load_s, 1),
+                  wall_s=time.perf_counter() - started)
     if cuda:
         result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        result["paged_optimizer_gib"] = paged_state_gib(trainer.optimizer)
+    if variant.varlen_shim:
+        result["varlen_shim_calls"] = VARLEN_SHIM_CALLS[0]
+    return result, trainer.model
+
+
+def run_variant(variant: Variant, samples: list[dict[str, list[int]]], *, arch: dict, device: str,
+                warmup: int, steps: int, seed: int = 0, trace_steps: int = 0,
+                build: Any = None, max_length: int = MAX_LENGTH, flops_arch: Any = None,
+                lora_layers: int | None = None) -> dict:
+    """One block in this process: `warmup` untimed and `steps` timed optimizer steps (the CPU benchmark's use).
+
+    `build(profile)` returns the base model (default: a random model of `arch` on `device`);
+    LoRA and the profile's levers are added here, as the training path does. `flops_arch()`
+    gives the dimensions for the MFU count when `build` makes a model other than `arch`.
+    """
+    if variant.repeat_check:  # issue 5 asks for 20+ steps
+        warmup, steps = max(warmup, 5), max(steps, 20)
+    plan = iter([(warmup, steps)])
+    result, _ = train_session(variant, samples, arch=arch, device=device, plan=lambda: next(plan, None),
+                              total_steps=warmup + steps, seed=seed, build=build, max_length=max_length,
+                              flops_arch=flops_arch, lora_layers=lora_layers, trace_steps=trace_steps)
+    block = result.pop("blocks")[0]
+    result.update(block)
     if variant.repeat_check:
-        result.update(loss_check(clock.losses))
+        result.update(loss_check(result["losses"]))
     return result
+
+
+def paged_state_gib(optimizer: Any) -> float:
+    """Bytes of optimizer state in bitsandbytes' paged (CUDA managed) buffers, outside torch's counters."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    total = 0
+    for state in getattr(inner, "state", {}).values():
+        for value in state.values():
+            if hasattr(value, "nbytes") and getattr(value, "is_paged", False):
+                total += value.nbytes
+    return total / 2**30
+
+
+def val_loss(model: Any, samples: list[dict], profile: SpeedProfile, device: str) -> float:
+    """Mean token loss of held-out samples (eval mode, padded batches of 4, the profile's precision)."""
+    import torch
+    from finqlora.train.speedups import get_profile, make_data_collator
+
+    collate = make_data_collator(padding_tokenizer(), get_profile("default"))
+    dtype = getattr(torch, DTYPES.get(profile.compute_dtype or "bf16", "bfloat16"))
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+        for i in range(0, len(samples), BATCH_SIZE):
+            batch = {k: v.to(device) for k, v in collate(samples[i : i + BATCH_SIZE]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            targets = batch["labels"][:, 1:]
+            keep = targets != -100
+            total += torch.nn.functional.cross_entropy(logits[:, :-1][keep], targets[keep], reduction="sum").item()
+            count += int(keep.sum())
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stock Unsloth on the same samples
+
+VARLEN_SHIM_CALLS = [0]
+
+
+def unsloth_model(variant: Variant, checkpoint: str | None) -> tuple[Any, Any]:
+    """Stock Unsloth: FastLanguageModel 4-bit load, LoRA on every projection, its own checkpointing."""
+    import torch
+    from unsloth import FastLanguageModel
+
+    from finqlora.train.speedups import make_data_collator
+
+    if not checkpoint:
+        raise RuntimeError("Unsloth rows need --checkpoint (made by `make-checkpoint`)")
+    model, _ = FastLanguageModel.from_pretrained(model_name=checkpoint, max_seq_length=MAX_LENGTH, dtype=torch.bfloat16,
+                                                 load_in_4bit=True, local_files_only=True, fix_tokenizer=False)
+    model = FastLanguageModel.get_peft_model(model, r=LORA_R, lora_alpha=16, lora_dropout=variant.lora_dropout,
+                                             target_modules=LORA_TARGETS, bias="none",
+                                             use_gradient_checkpointing="unsloth", random_state=0,
+                                             max_seq_length=MAX_LENGTH)
+    if variant.varlen_shim:
+        install_unsloth_varlen_shim()
+    if variant.profile.packing:
+        return model, PackedRowCollator()
+    return model, make_data_collator(padding_tokenizer(), get_profile("default"))
+
+
+class PackedRowCollator:
+    """Samples (or packs) in one padding-free row for Unsloth: positions restart per sample, each
+    sample's first label is -100 (as transformers' DataCollatorWithFlattening), and
+    `packed_seq_lengths` carries the boundaries to Unsloth's packed attention."""
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        lengths: list[int] = []
+        for feature in features:
+            for sample in feature["pack"] if "pack" in feature else [feature]:
+                n = len(sample["input_ids"])
+                ids += list(sample["input_ids"])
+                labels += [-100] + list(sample["labels"][1:])
+                positions += list(range(n))
+                lengths.append(n)
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([positions]),
+                "packed_seq_lengths": torch.tensor(lengths, dtype=torch.int32)}
+
+
+def install_unsloth_varlen_shim() -> None:
+    """Hand Unsloth's packed attention torch's varlen kernel (NOT stock Unsloth).
+
+    Unsloth 2026.10.9 takes torch's varlen_attn only when it accepts `enable_gqa` (torch 2.12+);
+    on torch 2.11 it runs packed rows as one sdpa call per run of equal-length samples. The
+    deepseek-7b shape has no grouped-query attention, so the shim drops the argument and calls
+    the kernel the project's varlen attention calls.
+    """
+    from torch.nn.attention.varlen import varlen_attn
+    from unsloth.utils import attention_dispatch
+
+    def shim(q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, max_q: int, max_k: int, *, scale: Any = None,
+             window_size: tuple[int, int] = (-1, -1), enable_gqa: bool = False) -> Any:
+        if enable_gqa:
+            raise NotImplementedError("the varlen shim has no grouped-query attention")
+        VARLEN_SHIM_CALLS[0] += 1
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size)
+
+    attention_dispatch._TORCH_VARLEN_ATTN = shim
 
 
 class ProfileSteps:
@@ -502,45 +778,6 @@ def matmul_peak_tflops(device: str = "cuda", n: int = 8192, reps: int = 20) -> f
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-# ---------------------------------------------------------------------------------------------
-# Driver
-
-
-def summarize(results: list[dict], peak_tflops: float | None) -> list[dict]:
-    """Add MFU and ratios against the baseline of the same run (the fastest, if it ran more than once)."""
-    baselines = [r for r in results if r["variant"] == "baseline" and "error" not in r]
-    base = max(baselines, key=lambda r: r["tokens_per_s"], default=None)
-    for r in results:
-        if "error" in r:
-            continue
-        if peak_tflops and r["seconds"] > 0:
-            r["mfu"] = r["flops"] / r["seconds"] / (peak_tflops * 1e12)
-        if base and not r["variant"].startswith("repeat"):
-            r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
-            if "peak_allocated_gib" in r:
-                r["memory_vs_baseline"] = r["peak_allocated_gib"] / base["peak_allocated_gib"]
-    return results
-
-
-def table(results: list[dict]) -> str:
-    lines = ["| variant | what | eff. tokens/s | x baseline | peak GiB (alloc/reserved) | MFU | samples/step | loss check |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for r in results:
-        if "error" in r:
-            lines.append(f"| {r['variant']} | {r.get('what', '')} | failed: {r['error'][:120]} | | | | | |")
-            continue
-        mem = (f"{r['peak_allocated_gib']:.1f} / {r['peak_reserved_gib']:.1f}" if "peak_allocated_gib" in r else "-")
-        check = ""
-        if "loss_falls" in r:
-            check = (f"{'ok' if r['loss_falls'] else 'FAIL'}: {r['loss_first5']:.3f} -> {r['loss_last5']:.3f}"
-                     f"{'' if r['loss_finite'] else ' (non-finite)'}")
-        speedup = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
-        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
-        lines.append(f"| {r['variant']} | {r['what']} | {r['tokens_per_s']:,.0f} | {speedup} | {mem} | {mfu} | "
-                     f"{r['samples_per_step']:.1f} | {check} |")
-    return "\n".join(lines)
-
-
 def environment() -> dict:
     import importlib.metadata as md
 
@@ -558,59 +795,317 @@ def environment() -> dict:
     return env
 
 
+# ---------------------------------------------------------------------------------------------
+# Driver: the coordinator and its workers
+
+
+def paired_ratio(row: dict, reference: dict | None) -> float | None:
+    """Median over rounds of row's block tokens/s over the reference's block of the same round."""
+    if reference is None or "error" in reference or "error" in row:
+        return None
+    ref = {b["round"]: b["tokens_per_s"] for b in reference.get("blocks", []) if b.get("steps")}
+    ratios = [b["tokens_per_s"] / ref[b["round"]] for b in row.get("blocks", []) if b.get("steps") and b["round"] in ref]
+    return statistics.median(ratios) if ratios else None
+
+
+def summarize(rows: list[dict], peak_tflops: float | None, *, baseline: str = "baseline",
+              unsloth_padded: str = "unsloth-d05", unsloth_packed: str = "unsloth-packs-varlen-d05") -> list[dict]:
+    """Medians over each row's timed blocks, MFU, paired ratios against the baseline and matched Unsloth rows."""
+    by_name = {r["variant"]: r for r in rows}
+    for r in rows:
+        timed = [b for b in r.get("blocks", []) if b.get("steps")]
+        if "error" in r or not timed:
+            continue
+        speeds = [b["tokens_per_s"] for b in timed]
+        r["tokens_per_s"] = statistics.median(speeds)
+        r["tokens_per_s_range"] = [min(speeds), max(speeds)]
+        r["timed_blocks"] = len(timed)
+        r["samples_per_step"] = sum(b["samples"] for b in timed) / sum(b["steps"] for b in timed)
+        if peak_tflops:
+            r["mfu"] = statistics.median(b["flops"] / b["seconds"] for b in timed) / (peak_tflops * 1e12)
+    base = by_name.get(baseline)
+    for r in rows:
+        if "tokens_per_s" not in r:
+            continue
+        r["speedup"] = paired_ratio(r, base)
+        packed = bool(r.get("profile", {}).get("packing"))
+        r["unsloth_row"] = unsloth_packed if packed else unsloth_padded
+        r["vs_unsloth"] = paired_ratio(r, by_name.get(r["unsloth_row"]))
+        if base is not None and "samples_per_step" in base:
+            r["changes_samples_per_step"] = abs(r["samples_per_step"] - base["samples_per_step"]) > 0.05
+    return rows
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "-"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| variant | what | tok/s (median; range) | x baseline | x Unsloth (row) | peak GiB alloc / reserved "
+             "(+ paged opt.) | samples/step | MFU |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r.get('what', '')} | failed: {r['error'][:160]} | | | | | |")
+            continue
+        if "tokens_per_s" not in r:
+            continue
+        low, high = r["tokens_per_s_range"]
+        mem = (f"{r['peak_allocated_gib']:.2f} / {r['peak_reserved_gib']:.2f} (+{r['paged_optimizer_gib']:.2f})"
+               if "peak_allocated_gib" in r else "-")
+        unsloth = f"{_fmt_ratio(r.get('vs_unsloth'))} ({r['unsloth_row']})" if r.get("vs_unsloth") else "-"
+        samples = f"{r['samples_per_step']:.1f}" + (" (changes it)" if r.get("changes_samples_per_step") else "")
+        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+        lines.append(f"| {r['variant']} | {r.get('what', '')} | {r['tokens_per_s']:,.0f} ({low:,.0f}-{high:,.0f}) | "
+                     f"{_fmt_ratio(r.get('speedup'))} | {unsloth} | {mem} | {samples} | {mfu} |")
+    return "\n".join(lines)
+
+
+def quality_table(rows: list[dict], last: int = 10) -> str:
+    """Each row's held-out and final training loss against the standard recipe in the same precision."""
+    by_name = {r["variant"]: r for r in rows if "error" not in r}
+    lines = ["| variant | precision | val loss | vs recipe (row) | train loss, last 10 steps | within 1% |",
+             "| --- | --- | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error'][:160]} | | | | |")
+            continue
+        dtype = r["profile"]["compute_dtype"]
+        ref = by_name.get(QUALITY_REFERENCE.get(dtype, ""))
+        train = statistics.fmean(r["losses"][-last:]) if r.get("losses") else float("nan")
+        if ref is not None and "val_loss" in r and "val_loss" in ref:
+            rel = r["val_loss"] / ref["val_loss"] - 1
+            versus, ok = f"{rel:+.2%} ({ref['variant']})", "yes" if abs(rel) <= 0.01 else "NO"
+        else:
+            versus, ok = "-", "-"
+        lines.append(f"| {r['variant']} | {dtype} | {r.get('val_loss', float('nan')):.4f} | {versus} | {train:.4f} | {ok} |")
+    return "\n".join(lines)
+
+
+class WorkerProcess:
+    """One variant's worker: JSON lines in on stdin, JSON lines out on stdout, its log on stderr.
+
+    Replies are read from the pipe's file descriptor into our own line buffer: a buffered
+    readline after `select` can swallow a second line that arrived with the first, and the
+    selector would then wait for data that was already read.
+    """
+
+    def __init__(self, name: str, cmd: list[str], log_path: Path) -> None:
+        self.name, self.log_path = name, log_path
+        self.log = open(log_path, "w", encoding="utf-8")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+        self.error: str | None = None
+        self.ready: dict = {}
+        self.blocks: list[dict] = []
+        self.final: dict = {}
+        self._pending = b""
+
+    def send(self, message: dict) -> None:
+        if self.error is None:
+            try:
+                self.proc.stdin.write((json.dumps(message) + "\n").encode())
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError) as exc:
+                self.fail(f"worker gone ({exc})")
+
+    def receive(self, timeout: float) -> dict | None:
+        if self.error is not None:
+            return None
+        selector = selectors.DefaultSelector()
+        selector.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self._pending:
+                line, self._pending = self._pending.split(b"\n", 1)
+                start = line.find(b'{"event"')  # a message may follow stray text that reached the pipe
+                if start >= 0:
+                    try:
+                        return json.loads(line[start:])
+                    except json.JSONDecodeError:
+                        pass
+            left = deadline - time.monotonic()
+            if left <= 0 or not selector.select(left):
+                self.fail(f"no answer within {timeout:.0f}s")
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
+            if not chunk:
+                self.fail(f"exited with {self.proc.wait()}")
+                return None
+            self._pending += chunk
+
+    def fail(self, why: str) -> None:
+        self.log.flush()
+        tail = self.log_path.read_text(encoding="utf-8", errors="replace")[-2500:].strip().splitlines()
+        last = next((line for line in reversed(tail) if line.strip() and not line.startswith(" ")), "")
+        self.error = f"{why}: {last}"[:400]
+        print(f"[{self.name}] FAILED: {why}\n" + "\n".join(tail[-25:]), flush=True)
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    def row(self, what: str) -> dict:
+        if self.error is not None:
+            return {"variant": self.name, "what": what, "error": self.error, "blocks": self.blocks}
+        return {"variant": self.name, "what": what, **self.final, "blocks": self.blocks, "ready": self.ready}
+
+
+def worker_command(name: str, args: argparse.Namespace, total_steps: int, checkpoint: Path | None) -> list[str]:
+    cmd = [sys.executable, __file__, "worker", "--variant", name, "--tokens", str(args.tokens),
+           "--total-steps", str(total_steps), "--val-samples", str(args.val_samples)]
+    if args.layers:
+        cmd += ["--layers", str(args.layers)]
+    if args.arch_json:
+        cmd += ["--arch-json", args.arch_json]
+    if checkpoint is not None:
+        cmd += ["--checkpoint", str(checkpoint)]
+    return cmd
+
+
+def start_workers(names: list[str], args: argparse.Namespace, out: Path, total_steps: int) -> dict[str, WorkerProcess]:
+    """Start every worker; Unsloth rows start once their random checkpoint is on disk."""
+    known = variants()
+    workers: dict[str, WorkerProcess] = {}
+    unsloth = [n for n in names if known[n].engine == "unsloth"]
+    maker = None
+    checkpoint = Path(args.work) / "random-bf16-checkpoint"
+    if unsloth:
+        make = [sys.executable, __file__, "make-checkpoint", "--path", str(checkpoint)]
+        if args.layers:
+            make += ["--layers", str(args.layers)]
+        maker = subprocess.Popen(make, stdout=open(out / "make_checkpoint.log", "w"), stderr=subprocess.STDOUT)
+    for name in names:
+        if known[name].engine != "unsloth":
+            workers[name] = WorkerProcess(name, worker_command(name, args, total_steps, None), out / f"worker_{_slug(name)}.log")
+    if maker is not None:
+        code = maker.wait()
+        for name in unsloth:
+            workers[name] = WorkerProcess(name, worker_command(name, args, total_steps, checkpoint),
+                                          out / f"worker_{_slug(name)}.log")
+            if code != 0:
+                workers[name].fail(f"make-checkpoint exited with {code} (see make_checkpoint.log)")
+    return {name: workers[name] for name in names}
+
+
+def _slug(name: str) -> str:
+    return name.replace("+", "plus_")
+
+
+def drive(workers: dict[str, WorkerProcess], args: argparse.Namespace, save: Callable[[], None]) -> None:
+    """Ready, warm-up, then `repeats` rounds of one block per worker (order reversed every other round)."""
+    for worker in workers.values():
+        worker.ready = worker.receive(args.ready_timeout) or {}
+    live = [w for w in workers.values() if w.error is None]
+    print("ready: " + ", ".join(f"{w.name} ({w.ready.get('load_s')}s)" for w in live), flush=True)
+    if args.warmup:
+        for worker in live:
+            worker.send({"cmd": "block", "untimed": args.warmup, "timed": 0})
+            worker.receive(args.block_timeout)
+    for round_index in range(args.repeats):
+        for worker in live if round_index % 2 == 0 else live[::-1]:
+            worker.send({"cmd": "block", "untimed": args.untimed, "timed": args.steps})
+            block = worker.receive(args.block_timeout)
+            if block is not None:
+                worker.blocks.append({**block, "round": round_index})
+                print(f"[round {round_index}] {worker.name}: {block['tokens_per_s']:,.0f} tok/s", flush=True)
+        save()
+    for worker in live:
+        worker.send({"cmd": "finish"})
+        worker.final = worker.receive(args.block_timeout + 300) or {}
+        if worker.proc.poll() is None:
+            try:
+                worker.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.proc.kill()
+
+
+def expand_names(spec: str) -> list[str]:
+    names: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        names += list(VARIANT_SETS[part]) if part in VARIANT_SETS else ([part] if part else [])
+    return list(dict.fromkeys(names))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
     known = variants()
-    names = [n.strip() for n in args.variants.split(",")] if args.variants else list(MAIN_VARIANTS)
+    names = expand_names(args.variants)
     unknown = [n for n in names if n not in known]
     if unknown:
-        print(f"unknown variants {unknown}; known: {', '.join(known)}", file=sys.stderr)
+        print(f"unknown variants {unknown}; known: {', '.join(known)}; sets: {', '.join(VARIANT_SETS)}", file=sys.stderr)
         return 2
-    work = Path(tempfile.mkdtemp(prefix="train_throughput-"))
     env = environment()
     peak = matmul_peak_tflops() if torch.cuda.is_available() else None
     env["bf16_matmul_peak_tflops"] = peak
+    env["command"] = " ".join(sys.argv)
     data_info = length_stats(np.load(args.tokens)["lengths"])
     print(json.dumps({"environment": env, "data": data_info}, indent=1), flush=True)
-    results = []
-    for index, name in enumerate(names):
-        result_file = work / f"variant_{index:02d}_{name.replace('+', 'plus_')}.json"
-        cmd = [sys.executable, __file__, "worker", "--variant", name, "--tokens", str(args.tokens),
-               "--warmup", str(args.warmup), "--steps", str(args.steps), "--json-out", str(result_file)]
-        started = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout)
-        if proc.returncode != 0 or not result_file.exists():
-            tail = (proc.stderr or proc.stdout)[-3000:]
-            with open(out / "failures.log", "a", encoding="utf-8") as log:
-                log.write(f"===== {name} (exit {proc.returncode})\n{proc.stdout}\n{proc.stderr}\n")
-            result = {"variant": name, "what": known[name].what, "error": tail.strip().splitlines()[-1] if tail.strip() else "no output"}
-            print(f"[{name}] FAILED after {time.perf_counter() - started:.0f}s:\n{tail}", flush=True)
-        else:
-            result = json.loads(result_file.read_text())
-            print(f"[{name}] {result['tokens_per_s']:,.0f} tok/s, peak {result.get('peak_allocated_gib', 0):.1f} GiB, "
-                  f"{time.perf_counter() - started:.0f}s", flush=True)
-        results.append(result)
-        summarize(results, peak)
+    total_steps = args.warmup + args.repeats * (args.untimed + args.steps)
+    workers = start_workers(names, args, out, total_steps)
+
+    def rows() -> list[dict]:
+        return summarize([{"profile": dataclasses.asdict(known[n].profile), **w.row(known[n].what)}
+                          for n, w in workers.items()], peak)
+
+    def save() -> None:
         (out / "train_throughput.json").write_text(json.dumps(
-            {"environment": env, "data": data_info, "results": results}, indent=1))
-    (out / "train_throughput.md").write_text(table(results) + "\n")
+            {"environment": env, "data": data_info, "results": rows()}, indent=1))
+
+    drive(workers, args, save)
+    save()
+    final = rows()
+    text = table(final) + ("\n\n" + quality_table(final) if args.quality else "")
+    (out / "train_throughput.md").write_text(text + "\n")
     print()
-    print(table(results))
+    print(text)
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    # The protocol owns the real stdout; everything libraries print goes to the log (stderr). This
+    # comes first: Unsloth prints at import, and a half line in the protocol pipe would hide the
+    # next message (seen on the H200: a second Unsloth worker's "ready" never arrived).
+    sys.stdout.flush()
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    variant = variants()[args.variant]
+    if variant.engine == "unsloth":
+        import unsloth  # noqa: F401  (before transformers and peft, as Unsloth asks)
+
+    def send(message: dict) -> None:
+        protocol.write(json.dumps(message) + "\n")
+        protocol.flush()
+
+    def plan() -> tuple[int, int] | None:
+        line = sys.stdin.readline()
+        message = json.loads(line) if line.strip() else {"cmd": "finish"}
+        return (int(message["untimed"]), int(message["timed"])) if message["cmd"] == "block" else None
+
     import torch
 
-    variant = variants()[args.variant]
     samples = load_samples(Path(args.tokens))
+    held_out = samples[-args.val_samples:] if args.val_samples else []
+    train = samples[: len(samples) - len(held_out)]
+    arch = dict(DEEPSEEK_7B, **(json.loads(args.arch_json) if args.arch_json else {}))
+    if args.layers:
+        arch["num_hidden_layers"] = args.layers
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = run_variant(variant, samples, arch=DEEPSEEK_7B, device=device, warmup=args.warmup, steps=args.steps,
-                         trace_steps=args.trace_steps)
-    Path(args.json_out).write_text(json.dumps(result))
+    result, model = train_session(variant, train, arch=arch, device=device, plan=plan, total_steps=args.total_steps,
+                                  on_block=lambda block: send({"event": "block", **block}),
+                                  ready=lambda info: send({"event": "ready", **info}), checkpoint=args.checkpoint,
+                                  trace_steps=args.trace_steps)
+    if held_out:
+        result["val_loss"] = val_loss(model, held_out, variant.profile, device)
+    send({"event": "finished", **result})
+    return 0
+
+
+def cmd_make_checkpoint(args: argparse.Namespace) -> int:
+    arch = dict(DEEPSEEK_7B, **({"num_hidden_layers": args.layers} if args.layers else {}))
+    print(json.dumps(save_random_checkpoint(arch, Path(args.path))), flush=True)
     return 0
 
 
@@ -630,22 +1125,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=".bench/train_tokens.npz")
     p.add_argument("--limit", type=int, default=None, help="use only the first N records")
     p.set_defaults(func=cmd_prepare)
-    r = sub.add_parser("run", help="run the variants (each in its own process) and print the table")
+    r = sub.add_parser("run", help="run the variants side by side in alternating blocks and print the table")
     r.add_argument("--tokens", default=".bench/train_tokens.npz")
-    r.add_argument("--variants", default="", help="comma-separated names (default: the main set); known: " + ", ".join(variants()))
-    r.add_argument("--warmup", type=int, default=5)
-    r.add_argument("--steps", type=int, default=20, help="timed optimizer steps per variant")
-    r.add_argument("--variant-timeout", type=int, default=300)
+    r.add_argument("--variants", default="small-batch",
+                   help="comma-separated names or sets (" + ", ".join(VARIANT_SETS) + "); known: " + ", ".join(variants()))
+    r.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before the first round")
+    r.add_argument("--repeats", type=int, default=3, help="rounds; each variant trains one timed block per round")
+    r.add_argument("--steps", type=int, default=8, help="timed optimizer steps per block")
+    r.add_argument("--untimed", type=int, default=1, help="untimed steps at the start of every block")
+    r.add_argument("--layers", type=int, default=0, help="decoder layers (0 = the architecture's 30)")
+    r.add_argument("--arch-json", default="", help=argparse.SUPPRESS)  # tests: a tiny architecture
+    r.add_argument("--val-samples", type=int, default=0, help="hold out the last N samples and score them at the end")
+    r.add_argument("--quality", action="store_true", help="also print the loss table (use with --val-samples)")
+    r.add_argument("--ready-timeout", type=int, default=480)
+    r.add_argument("--block-timeout", type=int, default=240)
+    r.add_argument("--work", default=os.environ.get("TMPDIR", "/tmp") + "/train_throughput")
     r.add_argument("--out", default="runs/train_throughput")
     r.set_defaults(func=cmd_run)
     w = sub.add_parser("worker", help=argparse.SUPPRESS)
     w.add_argument("--variant", required=True)
     w.add_argument("--tokens", required=True)
-    w.add_argument("--warmup", type=int, default=5)
-    w.add_argument("--steps", type=int, default=20)
-    w.add_argument("--json-out", required=True)
-    w.add_argument("--trace-steps", type=int, default=0, help="profile this many steps after warm-up (stderr)")
+    w.add_argument("--total-steps", type=int, required=True)
+    w.add_argument("--val-samples", type=int, default=0)
+    w.add_argument("--layers", type=int, default=0)
+    w.add_argument("--arch-json", default="")
+    w.add_argument("--checkpoint", default=None)
+    w.add_argument("--trace-steps", type=int, default=0, help="profile this many steps after the first (stderr)")
     w.set_defaults(func=cmd_worker)
+    m = sub.add_parser("make-checkpoint", help="save a random bf16 checkpoint of the architecture (Unsloth rows)")
+    m.add_argument("--path", required=True)
+    m.add_argument("--layers", type=int, default=0)
+    m.set_defaults(func=cmd_make_checkpoint)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -167,3 +167,45 @@ def test_the_checker_sees_a_function_local_upward_import(tmp_path: Path) -> None
     known = {"finqlora.report.report", "finqlora.evaluate.evaluation"}
     assert _imported_modules("finqlora.evaluate.evaluation", tree, known) == {"finqlora.report.report"}
     assert _rank("finqlora.report.report") > _rank("finqlora.evaluate.evaluation")
+
+
+ALIASES = {"finqlora.builder", "finqlora.training", "finqlora.evaluation", "finqlora.server", "finqlora.client"}
+ARCHITECTURE_DOC = PACKAGE_ROOT.parents[1] / "docs" / "architecture.md"
+
+
+def test_the_pipeline_engine_imports_no_stage() -> None:
+    """The engine is given its stages (`run_pipeline(config, make_stages)`): it imports only core and its own package."""
+    imported = _graph()["finqlora.pipeline.engine"]
+    stray = sorted(t for t in imported if t != "finqlora" and not t.startswith(("finqlora.core", "finqlora.pipeline")))
+    assert "finqlora.pipeline.stages" not in imported and not stray, f"pipeline.engine imports {stray or 'pipeline.stages'}"
+
+
+def test_the_aliases_are_the_five_documented_thin_ones() -> None:
+    modules = _modules()
+    top_level = {m for m in modules if m.count(".") == 1 and m.split(".")[1] not in LAYERS and m != "finqlora.__main__"}
+    assert top_level == ALIASES, f"compatibility aliases changed: {sorted(top_level ^ ALIASES)}"
+    doc = ARCHITECTURE_DOC.read_text(encoding="utf-8")
+    for alias in sorted(ALIASES):
+        tree = modules[alias]
+        # A thin alias: imports and the sys.modules assignment, no code of its own.
+        assert not [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))], f"{alias} holds code"
+        assert any("sys.modules" in ast.unparse(n) for n in tree.body), f"{alias} is not a sys.modules alias"
+        assert f"`{alias}`" in doc, f"docs/architecture.md does not list the alias {alias}"
+
+
+def test_the_architecture_page_names_every_subpackage() -> None:
+    doc = ARCHITECTURE_DOC.read_text(encoding="utf-8")
+    for package in LAYERS:
+        assert (PACKAGE_ROOT / package / "__init__.py").exists(), f"LAYERS names {package}, which is not a subpackage"
+        assert f"`{package}/`" in doc, f"docs/architecture.md does not place {package}/ in its table"
+
+
+def test_the_checker_finds_a_cycle_and_a_nested_class() -> None:
+    """The cycle and nested-class checks must fail on what they are for."""
+    tree = ast.parse("def factory():\n    class Inner:\n        pass\n    return Inner\n")
+    assert [n.name for fn in _functions(tree) for n in ast.walk(fn) if isinstance(n, ast.ClassDef)] == ["Inner"]
+    known = {"finqlora.pipeline.engine", "finqlora.pipeline.stages"}
+    engine = ast.parse("def run():\n    from finqlora.pipeline import stages\n")
+    stages = ast.parse("from finqlora.pipeline.engine import Stage\n")
+    assert _imported_modules("finqlora.pipeline.engine", engine, known) == {"finqlora.pipeline.stages"}
+    assert _imported_modules("finqlora.pipeline.stages", stages, known) == {"finqlora.pipeline.engine"}

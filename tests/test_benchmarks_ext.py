@@ -67,7 +67,7 @@ def test_jsonl_with_label_map(tmp_path: Path) -> None:
 
 def test_jsonl_malformed(tmp_path: Path) -> None:
     path = _write(tmp_path / "b.jsonl", '{"text": "a", "label": "positive"}\n{"text": "b" "label": 1}\n')
-    with pytest.raises(FinqloraError, match=r"b.jsonl: line 2: not valid JSON"):
+    with pytest.raises(FinqloraError, match=r"b.jsonl:2: not valid JSON"):
         load_benchmark(path, "jsonl")
     path = _write(tmp_path / "c.jsonl", '{"content": "a", "label": "positive"}\n')
     with pytest.raises(FinqloraError, match=r"c.jsonl: line 1: needs 'text'"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import sqlite3
 import subprocess
 import sys
@@ -61,8 +62,11 @@ def make_store(
     reposts: int = 0,
     long_text: int = 0,
     seed: int = 0,
+    relevant: bool = True,
 ) -> tuple[Path, list[str]]:
     """A store with `events` unrelated random texts one hour apart, plus `reposts` near-copies.
+
+    With `relevant` each text starts with a Fed tag, so the relevance rule lets gold label it.
 
     Returns the path and the ids of the reposts (each a near-duplicate of an earlier event).
     """
@@ -73,7 +77,7 @@ def make_store(
     rows, impacts, repost_ids = [], [], []
     for i in range(events):
         ts = start + i * 3600
-        content = _text(rng, long_text or 40)
+        content = ("【美联储】" if relevant else "") + _text(rng, long_text or 40)
         rows.append((f"e{i:04d}", content, rng.randint(1, 5), "test", None, ts, ts))
         for window in (-120, 5, 10, 15, 30, 120):
             impacts.append((f"e{i:04d}", "XAUUSD", window, rng.gauss(0, 0.001 * (abs(window) / 15) ** 0.5)))
@@ -106,8 +110,11 @@ def make_store(
 
 def test_mix_and_split_counts(sample_build: builder.BuildResult) -> None:
     stats = sample_build.stats
-    assert stats["by_type"] == {"market_analysis": 60, "news_impact": 180, "report_qa": 60}
-    assert stats["by_split"] == {"train": 240, "val": 30, "test": 30}
+    by_type = stats["by_type"]
+    assert (by_type["market_analysis"], by_type["report_qa"]) == (60, 60)
+    # news_impact takes only events the relevance rule allows; the sample DB has a few too few.
+    assert 175 <= by_type["news_impact"] <= 180
+    assert stats["records"] == sum(stats["by_split"].values()) == 120 + by_type["news_impact"]
     assert sample_build.output.exists() and sample_build.card.exists() and sample_build.stats_path.exists()
     assert json.loads(sample_build.stats_path.read_text(encoding="utf-8")) == stats
 
@@ -145,7 +152,15 @@ def test_news_labels_follow_the_rule_on_stored_returns(sample_build: builder.Bui
             for ticker, dir_ in label["directions"].items():
                 sigma = stats["thresholds"][f"{ticker}@15"]["sigma"]
                 assert label["thresholds"][ticker] == pytest.approx(threshold_for(sigma))
-                assert dir_ == direction(stored[(ticker, 15)], label["thresholds"][ticker])
+                assert label["zs"][ticker] == pytest.approx(stored[(ticker, 15)] / sigma, abs=1e-4)
+                expected = direction(stored[(ticker, 15)], label["thresholds"][ticker])
+                adjacent = sorted(w for (t, w) in stored if t == ticker and w > 0)
+                i = adjacent.index(15)
+                neighbours = adjacent[max(i - 1, 0):i] + adjacent[i + 1:i + 2]
+                assert neighbours == builder._adjacent_windows(stored, ticker, 15)
+                held = all(stored[(ticker, w)] * stored[(ticker, 15)] > 0 for w in neighbours)
+                assert dir_ == (expected if held or expected == "中性" else "中性")
+                assert label["relevance"][ticker]["relevant"]
             assert label["direction"] == label["directions"][label["ticker"]]
             assert label["threshold"] == label["thresholds"][label["ticker"]]
     finally:
@@ -157,7 +172,9 @@ def test_outputs_say_what_the_labels_say(sample_build: builder.BuildResult) -> N
     for r in _read(sample_build.output):
         if r["type"] == "news_impact":
             assert parse_direction(r["output"], r["label"]["ticker"]).direction == r["label"]["direction"]
-            assert "风险提示" in r["output"] and "事前" in r["output"] and "事后" in r["output"]
+            for part in ("传导路径：", "历史参照：", "可能改变判断的因素：", "置信度："):
+                assert part in r["output"]
+            assert "%" not in r["output"] and "发布后" not in r["output"]
         elif r["type"] == "report_qa":
             assert parse_number(r["output"], r["label"]["unit"]).value == pytest.approx(r["label"]["answer"])
         elif r["type"] == "market_analysis":
@@ -272,7 +289,7 @@ def test_long_inputs_are_trimmed_and_outputs_kept(tmp_path: Path) -> None:
     assert any("trimmed" in n for n in result.notices)
     for r in result.records:
         assert builder.TRIM_MARK in r["input"]
-        assert r["output"].endswith("不构成投资建议。")
+        assert r["output"].endswith(f"方向：{r['label']['direction']}")
     assert result.stats["length_tokens"]["total"]["max"] <= 512
 
 
@@ -417,3 +434,67 @@ def test_cli_errors_are_readable(tmp_path: Path) -> None:
     show = subprocess.run([*FINQLORA, "data", "show", str(broken), "-n", "3"], capture_output=True, text=True, timeout=120)
     assert show.returncode == 2
     assert "line 2: not valid JSON" in " ".join(show.stderr.split())
+
+
+def test_build_config_from_run_maps_the_data_section(tmp_path: Path) -> None:
+    from finqlora.core.config import RunConfig
+
+    cfg = RunConfig.model_validate({"name": "x", "data": {"num_samples": 42, "seed": 7, "format": "messages"},
+                                    "train": {"model": "builtin:smollm2-135m-instruct", "max_length": 384}})
+    config = BuildConfig.from_run(cfg, db=tmp_path / "s.db", output=tmp_path / "d.jsonl")
+    assert (config.num_samples, config.seed, config.output_format) == (42, 7, "messages")
+    assert config.tokenizer == "builtin:smollm2-135m-instruct" and config.max_length == 384
+    assert config.db == tmp_path / "s.db" and config.output == tmp_path / "d.jsonl"
+    cfg.data.tokenizer = "builtin:qwen2.5-coder-0.5b-instruct"
+    assert BuildConfig.from_run(cfg, db=tmp_path / "s.db", output=tmp_path / "d.jsonl").tokenizer == cfg.data.tokenizer
+
+
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def realized_numbers_in_answer(record: dict) -> set[str]:
+    """Numbers of an answer that appear in none of its input and match a realized return."""
+    realized = set()
+    for by_window in record["label"]["returns"].values():
+        for ret in by_window.values():
+            for digits in (1, 2, 3, 4):
+                realized.add(f"{abs(ret) * 100:.{digits}f}")
+            realized.add(f"{abs(ret):.4f}")
+    known = set(_NUMBER.findall(record["instruction"] + record["input"]))
+    return {n for n in _NUMBER.findall(record["output"]) if n not in known and n in realized}
+
+
+def test_ex_ante_answers_hold_no_realized_number(sample_build: builder.BuildResult) -> None:
+    news = [r for r in _read(sample_build.output) if r["type"] == "news_impact"]
+    assert news
+    leaks = {r["id"]: realized_numbers_in_answer(r) for r in news}
+    assert not {k: v for k, v in leaks.items() if v}
+    # The check itself can fail: an answer quoting its move is caught.
+    leaky = dict(news[0], output=news[0]["output"] + f"（实际 {abs(news[0]['label']['returns']['XAUUSD']['15']) * 100:.2f}%）")
+    assert realized_numbers_in_answer(leaky)
+
+
+def test_ex_post_cases_keep_realized_numbers_in_the_input(sample_build: builder.BuildResult) -> None:
+    cases = [r for r in _read(sample_build.output) if r["type"] == "market_analysis"]
+    assert cases and all("%" in r["input"] for r in cases)
+
+
+def test_irrelevant_events_are_not_labelled(tmp_path: Path) -> None:
+    db, _ = make_store(tmp_path / "irrelevant.db", events=80, relevant=False)
+    with pytest.raises(FinqloraError, match="only 0 relevant events"):
+        build_dataset(BuildConfig(output=tmp_path / "x.jsonl", db=db, num_samples=40, mix=(1, 0, 0), embargo_min=0, progress=False))
+    result = build_dataset(BuildConfig(output=tmp_path / "y.jsonl", db=db, num_samples=40, mix=(1, 1, 0), embargo_min=0, progress=False))
+    assert "news_impact" not in result.stats["by_type"]
+    assert result.stats["relevance"]["by_ticker"]["XAUUSD"]["none"] == 80
+    assert len(result.stats["relevance"]["examples"]["left_out"]) == 10
+
+
+def test_direction_must_hold_across_adjacent_windows() -> None:
+    rules = LabelRules()
+    ctx = builder.LabelContext(rules, {("XAUUSD", w): 0.001 for w in (5, 10, 15, 30, 120)}, "XAUUSD", {})
+    held = {("XAUUSD", 5): -0.002, ("XAUUSD", 10): 0.001, ("XAUUSD", 15): 0.002, ("XAUUSD", 30): 0.0015, ("XAUUSD", 120): -0.001}
+    assert builder.ticker_direction(held, "XAUUSD", ctx) == ("利好", pytest.approx(2.0), True)
+    turned = {**held, ("XAUUSD", 30): -0.0001}
+    assert builder.ticker_direction(turned, "XAUUSD", ctx) == ("中性", pytest.approx(2.0), False)
+    off = builder.LabelContext(LabelRules(hold_adjacent=False), ctx.sigmas, "XAUUSD", {})
+    assert builder.ticker_direction(turned, "XAUUSD", off)[0] == "利好"

@@ -58,7 +58,7 @@ def test_cli_json_and_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     result = runner.invoke(app, ["doctor", "--json", "--no-network", "--output-dir", str(tmp_path)])
     payload = json.loads(result.output)
     assert result.exit_code == (0 if payload["can_train"] else 1)
-    assert {c["name"] for c in payload["checks"]} >= {"python", "torch", "gpu", "bitsandbytes", "triton", "transformers", "peft", "trl", "accelerate", "disk:output", "builtin-models"}
+    assert {c["name"] for c in payload["checks"]} >= {"python", "torch", "gpu", "bitsandbytes", "triton", "transformers", "peft", "accelerate", "disk:output", "builtin-models"}
 
     real_check = doctor.check_python
     monkeypatch.setattr(doctor, "check_python", lambda: real_check((3, 9, 18)))
@@ -98,7 +98,7 @@ def test_bitsandbytes_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     on_cpu = doctor.check_bitsandbytes(cuda_available=False)
     assert on_cpu.status == "warn" and "not needed on the CPU" in on_cpu.summary
-    assert 'pip install "bitsandbytes>=0.45.1"' in on_cpu.fix
+    assert 'pip install "bitsandbytes>=0.45.1,<1"' in on_cpu.fix
     on_gpu = doctor.check_bitsandbytes(cuda_available=True)
     assert on_gpu.status == "fail" and "QLoRA" in on_gpu.summary
 
@@ -107,7 +107,7 @@ def test_bitsandbytes_triton_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     _failing_import(monkeypatch, "bitsandbytes", ModuleNotFoundError("No module named 'triton.ops'"))
     check = doctor.check_bitsandbytes(cuda_available=True)
     assert check.status == "fail" and "triton.ops" in check.summary
-    assert check.fix == 'pip install -U "bitsandbytes>=0.45.1"'
+    assert check.fix == 'pip install -U "bitsandbytes>=0.45.1,<1"'
 
 
 def test_bitsandbytes_cuda_library_not_found(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -229,17 +229,41 @@ def test_hub_probe_times_out_quickly(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_supported_ranges_match_pyproject() -> None:
+    """Both ends of every range: pyproject's requirement and versions.SUPPORTED are one specifier set."""
     from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
 
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    requirements = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["gpu"]]
-    lower = {r.name: next((s.version for s in r.specifier if s.operator == ">="), None) for r in requirements}
+    extras = project["optional-dependencies"]
+    requirements = [Requirement(r) for r in project["dependencies"] + extras["gpu"]]
+    declared = {r.name: r.specifier for r in requirements}
+    declared["python"] = SpecifierSet(project["requires-python"])
     for name, spec in versions.SUPPORTED.items():
-        if name in lower:
-            supported_lower = next(part[2:] for part in spec.split(",") if part.startswith(">="))
-            assert lower[name] == supported_lower, f"pyproject says {name}>={lower[name]}, versions.SUPPORTED says {spec}"
+        assert name in declared, f"versions.SUPPORTED has {name}, pyproject.toml does not depend on it"
+        assert declared[name] == SpecifierSet(spec), f"pyproject says {name}{declared[name]}, versions.SUPPORTED says {spec}"
+        # Both ends are written down, so a new major is a decision, not an accident.
+        operators = {s.operator for s in SpecifierSet(spec)}
+        assert ">=" in operators and (name == "python" or "<" in operators), f"{name}: {spec} needs a lower and an upper bound"
+    # The GPU profiles' imports are installable as one extra.
+    assert {"bitsandbytes", "liger-kernel"} <= {Requirement(r).name for r in extras["gpu"]}
+
+
+def test_dependencies_are_imported() -> None:
+    """Every required dependency is imported by finqlora (or needed at run time by one that is)."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    sources = "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "src").rglob("*.py"))
+    import_names = {"pyyaml": "yaml"}
+    runtime_only = {"accelerate"}  # transformers' Trainer refuses to start without it
+    for requirement in map(Requirement, project["dependencies"]):
+        if requirement.name in runtime_only:
+            continue
+        module = import_names.get(requirement.name, requirement.name.replace("-", "_"))
+        assert f"import {module}" in sources or f"from {module}" in sources, f"nothing imports {requirement.name}: drop it"
 
 
 def test_installation_doc_shows_the_generated_matrix() -> None:

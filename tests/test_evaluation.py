@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from finqlora.core.errors import FinqloraError
+from finqlora.core.config import RunConfig
 from finqlora.evaluate.evaluation import BenchmarkSpec, EvalOptions, build_items, compute_metrics, evaluate, general_texts, load_test_records
 
 
@@ -45,7 +46,7 @@ def test_test_split_and_stratified_sample(tmp_path: Path) -> None:
     with pytest.raises(FinqloraError, match="no records with split 'validation'"):
         load_test_records(path, split="validation")
     (tmp_path / "bad.jsonl").write_text('{"id": 1}\nnot json\n', encoding="utf-8")
-    with pytest.raises(FinqloraError, match=r"bad.jsonl: line 2 is not valid JSON"):
+    with pytest.raises(FinqloraError, match=r"bad.jsonl:2: not valid JSON"):
         load_test_records(tmp_path / "bad.jsonl")
 
 
@@ -119,13 +120,19 @@ def test_evaluate_end_to_end_with_cache(tmp_path: Path, tiny_model_dir: Path, ti
     timings = json.loads((out / "eval_config.json").read_text(encoding="utf-8"))["timings"]
     assert timings["generate_base"]["generated"] == 0 and timings["generate_base"]["reused"] == 10
     assert timings["generate_finetuned"]["generated"] == 10
+    assert timings["choice_base"]["reused"] == 7 and timings["choice_finetuned"]["scored"] == 7  # 5 news + 2 benchmark rows
     for name in ("items.jsonl", "generations_base.jsonl", "generations_finetuned.jsonl", "perplexity_base.jsonl", "forgetting_finetuned.jsonl",
-                 "metrics.json", "report.html", "report.md", "eval_config.json"):
+                 "choice_base.jsonl", "choice_finetuned.jsonl", "metrics.json", "eval_config.json"):
         assert (out / name).exists(), name
+    assert not (out / "report.html").exists()  # the report is its own stage
+    meta = json.loads((out / "eval_config.json").read_text(encoding="utf-8"))
+    assert meta["adapter_merged"] is True and meta["scoring"] == "both"
+    assert "generation_speed" not in meta["timings"]  # the base answers came from the earlier call, not this run
+    assert metrics["generation_cost"]["finetuned_to_base_speed"] > 0
     assert metrics["n_items"] == 10 and metrics["items_by_task"]["benchmark"] == 2
     keys = {row["key"] for row in metrics["table"]}
     assert {"news_impact.accuracy", "report_qa.accuracy", "overlap.rouge_l", "overlap.bleu", "perplexity.reference",
-            "perplexity.general_text", "benchmark.fpb.accuracy"} <= keys
+            "perplexity.general_text", "benchmark.fpb.accuracy", "news_impact.choice_accuracy", "benchmark.fpb.choice_accuracy"} <= keys
     base_rows = [json.loads(line) for line in (out / "generations_base.jsonl").read_text(encoding="utf-8").splitlines()]
     tuned_rows = [json.loads(line) for line in (out / "generations_finetuned.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in base_rows] == [r["id"] for r in tuned_rows]
@@ -160,3 +167,101 @@ def test_evaluate_end_to_end_with_cache(tmp_path: Path, tiny_model_dir: Path, ti
 def test_evaluate_needs_an_adapter(tmp_path: Path) -> None:
     with pytest.raises(FinqloraError, match="no --adapter given"):
         evaluate(EvalOptions(output=tmp_path, model="builtin:smollm2-135m-instruct", data=tmp_path / "x.jsonl"))
+
+
+def test_from_run_is_the_one_mapping_of_the_run_config(tmp_path: Path) -> None:
+    cfg = RunConfig.model_validate({
+        "name": "x",
+        "train": {"model": "builtin:smollm2-135m-instruct", "device": "cpu", "max_length": 768, "chat_template": "chatml"},
+        "eval": {"max_prompts": 7, "max_new_tokens": 32, "batch_size": 2, "scoring": "choice",
+                 "benchmarks": ["finfe:/data/finfe.json", {"path": "/data/fpb.txt", "format": "fpb", "max_items": 50, "label_map": "pos=利好"}]},
+    })
+    options = EvalOptions.from_run(cfg, output=tmp_path / "eval", data=tmp_path / "d.jsonl", adapter=tmp_path / "adapter", variants=("base",))
+    assert (options.model, options.adapter, options.device, options.chat_template) == ("builtin:smollm2-135m-instruct", str(tmp_path / "adapter"), "cpu", "chatml")
+    assert (options.max_samples, options.max_new_tokens, options.batch_size, options.max_length) == (7, 32, 2, 768)
+    assert options.scoring == "choice" and options.variants == ("base",)
+    assert options.benchmarks == [BenchmarkSpec("/data/finfe.json", "finfe"), BenchmarkSpec("/data/fpb.txt", "fpb", "pos=利好", None, 50)]
+    defaults = EvalOptions(output=tmp_path)
+    assert (options.split, options.top_p, options.seed, options.bootstrap_resamples) == (defaults.split, defaults.top_p, defaults.seed, defaults.bootstrap_resamples)
+    # The eval CLI's defaults are EvalOptions' own.
+    import inspect
+
+    from finqlora.cli.evaluate import eval_main
+
+    parameters = inspect.signature(eval_main).parameters
+    for cli_name, field_name in (("max_new_tokens", "max_new_tokens"), ("batch_size", "batch_size"), ("scoring", "scoring"), ("bootstrap", "bootstrap_resamples")):
+        assert parameters[cli_name].default.default == getattr(defaults, field_name), cli_name
+
+
+def test_benchmark_entries_are_validated() -> None:
+    from pydantic import ValidationError
+
+    for bad in (["/data/finfe.json"], ["parquet:/x"], [{"path": "/x", "format": "csv"}], [{"path": "/x", "format": "fpb", "max_items": 0}]):
+        with pytest.raises(ValidationError):
+            RunConfig.model_validate({"eval": {"benchmarks": bad}})
+    assert BenchmarkSpec.parse("fpb:/data/a@b.txt") == BenchmarkSpec("/data/a@b.txt", "fpb")
+    with pytest.raises(FinqloraError, match="has no format"):
+        BenchmarkSpec.parse("/data/x.json")
+
+
+def test_choice_only_metrics_need_no_generations(tmp_path: Path) -> None:
+    """Choice scores alone give accuracy rows with McNemar, intervals and baselines."""
+    records = [_record(i, "news_impact", "test") for i in range(6)]
+    items = build_items(records)
+    assert items[0]["choice"] == {"options": ["利好", "利空", "中性"], "classes": ["利好", "利空", "中性"]}
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items), encoding="utf-8")
+    (tmp_path / "eval_config.json").write_text(json.dumps({"scoring": "choice"}), encoding="utf-8")
+    # truth cycles 利好, 利空, 中性; base always picks option 0 (利好), fine-tuned is right on all but n5
+    picks = {"base": [0] * 6, "finetuned": [0, 1, 2, 0, 1, 0]}
+    for variant, chosen in picks.items():
+        (tmp_path / f"choice_{variant}.jsonl").write_text("".join(
+            json.dumps({"id": item["id"], "choice": c, "scores": [0.0, -1.0, -2.0]}) + "\n" for item, c in zip(items, chosen)), encoding="utf-8")
+    metrics = compute_metrics(tmp_path, bootstrap_resamples=200)
+    rows = {row["key"]: row for row in metrics["table"]}
+    assert set(rows) == {"news_impact.choice_accuracy", "news_impact.choice_macro_f1"}
+    accuracy = rows["news_impact.choice_accuracy"]
+    assert accuracy["base"] == pytest.approx(2 / 6) and accuracy["finetuned"] == pytest.approx(5 / 6)
+    assert (accuracy["mcnemar"]["base_only"], accuracy["mcnemar"]["finetuned_only"]) == (0, 3) and accuracy["test"] == "McNemar exact"
+    block = metrics["tasks"]["choice"]["news_impact"]
+    assert block["baselines"]["majority"]["accuracy"] == pytest.approx(1 / 3) and block["baselines"]["random"]["accuracy"] == pytest.approx(1 / 3)
+    assert "mean log-probability per option token" in block["normalisation"]
+    per_item = [json.loads(line) for line in (tmp_path / "per_item.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert per_item[5]["finetuned"] == {"choice": "利好", "choice_correct": False}
+
+
+def test_merged_adapter_gives_the_same_logits(tiny_model_dir: Path, tiny_adapter: Path) -> None:
+    """Generation uses the merged model; perplexity and choice scores must not move."""
+    import torch
+
+    from finqlora.models.loading import load_model
+
+    loaded = load_model(str(tiny_model_dir), adapter=str(tiny_adapter), device="cpu", progress=False)
+    ids = loaded.tokenizer("黄金价格在美联储讲话后上涨。Gold rose.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        unmerged = loaded.model(input_ids=ids).logits
+        with loaded.model.disable_adapter():
+            base = loaded.model(input_ids=ids).logits
+        merged = loaded.model.merge_and_unload()(input_ids=ids).logits
+    assert (unmerged - base).abs().max() > 1e-3  # the adapter changes the model...
+    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)  # ...and merging it changes nothing
+
+
+@pytest.mark.slow
+def test_cli_choice_scoring_of_a_benchmark(tmp_path: Path, tiny_model_dir: Path, tiny_adapter: Path) -> None:
+    """`finqlora eval --scoring choice --benchmark finfe:PATH`: no generation, choice rows, and the report."""
+    from typer.testing import CliRunner
+
+    from finqlora.cli import app
+
+    bench = tmp_path / "finfe.json"
+    bench.write_text(json.dumps([["公司业绩大幅增长", 2], ["市场表现平稳", 1], ["亏损继续扩大", 0], ["营收明显下滑", 0]], ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter), "--scoring", "choice",
+                                      "--benchmark", f"finfe:{bench}", "--no-forgetting", "--bootstrap", "100", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert not (out / "generations_base.jsonl").exists() and (out / "choice_finetuned.jsonl").exists()
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert [row["key"] for row in metrics["table"]] == ["benchmark.finfe.choice_accuracy", "benchmark.finfe.choice_macro_f1"]
+    assert metrics["tasks"]["choice"]["benchmark.finfe"]["options"] == ["积极", "消极", "中性"]  # in the order of the classes 利好, 利空, 中性
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "Benchmark finfe (choice): accuracy" in html and "choice scoring only" in html

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from finqlora.core.textdedup import normalize_flash
 from finqlora.store import ingest
 from finqlora.store.db import connect, init_db, read_events
 from finqlora.core.errors import FinqloraError
@@ -166,7 +167,7 @@ def test_dedup_can_be_switched_off(tmp_path):
     path = _write_jsonl(tmp_path / "n.jsonl", [_cls(0, ts=BASE, content=body), _cls(1, ts=BASE + 30, content=body, source="ths")])
     db = tmp_path / "store.db"
     assert ingest.ingest_news(db, [path], dedup=False).linked_duplicates == 0
-    assert ingest.similarity(ingest.shingles(ingest.normalize_for_dedup(None, body)), ingest.shingles(ingest.normalize_for_dedup(None, "据报道，" + body))) > 0.9
+    assert ingest.similarity(ingest.shingles(normalize_flash(None, body)), ingest.shingles(normalize_flash(None, "据报道，" + body))) > 0.9
 
 
 # --- bad input: news -----------------------------------------------------------------------

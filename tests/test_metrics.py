@@ -82,17 +82,18 @@ def test_bleu_brevity_penalty_and_smoothing() -> None:
     # Candidate 4 tokens, reference 8: all n-grams match; BP = exp(1 - 8/4).
     assert M.corpus_bleu(["黄金上涨"], ["黄金上涨美元下跌"]) == pytest.approx(100 * math.exp(1 - 2))
     # No 3- or 4-gram match: sacreBLEU "exp" smoothing gives the k-th empty order 1 / (2^k * total).
-    stats = M.bleu_stats("黄金大涨了", "黄金上涨吗")
-    assert stats.matches == (3, 1, 0, 0) and stats.totals == (5, 4, 3, 2)
+    stats = M.bleu_statistics(["黄金大涨了"], ["黄金上涨吗"])
+    assert list(stats[0]) == [5, 5, 3, 1, 0, 0, 5, 4, 3, 2]  # lengths, matches 1-4, totals 1-4
     expected = 100 * (3 / 5 * 1 / 4 * 1 / (2 * 3) * 1 / (4 * 2)) ** 0.25
-    assert M.bleu_from_stats([stats]) == pytest.approx(expected)
+    assert M.bleu_from_statistics(stats) == pytest.approx(expected)
+    assert "tok:zh" in M.bleu_signature() and "smooth:exp" in M.bleu_signature()
 
 
 def test_corpus_bleu_pools_statistics() -> None:
-    a = M.bleu_stats("the cat sat on the mat", "the cat sat on a mat")
-    b = M.bleu_stats("利好黄金", "利好黄金")
+    stats = M.bleu_statistics(["the cat sat on the mat", "利好黄金"], ["the cat sat on a mat", "利好黄金"])
     pooled = (5 + 4) / (6 + 4) * (3 + 3) / (5 + 3) * (2 + 2) / (4 + 2) * (1 + 1) / (3 + 1)
-    assert M.bleu_from_stats([a, b]) == pytest.approx(100 * pooled**0.25)
+    assert M.bleu_from_statistics(stats) == pytest.approx(100 * pooled**0.25)
+    assert M.bleu_from_statistics(stats[[0]]) == pytest.approx(M.corpus_bleu(["the cat sat on the mat"], ["the cat sat on a mat"]))
 
 
 def test_perplexity() -> None:

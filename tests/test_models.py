@@ -13,6 +13,7 @@ from finqlora.core.errors import FinqloraError
 from finqlora.models.loading import (
     ResolvedModel,
     adapter_base_model,
+    check_adapter_folder,
     describe_model,
     load_model,
     load_tokenizer,
@@ -270,3 +271,37 @@ def test_a_gguf_file_is_converted_once_and_cached(tmp_path, monkeypatch):
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
     # Its tokenizer carries the GGUF's chat template.
     assert "<|im_start|>" in load_tokenizer(resolved).chat_template
+
+
+class _RunsShell:
+    """A pickle payload: unpickling it would call os.system (the attack the weights-only loader stops)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204 - pickle protocol
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_item6_ask_refuses_a_malicious_pickle_adapter_without_a_traceback(tiny_model_dir, tmp_path, capsys):
+    """Issue 18 item 6: `ask --allow-pickle-adapter` with a malicious pickle -> error + hint, exit 2, nothing run."""
+    from finqlora.cli import main
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil-adapter"
+    evil.mkdir()
+    config = {"peft_type": "LORA", "base_model_name_or_path": str(tiny_model_dir), "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    (evil / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
+    torch.save({"base_model.model.x.lora_A.weight": torch.zeros(2, 2), "payload": _RunsShell(marker)}, evil / "adapter_model.bin")
+    with pytest.raises(FinqloraError, match="refused to load this pickle adapter") as info:
+        check_adapter_folder(evil, allow_pickle=True)
+    assert "nothing from it was run" in (info.value.hint or "")
+    with pytest.raises(SystemExit) as exited:
+        main(["ask", "hello", "--model", str(tiny_model_dir), "--adapter", str(evil), "--allow-pickle-adapter",
+              "--device", "cpu", "--max-new-tokens", "2"])
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2, stderr
+    assert "error:" in stderr and "hint:" in stderr and "Traceback" not in stderr
+    assert not marker.exists(), "the pickle's payload must never run"

@@ -27,6 +27,7 @@ def test_notebook_is_chinese_and_covers_the_users_steps() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # every step of the guide: over 600 s on this 2-core machine under load
 def test_notebook_executes_on_cpu(tmp_path: Path) -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

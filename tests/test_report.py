@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from finqlora.core.errors import FinqloraError
 from finqlora.evaluate.evaluation import compute_metrics
 from finqlora.report.report import build_report, select_examples
 
@@ -87,12 +88,40 @@ def _formatted(row: dict, value: float) -> str:
 @pytest.fixture()
 def report_dir(tmp_path: Path) -> Path:
     eval_dir, _ = make_eval_dir(tmp_path)
+    compute_metrics(eval_dir)  # the eval stage's job; the report only reads metrics.json
     build_report(tmp_path, tmp_path / "report", seed=0)
     return tmp_path
 
 
+def test_the_report_reads_metrics_and_writes_only_its_own_folder(tmp_path: Path) -> None:
+    eval_dir, _ = make_eval_dir(tmp_path)
+    with pytest.raises(FinqloraError, match="has no metrics.json"):
+        build_report(eval_dir, tmp_path / "report")
+    compute_metrics(eval_dir)
+    before = {path.name: path.read_bytes() for path in eval_dir.iterdir()}
+    paths = build_report(eval_dir, tmp_path / "report")
+    assert {path.name: path.read_bytes() for path in eval_dir.iterdir()} == before  # the eval folder is untouched
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted(
+        ["report.html", "report.md", "loss_curve.png", "metrics_chart.png", "metrics_table.png", "confusion.png"])
+    assert paths.html.parent == tmp_path / "report"
+
+
+def test_model_text_is_escaped(tmp_path: Path) -> None:
+    eval_dir, _ = make_eval_dir(tmp_path)
+    generations = eval_dir / "generations_finetuned.jsonl"
+    rows = [json.loads(line) for line in generations.read_text(encoding="utf-8").splitlines()]
+    for row in rows:
+        row["output"] = "<script>alert(1)</script> | 方向：利好"
+    _jsonl(generations, rows)
+    compute_metrics(eval_dir)
+    paths = build_report(eval_dir, tmp_path / "report", examples_per_group=5)
+    html = paths.html.read_text(encoding="utf-8")
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "&lt;script&gt;" in paths.markdown.read_text(encoding="utf-8")
+
+
 def test_metrics_are_computed_from_the_cache(report_dir: Path) -> None:
-    metrics = json.loads((report_dir / "report" / "metrics.json").read_text(encoding="utf-8"))
+    metrics = json.loads((report_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
     rows = {row["key"]: row for row in metrics["table"]}
     assert rows["news_impact.accuracy"]["base"] == pytest.approx(4 / 12)
     assert rows["news_impact.accuracy"]["finetuned"] == pytest.approx(10 / 12)
@@ -106,7 +135,6 @@ def test_metrics_are_computed_from_the_cache(report_dir: Path) -> None:
 
     base_nll = sum(20.0 + i for i in range(15)) / 150
     assert rows["perplexity.reference"]["base"] == pytest.approx(math.exp(base_nll))
-    assert metrics["training"]["hyperparameters"]["lora_r"] == "8"
     assert metrics["tasks"]["news_impact"]["baselines"]["majority"]["accuracy"] == pytest.approx(1 / 3)
 
 
@@ -124,7 +152,7 @@ def test_examples_follow_the_rule(report_dir: Path) -> None:
 def test_html_is_self_contained_and_shows_the_numbers(report_dir: Path) -> None:
     out = report_dir / "report"
     html = (out / "report.html").read_text(encoding="utf-8")
-    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    metrics = json.loads((report_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
     for row in metrics["table"]:
         for key in ("base", "finetuned"):
             assert _formatted(row, row[key]) in html, (row["key"], key)
@@ -142,6 +170,7 @@ def test_html_is_self_contained_and_shows_the_numbers(report_dir: Path) -> None:
     assert "| metric | n |" in markdown and "![loss_curve](loss_curve.png)" in markdown
     assert "wins 7, losses 1, ties 4" in markdown and "wins 7, losses 1, ties 4" in html
     assert "lora_r" in html and "512.3" in html  # hyperparameters and training time
+    assert "tok:zh" in html and "smooth:exp" in html  # the BLEU is cited by its sacreBLEU signature
 
 
 def _chromium() -> str | None:
@@ -169,3 +198,26 @@ def test_report_renders_in_headless_chromium(report_dir: Path, tmp_path: Path) -
     pixels = matplotlib.image.imread(screenshot)
     assert pixels.shape[0] == 2000 and pixels.shape[1] == 1280
     assert pixels[..., :3].std() > 0.05  # a rendered page, not a blank one
+
+
+def test_blind_rating_rounds_appear_in_the_report(tmp_path: Path) -> None:
+    from finqlora.evaluate import ratings
+
+    eval_dir, _ = make_eval_dir(tmp_path)
+    compute_metrics(eval_dir)
+    html = build_report(eval_dir, tmp_path / "none").html.read_text(encoding="utf-8")
+    assert "blind rating" not in html  # no round: no section
+    rating_round = ratings.create_round(eval_dir, ["alice", "bob"], name="r1", limit=3, seed=0)
+    for rater in ("alice", "bob"):
+        for pair in rating_round.pairs:
+            a_is = rating_round.raters[rater]["a_is"][pair["item"]]
+            pick = "A" if a_is == "finetuned" else "B"  # both raters always prefer the fine-tuned answer
+            ratings.save_rating(rating_round, rater, pair["item"], pick, {"A": {"professional": 4, "accuracy": 3}, "B": {"professional": 2, "accuracy": 5}})
+    paths = build_report(eval_dir, tmp_path / "rated")
+    html, markdown = paths.html.read_text(encoding="utf-8"), paths.markdown.read_text(encoding="utf-8")
+    summary = ratings.summarize_rounds(eval_dir)[0]
+    assert summary["win_rate"] == 1.0 and summary["ratings"] == 6
+    for page in (html, markdown):
+        assert "人工盲评 / blind rating" in page and "r1" in page
+        assert "100.0%" in page and f"{summary['win_ci_low'] * 100:.1f}%" in page
+        assert "cohen_kappa" in page

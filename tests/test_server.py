@@ -72,10 +72,16 @@ def adapters(sharp_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="module")
-def server(sharp_base_dir: Path, adapters: dict[str, Path]):
+def engine(sharp_base_dir: Path, adapters: dict[str, Path]) -> ServingEngine:
     limits = BatchLimits(max_batch_size=8, max_queue=32, max_prompt_tokens=256, max_new_tokens=64, default_max_new_tokens=16)
-    engine = ServingEngine.load(str(sharp_base_dir), adapters, limits=limits, device="cpu")
-    running = start_in_thread(create_app(engine, api_key=API_KEY))
+    loaded = ServingEngine.load(str(sharp_base_dir), adapters, limits=limits, device="cpu")
+    yield loaded
+    loaded.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(engine: ServingEngine):
+    running = start_in_thread(create_app(engine, api_key=API_KEY, shutdown_engine=False))
     yield running
     running.stop()
 
@@ -441,3 +447,29 @@ def test_integral_numbers_are_integers_but_booleans_and_strings_are_not(server) 
     for bad in ({"max_tokens": 4.5}, {"max_tokens": "4"}, {"n": True}):
         refused = httpx.post(url, json={"model": "base", "messages": QUESTION, **bad}, headers=headers, timeout=60)
         assert refused.status_code == 400, bad
+
+
+def test_openapi_documents_every_response(server) -> None:
+    """Issue 16: each route's responses are typed models in the schema, errors are OpenAI's body
+    (never FastAPI's default 422, which this server does not answer), and streams document their chunks."""
+    document = httpx.get(server.url + "/openapi.json", timeout=30).json()
+    schemas = document["components"]["schemas"]
+    expected = {
+        ("post", "/v1/chat/completions"): "ChatCompletion",
+        ("post", "/v1/completions"): "Completion",
+        ("get", "/v1/models"): "ModelList",
+        ("get", "/v1/models/{model_id}"): "ModelCard",
+        ("get", "/health"): "Health",
+    }
+    for (method, path), model in expected.items():
+        responses = document["paths"][path][method]["responses"]
+        assert responses["200"]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
+        assert "422" not in responses
+        for status, response in responses.items():
+            if status != "200":
+                assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}, (path, status)
+    chat = document["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"400", "401", "404", "413", "429"} <= set(chat)
+    assert chat["200"]["content"]["text/event-stream"]["schema"] == {"$ref": "#/components/schemas/ChatCompletionChunk"}
+    assert set(schemas["ChatCompletionChunk"]["properties"]) == {"id", "object", "created", "model", "choices", "usage"}
+    assert "completed" in schemas["BatcherStats"]["properties"] and "HTTPValidationError" not in schemas

@@ -368,16 +368,11 @@ def _bench_module():
     return module
 
 
-@pytest.mark.slow
-def test_gpu_benchmark_logic_on_a_tiny_model(tmp_path):
-    """The GPU benchmark's measuring code, run on the CPU: token counts, ratios, the loss check."""
-    import dataclasses
-
+def _token_file(tmp_path, count=60):
     import numpy as np
 
-    tt = _bench_module()
     rng = np.random.default_rng(0)
-    lengths = rng.integers(12, 60, 60)
+    lengths = rng.integers(12, 60, count)
     ids = rng.integers(3, 500, int(lengths.sum())).astype(np.int32)
     answer = np.zeros(int(lengths.sum()), bool)
     start = 0
@@ -385,12 +380,25 @@ def test_gpu_benchmark_logic_on_a_tiny_model(tmp_path):
         answer[start + int(n * 0.6) : start + int(n)] = True
         start += int(n)
     np.savez(tmp_path / "t.npz", ids=ids, answer=answer, lengths=lengths.astype(np.int32))
-    samples = tt.load_samples(tmp_path / "t.npz")
+    return tmp_path / "t.npz", lengths, answer
+
+
+TINY_ARCH = dict(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_logic_on_a_tiny_model(tmp_path):
+    """The GPU benchmark's measuring code, run on the CPU: token counts, blocks, the loss check."""
+    import dataclasses
+
+    tt = _bench_module()
+    tokens, lengths, answer = _token_file(tmp_path)
+    samples = tt.load_samples(tokens)
     assert [len(s["input_ids"]) for s in samples] == lengths.tolist()
     assert sum(x != -100 for s in samples for x in s["labels"]) == int(answer.sum())
 
-    arch = dict(tt.DEEPSEEK_7B, vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=4, bos_token_id=1, eos_token_id=2)
+    arch = dict(tt.DEEPSEEK_7B, **TINY_ARCH)
     variants = tt.variants()
     cpu = dict(compute_dtype="fp32", liger=False, load_in_4bit=False, avoid_cudnn_attention=False)
     results = []
@@ -398,7 +406,7 @@ def test_gpu_benchmark_logic_on_a_tiny_model(tmp_path):
         variant = dataclasses.replace(variants[name], profile=dataclasses.replace(variants[name].profile, **cpu))
         results.append(tt.run_variant(variant, samples, arch=arch, device="cpu", warmup=1, steps=3, max_length=64))
     baseline, packed, repeat = results
-    assert baseline["steps"] == 3 and baseline["samples_per_step"] == 4.0
+    assert baseline["steps"] == 3 and baseline["samples_per_step"] == 4.0 and len(baseline["step_times_s"]) == 3
     # Effective tokens are real tokens only: the sum of the timed batches' sample lengths.
     assert 3 * 4 * 12 <= baseline["tokens"] <= 3 * 4 * 60, baseline["tokens"]
     assert packed["samples_per_step"] > 4, "a 4x512 token budget holds many short samples"
@@ -407,12 +415,66 @@ def test_gpu_benchmark_logic_on_a_tiny_model(tmp_path):
     assert repeat["tokens"] == 20 * 4 * 64
     with pytest.raises(ValueError, match="fewer than one"):
         tt.repeated_batch(samples[:2], 64)
-    summarized = tt.summarize(results, peak_tflops=1.0)
-    assert summarized[0]["speedup"] == 1.0 and summarized[1]["speedup"] > 0
-    assert "mfu" in summarized[0] and "speedup" not in summarized[2]
-    text = tt.table(summarized)
-    assert "| baseline |" in text and "ok:" in text
     assert not tt.loss_check([3.0, 3.0, 3.0, 3.0, 3.0, float("nan")])["loss_falls"]
+    # Blocks: untimed steps are left out, and each block's batches are its own steps' batches.
+    marks = [10.0, 11.0, 13.0, 16.0]
+    counted = [(100, [50, 50]), (7, [7]), (30, [10, 20]), (40, [40])]
+    block = tt.block_result(marks, {"begin": 0, "untimed": 1, "timed": 3, "resumed": 9.0}, counted, arch)
+    assert block["tokens"] == 77 and block["seconds"] == 6.0 and block["samples_per_step"] == 4 / 3
+    assert block["step_times_s"] == [1.0, 2.0, 3.0]
+    # Without an untimed step the block's clock starts when the coordinator resumed it.
+    block = tt.block_result(marks, {"begin": 1, "untimed": 0, "timed": 2, "resumed": 10.5}, counted, arch)
+    assert block["tokens"] == 37 and block["seconds"] == 2.5
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_alternates_workers_and_reports_medians(tmp_path):
+    """`run` on the CPU with a tiny architecture: worker processes, A B / B A rounds, paired ratios, quality table."""
+    import json
+
+    tt = _bench_module()
+    tokens, _, _ = _token_file(tmp_path, count=80)
+    out = tmp_path / "out"
+    code = tt.main(["run", "--tokens", str(tokens), "--variants", "baseline,+fused-lora", "--arch-json",
+                    json.dumps(TINY_ARCH), "--warmup", "1", "--repeats", "2", "--steps", "2", "--val-samples", "8",
+                    "--quality", "--out", str(out), "--work", str(tmp_path / "work")])
+    assert code == 0
+    rows = {r["variant"]: r for r in json.loads((out / "train_throughput.json").read_text())["results"]}
+    assert set(rows) == {"baseline", "+fused-lora"}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert [b["round"] for b in row["blocks"]] == [0, 1] and all(b["steps"] == 2 for b in row["blocks"])
+        assert row["samples_per_step"] == 4.0 and not row["changes_samples_per_step"]
+        low, high = row["tokens_per_s_range"]
+        assert low <= row["tokens_per_s"] <= high
+        assert len(row["losses"]) == 1 + 2 * (1 + 2) and row["val_loss"] > 0
+    assert rows["baseline"]["speedup"] == 1.0 and rows["+fused-lora"]["speedup"] > 0
+    # Same batches in the same order: both rows trained the same tokens in every block.
+    assert [b["tokens"] for b in rows["baseline"]["blocks"]] == [b["tokens"] for b in rows["+fused-lora"]["blocks"]]
+    text = (out / "train_throughput.md").read_text()
+    assert "| baseline |" in text and "| +fused-lora |" in text and "vs recipe" in text
+
+
+def test_benchmark_summary_pairs_rounds_and_flags_batch_changes():
+    tt = _bench_module()
+
+    def row(name, speeds, samples=4, packing=False):
+        blocks = [{"round": i, "steps": 2, "samples": 2 * samples, "tokens_per_s": v, "flops": 1e12, "seconds": 1.0}
+                  for i, v in enumerate(speeds)]
+        return {"variant": name, "profile": {"packing": packing}, "blocks": blocks}
+
+    rows = tt.summarize([row("baseline", [100, 50, 100]), row("fast", [300, 150, 330], samples=38, packing=True),
+                         row("unsloth-d05", [200, 100, 200]), {"variant": "broken", "what": "", "error": "boom"}],
+                        peak_tflops=2.0)
+    base, fast, unsloth, broken = rows
+    assert base["tokens_per_s"] == 100 and base["tokens_per_s_range"] == [50, 100]
+    # Paired per round: fast is 3x, 3x, 3.3x the baseline's block of the same round -> median 3.0.
+    assert fast["speedup"] == 3.0 and unsloth["speedup"] == 2.0 and base["vs_unsloth"] == 0.5
+    assert fast["changes_samples_per_step"] and not unsloth["changes_samples_per_step"]
+    assert fast["unsloth_row"] == "unsloth-packs-varlen-d05" and fast["vs_unsloth"] is None
+    assert base["mfu"] == 0.5
+    text = tt.table(rows)
+    assert "(changes it)" in text and "failed: boom" in text and "| 100 (50-100) |" in text
 
 
 @pytest.mark.slow
@@ -442,3 +504,149 @@ def test_cpu_benchmark_quality_check_on_a_tiny_model(tiny_model_dir, samples):
     assert exact["val_loss_own_precision"] == exact["val_loss"]
     text = cpu_bench.table([], results, {"quality_model": "tiny", "quality_max_length": 128, "val_samples": 3})
     assert "| --profile cpu, fp32 |" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused LoRA projections and offloaded checkpointing (finqlora.train.kernels)
+
+
+def _lora_model(model_dir, *, dropout, quantize=False, checkpointing=False, seed=0):
+    """A fresh tiny model with all-linear LoRA r=8 and non-zero B (so every LoRA gradient is non-zero)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    if quantize:
+        _quantize_linears_nf4(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
+    torch.manual_seed(seed)  # peft draws A at random: the same A in every model compared
+    model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.05
+    return model
+
+
+def _quantize_linears_nf4(model):
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear:
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4",
+                                          quant_storage=torch.uint8, device="meta")
+                    q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, compress_statistics=True,
+                                                 quant_type="nf4", quant_storage=torch.uint8, module=q).to("cpu")
+                    setattr(parent, name, q)
+
+
+def _loss_and_lora_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    return loss.detach(), grads
+
+
+def _padded_batch(samples):
+    """Right-padded batch with an attention mask and -100 labels on the padding."""
+    width = max(len(s["input_ids"]) for s in samples)
+    ids = torch.zeros(len(samples), width, dtype=torch.long)
+    labels = torch.full((len(samples), width), -100)
+    mask = torch.zeros(len(samples), width, dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s["input_ids"])
+        ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["dense-base", "nf4-base"])
+def test_fused_lora_matches_peft_loss_and_lora_grads(tiny_model_dir, samples, quantize):
+    from finqlora.train import kernels
+
+    batch = _padded_batch(samples)
+    plain = _lora_model(tiny_model_dir, dropout=0.0, quantize=quantize)
+    fused = _lora_model(tiny_model_dir, dropout=0.0, quantize=quantize)
+    plain.train(), fused.train()
+    switched = kernels.install_fused_lora(fused)
+    assert switched == 2 * 7, "every adapted projection of both blocks takes the fused path"
+    loss_plain, grads_plain = _loss_and_lora_grads(plain, batch)
+    loss_fused, grads_fused = _loss_and_lora_grads(fused, batch)
+    assert torch.allclose(loss_plain, loss_fused, rtol=1e-5, atol=1e-6), (loss_plain, loss_fused)
+    assert grads_plain.keys() == grads_fused.keys() and len(grads_plain) == 2 * 7 * 2
+    for name, grad in grads_plain.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(grad, grads_fused[name], rtol=1e-4, atol=1e-6), name
+    # Outside training (eval, generation) and with the adapter disabled it is still peft's function.
+    fused.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(**batch).logits, fused(**batch).logits, atol=1e-5)
+        with fused.disable_adapter(), plain.disable_adapter():
+            assert torch.allclose(plain(**batch).logits, fused(**batch).logits, atol=1e-5)
+
+
+def test_fused_lora_dropout_is_on_the_lora_input_only():
+    """Same random keep-mask as the kernel draws; output and every gradient equal plain autograd's."""
+    from finqlora.train.kernels import _FusedLoRALinear
+
+    torch.manual_seed(1)
+    base = torch.nn.Linear(48, 40, bias=True)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    a = (torch.randn(8, 48) * 0.1).requires_grad_()
+    b = (torch.randn(40, 8) * 0.1).requires_grad_()
+    p, scale = 0.3, 2.0
+    torch.manual_seed(5)
+    out = _FusedLoRALinear.apply(x, a, b, base, scale, p)
+    out.backward(torch.ones_like(out))
+    got = (out.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone())
+    x.grad = a.grad = b.grad = None
+    torch.manual_seed(5)
+    keep = torch.rand(21, 48) >= p
+    assert 0.55 < keep.float().mean() < 0.85
+    rows = x.reshape(-1, 48)
+    ref = base(rows) + scale * ((rows * keep / (1 - p)) @ a.t()) @ b.t()
+    ref.backward(torch.ones_like(ref))
+    want = (ref.detach().view(3, 7, 40), x.grad, a.grad, b.grad)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-6)
+    # The frozen path is not dropped: with B = 0 the output is exactly base(x).
+    zero = _FusedLoRALinear.apply(x.detach(), a.detach(), torch.zeros_like(b), base, scale, p)
+    assert torch.allclose(zero, base(x.detach()), atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["peft-lora", "fused-lora"])
+def test_offloaded_checkpointing_repeats_dropout_and_matches_plain_backward(tiny_model_dir, samples, fused):
+    from finqlora.train import kernels
+
+    batch = _padded_batch(samples)
+    reference = _lora_model(tiny_model_dir, dropout=0.1)
+    offloaded = _lora_model(tiny_model_dir, dropout=0.1, checkpointing=True)
+    reference.train(), offloaded.train()
+    assert kernels.install_offloaded_checkpointing(offloaded) == 2
+    # The Trainer enables checkpointing again when it starts; offloading must survive that.
+    offloaded.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = offloaded.get_base_model().model.layers
+    assert all(layer._gradient_checkpointing_func is kernels.offloaded_checkpoint for layer in layers)
+    if fused:  # both levers together, as the fused profiles run them (the same dropout masks in both)
+        kernels.install_fused_lora(offloaded), kernels.install_fused_lora(reference)
+    torch.manual_seed(11)
+    loss_ref, grads_ref = _loss_and_lora_grads(reference, batch)
+    torch.manual_seed(11)
+    loss_off, grads_off = _loss_and_lora_grads(offloaded, batch)
+    assert torch.allclose(loss_ref, loss_off, rtol=1e-5), (loss_ref, loss_off)
+    for name, grad in grads_ref.items():
+        assert torch.allclose(grad, grads_off[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_fused_profiles_keep_the_run_configs_batches():
+    for name in ("fused", "t4-fused"):
+        profile = speedups.get_profile(name)
+        assert not profile.packing and profile.budget_scale == 1, "same samples per optimizer step as the recipe"
+        assert profile.fused_lora and profile.offload_activations and not profile.varlen_attention
+    assert speedups.get_profile("t4-fused").compute_dtype == "fp16"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from finqlora.core.textdedup import normalize_flash
 from finqlora.store import ingest
 from finqlora.store.impacts import compute_impacts
 
@@ -153,7 +154,7 @@ def test_cross_source_duplicates_are_linked_within_minutes(june_all_sources):
     picked = rng.sample(links, 200)
     agree = 0
     for _, _, _, d_title, d_content, p_title, p_content, _ in picked:
-        short, long_ = sorted((ingest.normalize_for_dedup(d_title, d_content), ingest.normalize_for_dedup(p_title, p_content)), key=len)
+        short, long_ = sorted((normalize_flash(d_title, d_content), normalize_flash(p_title, p_content)), key=len)
         aligned = sum(block.size for block in SequenceMatcher(None, short, long_, autojunk=False).get_matching_blocks())
         agree += aligned >= 0.5 * len(short)
     assert agree / len(picked) >= 0.95

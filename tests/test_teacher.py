@@ -47,9 +47,8 @@ OTHER_RECORD = {"id": "rq-1", "type": "report_qa", "instruction": "毛利率是�
                 "split": "train", "event_id": None, "event_time": None, "label": {"metric": "毛利率", "answer": 40.0, "unit": "%", "tolerance": 0.5}}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def teacher_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Llama with tiny_model_dir's shape and tokenizer that always answers BULLISH_ANSWER."""
+def wire_teacher(tiny_model_dir: Path, answer: str, out: Path) -> Path:
+    """A Llama with tiny_model_dir's shape and tokenizer that always answers `answer`."""
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
     from finqlora.core.chat_format import render_prompt
@@ -60,7 +59,7 @@ def teacher_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFac
     config.max_position_embeddings = 4096  # teacher prompts with two tickers pass 1024 tokens
     model = LlamaForCausalLM(config)
     prompt_end = tokenizer.encode(render_prompt(tokenizer, [{"role": "user", "content": "x"}]), add_special_tokens=False)[-1]
-    chain = [prompt_end, *tokenizer.encode(BULLISH_ANSWER, add_special_tokens=False), tokenizer.eos_token_id]
+    chain = [prompt_end, *tokenizer.encode(answer, add_special_tokens=False), tokenizer.eos_token_id]
     current = chain[:-1]
     assert len(set(current)) == len(current) <= config.hidden_size, "each token must lead to exactly one next token"
     with torch.no_grad():
@@ -71,10 +70,15 @@ def teacher_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFac
         for i, (token, next_token) in enumerate(zip(chain, chain[1:])):
             model.model.embed_tokens.weight[token] = torch.nn.functional.one_hot(torch.tensor(i), config.hidden_size).float()
             model.lm_head.weight[next_token, i] = 10.0
-    out = tmp_path_factory.mktemp("teacher-model")
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def teacher_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A teacher that always answers BULLISH_ANSWER."""
+    return wire_teacher(tiny_model_dir, BULLISH_ANSWER, tmp_path_factory.mktemp("teacher-model"))
 
 
 @pytest.fixture(scope="module")
@@ -146,20 +150,45 @@ def test_enrich_dataset_file_rewrites_the_file_and_its_stats(teacher_server, tmp
     assert (tmp_path / "instructions.teacher_cache.jsonl").exists()
 
 
+_PAD = "传导路径：降息预期升温，实际利率回落，持有黄金的机会成本下降。"
+
+
 @pytest.mark.parametrize(
     "answer, status",
     [
-        ("结论：XAUUSD 方向：利好", "accepted"),
-        ("这条消息对金价构成支撑，整体偏多。", "accepted"),
-        ("结论：XAUUSD 方向：利空", "rejected_direction"),
+        (_PAD + "结论：XAUUSD 方向：利好", "accepted"),
+        ("这条消息对金价构成支撑，整体偏多。" + _PAD, "accepted"),
+        (_PAD + "结论：XAUUSD 方向：利空", "rejected_direction"),
         ("短期利好，长期利空", "rejected_unparseable"),
         ("", "rejected_unparseable"),
-        ("XAUUSD：利好；XAGUSD：利空\n结论：XAUUSD 方向：利好", "rejected_direction"),
+        ("XAUUSD：利好；XAGUSD：利空\n结论：XAUUSD 方向：利好" + _PAD, "rejected_direction"),
+        ("结论：XAUUSD 方向：利好", "rejected_length"),
+        (_PAD * 40 + "结论：XAUUSD 方向：利好", "rejected_length"),
+        (_PAD + "发布后金价上涨0.20%。结论：XAUUSD 方向：利好", "rejected_realized_numbers"),
+        (_PAD + "快讯提到的2.5%目标。结论：XAUUSD 方向：利好", "accepted"),  # a number of the input may be quoted
     ],
 )
 def test_check_answer(answer: str, status: str) -> None:
-    label = {"direction": "利好", "ticker": "XAUUSD", "directions": {"XAUUSD": "利好", "XAGUSD": "利好"}}
-    assert check_answer(answer, label)[0] == status
+    label = {"direction": "利好", "ticker": "XAUUSD", "directions": {"XAUUSD": "利好", "XAGUSD": "利好"},
+             "returns": {"XAUUSD": {"15": 0.002, "30": 0.0025}}}
+    assert check_answer(answer, label, "快讯：某官员称通胀将回到2.5%的目标。")[0] == status
+
+
+def test_a_rewrite_quoting_the_realized_move_is_rejected_and_keeps_the_rule_text(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A served teacher that writes the realized 15-minute move into its answer."""
+    answer = "XAUUSD Direction: bullish, gold rose 0.35 after the news"
+    model_dir = wire_teacher(tiny_model_dir, answer, tmp_path / "numeric-teacher")
+    engine = ServingEngine.load(str(model_dir), limits=BatchLimits(max_new_tokens=200, default_max_new_tokens=120, max_prompt_tokens=3000),
+                                base_name="teacher", device="cpu")
+    running = start_in_thread(create_app(engine, api_key=KEY))
+    try:
+        record = news_record(1, "利好")
+        record["label"]["returns"]["XAUUSD"]["15"] = 0.0035
+        enriched, stats = enrich_records([record], teacher_client(running), "teacher", tmp_path / "c.jsonl", max_tokens=120, progress=False)
+    finally:
+        running.stop()
+    assert (stats.accepted, stats.rejected_realized_numbers) == (0, 1)
+    assert enriched[0]["output"] == record["output"] and enriched[0]["teacher"]["status"] == "rejected_realized_numbers"
 
 
 def test_finqlora_build_with_a_teacher(teacher_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,6 +29,30 @@ def parse_shares(text: str, option: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
+def _one_each(values: list, count: int, option: str) -> list:
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise FinqloraError(f"{option} was given {len(values)} times for {count} --add-dataset",
+                            hint=f"give {option} once (for all) or once per --add-dataset, in the same order")
+    return values
+
+
+def add_sources(paths: list[Path], formats: list[str], samples: list[int]) -> tuple:
+    """--add-dataset/--add-format/--add-samples -> AddSource tuples (validated by the builder)."""
+    from finqlora.dataset.mixture import AddSource
+
+    if not paths:
+        if formats or samples:
+            raise FinqloraError("--add-format/--add-samples need --add-dataset", hint="e.g. --add-dataset finfe.json --add-format finfe")
+        return ()
+    if not formats:
+        raise FinqloraError("--add-dataset needs --add-format", hint="one of finfe, cfbenchmark, fpb, disc, alpaca")
+    formats = _one_each(formats, len(paths), "--add-format")
+    counts: list = _one_each(samples, len(paths), "--add-samples") if samples else [None] * len(paths)
+    return tuple(AddSource(Path(p), f, n) for p, f, n in zip(paths, formats, counts))
+
+
 def build(
     db: Path = typer.Option(None, "--db", help="Event store (SQLite). Omit it to build from the built-in templates only.", show_default=False),
     output: Path = typer.Option(Path("data/qlora/instructions.jsonl"), "--output", "-o", help="Dataset file (JSONL); the card (.card.md) and stats (.stats.json) go beside it."),
@@ -46,6 +70,10 @@ def build(
     dedup_threshold: float = typer.Option(0.7, "--dedup-threshold", help="3-gram Jaccard similarity at which two news texts are near-duplicates."),
     embargo_min: int = typer.Option(120, "--embargo-min", help="Leave out events this many minutes after a split boundary."),
     tz: str = typer.Option(None, "--tz", help="Zone of a user database's time column written without one (e.g. Asia/Shanghai).", show_default=False),
+    add_dataset: list[Path] = typer.Option(None, "--add-dataset", help="Public data set to mix in (repeatable; see --add-format).", show_default=False),
+    add_format: list[str] = typer.Option(None, "--add-format", help="finfe | cfbenchmark | fpb | disc | alpaca: one for all --add-dataset, or one each.", show_default=False),
+    add_samples: list[int] = typer.Option(None, "--add-samples", help="Rows to take from each --add-dataset (one for all, or one each; default all).", show_default=False),
+    decontaminate: list[Path] = typer.Option(None, "--decontaminate", help="Evaluation file whose items no record may duplicate (repeatable).", show_default=False),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress spinner or summary table."),
 ) -> None:
     """Build the instruction dataset (news impact, market analysis, report Q&A) from the event store."""
@@ -69,6 +97,8 @@ def build(
         embargo_min=embargo_min,
         naive_tz=tz,
         progress=not quiet,
+        add=add_sources(add_dataset or [], add_format or [], add_samples or []),
+        decontaminate=tuple(decontaminate or ()),
     )
     result = build_dataset(config)
     for notice in result.notices:

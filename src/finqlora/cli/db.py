@@ -117,7 +117,7 @@ def ingest_news(
     db: Path = DB_OPTION,
     fmt: str = typer.Option("cls", "--format", help="cls (CLS slim/raw JSONL; also 东方财富/同花顺 slim files), jsonl or csv."),
     tz: str = typer.Option(None, "--tz", help="Zone of times written without one (e.g. Asia/Shanghai); required for such times."),
-    mapping: list[str] = typer.Option([], "--map", help="FIELD=COLUMN for jsonl/csv (fields: id, time, content, title, source, star, importance, subjects, url). Repeatable."),
+    mapping: list[str] = typer.Option([], "--map", help="FIELD=COLUMN for jsonl/csv (fields: id, time, content, title, source, star, importance, subjects, url, stocks). Repeatable."),
     source: str = typer.Option(None, "--source", help="Source name for jsonl/csv files without a source column."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed lines (counted and listed) instead of stopping."),
     dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="Link the same event told by several sources."),
@@ -202,6 +202,9 @@ def impacts(
         known = report.known_returns.get(ticker, {})
         table.add_row(ticker, f"{report.computed_events[ticker]:,}", f"{report.skipped_events[ticker]:,}", *(f"{known.get(w, 0):,}" for w in report.windows))
     console.print(table)
+    for ticker, refreshed in report.refreshed_events.items():
+        if refreshed:
+            console.print(f"{ticker}: recomputed {refreshed:,} events whose windows reach bars ingested after their impacts were computed")
     console.print("cells: events with a known return; the others have ret NULL and a status (see `finqlora db stats`)")
 
 

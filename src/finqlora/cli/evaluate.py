@@ -36,6 +36,15 @@ def _print_table(metrics: dict) -> None:
     console.print(table)
 
 
+def _default(name: str):
+    """The option's default is EvalOptions' (one set of defaults for the CLI, the pipeline and the API)."""
+    from dataclasses import fields
+
+    from finqlora.evaluate.evaluation import EvalOptions
+
+    return next(f.default for f in fields(EvalOptions) if f.name == name)
+
+
 @eval_app.callback(invoke_without_command=True)
 def eval_main(
     ctx: typer.Context,
@@ -43,58 +52,67 @@ def eval_main(
     adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="The fine-tuned adapter folder (output of `finqlora train`)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset JSONL from `finqlora build`; records of --split are evaluated."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for generations, metrics.json and the report (re-running resumes from its cache)."),
-    split: str = typer.Option("test", help="Which split of --data to evaluate (all records if the file has no splits)."),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Evaluate at most this many records (seeded sample, stratified by type)."),
-    benchmark: list[Path] = typer.Option([], "--benchmark", help="External benchmark file/folder (repeatable)."),
-    benchmark_format: list[str] = typer.Option([], "--benchmark-format", help="finfe | cfbenchmark | fpb | jsonl (one, or one per --benchmark)."),
+    split: str = typer.Option(_default("split"), help="Which split of --data to evaluate (all records if the file has no splits)."),
+    max_samples: Optional[int] = typer.Option(_default("max_samples"), "--max-samples", min=1, help="Evaluate at most this many records (seeded sample, stratified by type)."),
+    benchmark: list[str] = typer.Option([], "--benchmark", help="External benchmark, FORMAT:PATH (e.g. finfe:train_list.json) or PATH with --benchmark-format (repeatable)."),
+    benchmark_format: list[str] = typer.Option([], "--benchmark-format", help="finfe | cfbenchmark | fpb | jsonl (one, or one per --benchmark given as a plain PATH)."),
     label_map: Optional[str] = typer.Option(None, "--label-map", help='Benchmark label mapping, e.g. "0=利空,1=中性,2=利好", or a JSON file.'),
     benchmark_split: Optional[str] = typer.Option(None, "--benchmark-split", help="Split of a CFBenchmark datasets folder (default: test, or the only one)."),
     benchmark_limit: Optional[int] = typer.Option(None, "--benchmark-limit", min=1, help="Score a seeded random sample of this many benchmark rows."),
-    max_new_tokens: int = typer.Option(256, help="Generation length limit (same for both models)."),
-    temperature: float = typer.Option(0.0, help="0 = greedy decoding (deterministic, recommended for evaluation)."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling (only with temperature > 0)."),
-    repetition_penalty: float = typer.Option(1.0, help="1.0 = off."),
-    batch_size: int = typer.Option(8, min=1, help="Prompts generated together (batched, left-padded)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
-    load_in_4bit: Optional[bool] = typer.Option(None, "--load-in-4bit/--no-load-in-4bit", help="Default: 4-bit on CUDA, full precision elsewhere."),
-    chat_template: Optional[str] = typer.Option(None, help="Fallback chat template (chatml) for a tokenizer without one."),
-    perplexity: bool = typer.Option(True, "--perplexity/--no-perplexity", help="Perplexity of the reference answers."),
-    forgetting: bool = typer.Option(True, "--forgetting/--no-forgetting", help="Perplexity on the shipped general-domain text (forgetting)."),
-    bootstrap: int = typer.Option(1000, min=100, help="Bootstrap resamples for the confidence intervals."),
-    seed: int = typer.Option(0, help="Seed for sampling, bootstrap and example selection."),
+    scoring: str = typer.Option(_default("scoring"), help="Closed-option tasks: choice (option log-likelihood) | generate (parsed answers) | both."),
+    max_new_tokens: int = typer.Option(_default("max_new_tokens"), help="Generation length limit (same for both models)."),
+    temperature: float = typer.Option(_default("temperature"), help="0 = greedy decoding (deterministic, recommended for evaluation)."),
+    top_p: float = typer.Option(_default("top_p"), help="Nucleus sampling (only with temperature > 0)."),
+    repetition_penalty: float = typer.Option(_default("repetition_penalty"), help="1.0 = off."),
+    batch_size: int = typer.Option(_default("batch_size"), min=1, help="Prompts generated (or choice-scored) together."),
+    device: str = typer.Option(_default("device"), help="auto | cpu | cuda | cuda:N | mps"),
+    dtype: str = typer.Option(_default("dtype"), help="auto | float32 | bfloat16 | float16"),
+    load_in_4bit: Optional[bool] = typer.Option(_default("load_in_4bit"), "--load-in-4bit/--no-load-in-4bit", help="Default: 4-bit on CUDA, full precision elsewhere."),
+    chat_template: Optional[str] = typer.Option(_default("chat_template"), help="Fallback chat template (chatml) for a tokenizer without one."),
+    perplexity: bool = typer.Option(_default("perplexity"), "--perplexity/--no-perplexity", help="Perplexity of the reference answers."),
+    forgetting: bool = typer.Option(_default("forgetting"), "--forgetting/--no-forgetting", help="Perplexity on the shipped general-domain text (forgetting)."),
+    merge_adapter: bool = typer.Option(_default("merge_adapter"), "--merge-adapter/--no-merge-adapter", help="Merge the adapter into unquantized weights for the fine-tuned work (base speed, same logits)."),
+    bootstrap: int = typer.Option(_default("bootstrap_resamples"), min=100, help="Bootstrap resamples for the confidence intervals."),
+    seed: int = typer.Option(_default("seed"), help="Seed for sampling, bootstrap and example selection."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html / report.md after the metrics."),
-    base_only: bool = typer.Option(False, "--base-only", help="Only generate the base model's answers (e.g. before training); the full run reuses them."),
+    base_only: bool = typer.Option(False, "--base-only", help="Only score the base model (e.g. before training); the full run reuses its outputs."),
 ) -> None:
-    """Run base and fine-tuned on the same prompts; cache generations; write metrics.json + report.
+    """Run base and fine-tuned on the same prompts; cache outputs; write metrics.json + report.
 
     Example: finqlora eval --adapter runs/demo/adapter --data data/instructions.jsonl --output runs/demo/eval
     """
     if ctx.invoked_subcommand is not None:
         return
-    from finqlora.evaluate.evaluation import BenchmarkSpec, EvalOptions, evaluate
+    from finqlora.core.config import BENCHMARK_FORMATS
+    from finqlora.evaluate.evaluation import VARIANTS, BenchmarkSpec, EvalOptions, evaluate
 
     if output is None:
         raise FinqloraError("--output is required", hint="finqlora eval --adapter ADAPTER --data test.jsonl --output runs/NAME/eval")
-    if benchmark and not benchmark_format:
-        raise FinqloraError("--benchmark needs --benchmark-format", hint="one of finfe, cfbenchmark, fpb, jsonl")
-    if benchmark_format and len(benchmark_format) not in (1, len(benchmark)):
-        raise FinqloraError(f"{len(benchmark)} --benchmark but {len(benchmark_format)} --benchmark-format", hint="give one format for all, or one per benchmark")
-    formats = benchmark_format * len(benchmark) if len(benchmark_format) == 1 else benchmark_format
-    specs = [BenchmarkSpec(str(path), fmt, label_map, benchmark_split, benchmark_limit) for path, fmt in zip(benchmark, formats)]
+    plain = [text for text in benchmark if text.partition(":")[0] not in BENCHMARK_FORMATS]  # not FORMAT:PATH
+    if benchmark_format and len(benchmark_format) not in (1, len(plain)):
+        raise FinqloraError(f"{len(plain)} --benchmark PATH but {len(benchmark_format)} --benchmark-format", hint="give one format for all, or one per plain PATH")
+    formats = iter(benchmark_format * len(plain) if len(benchmark_format) == 1 else benchmark_format)
+    extra = {"label_map": label_map, "split": benchmark_split, "limit": benchmark_limit}
+    specs = [BenchmarkSpec.parse(text, next(formats, None) if text in plain else None, **extra) for text in benchmark]
     options = EvalOptions(
         output=output, model=model, adapter=str(adapter) if adapter else None, data=data, split=split, max_samples=max_samples,
         benchmarks=specs, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
         seed=seed, batch_size=batch_size, device=device, dtype=dtype, load_in_4bit=load_in_4bit, chat_template=chat_template,
-        perplexity=perplexity, forgetting=forgetting, bootstrap_resamples=bootstrap, report=report,
-        variants=("base",) if base_only else ("base", "finetuned"),
+        perplexity=perplexity, forgetting=forgetting, bootstrap_resamples=bootstrap, scoring=scoring, merge_adapter=merge_adapter,
+        variants=("base",) if base_only else VARIANTS,
     )
     metrics = evaluate(options)
     if base_only:
-        console.print(f"[green]cached[/] the base model's answers in {output}; run again with --adapter for the comparison")
+        console.print(f"[green]cached[/] the base model's outputs in {output}; run again with --adapter for the comparison")
         return
     _print_table(metrics)
-    console.print(f"[green]wrote[/] {output / 'metrics.json'}" + (f", {output / 'report.html'}, {output / 'report.md'}" if report else ""))
+    written = [output / "metrics.json"]
+    if report:
+        from finqlora.report.report import build_report
+
+        paths = build_report(output, output, seed=seed)
+        written += [paths.html, paths.markdown]
+    console.print("[green]wrote[/] " + ", ".join(str(path) for path in written))
 
 
 @eval_app.command("human-sheet")
@@ -107,8 +125,8 @@ def human_sheet(
     seed: int = typer.Option(0, help="Seed for the per-row A/B order and the sample."),
 ) -> None:
     """Export a blind A/B sheet (random order per row) and its separate key."""
-    from finqlora.evaluate.evaluation import read_cache
     from finqlora.evaluate.human_eval import make_sheet
+    from finqlora.evaluate.scoring import read_cache
     from finqlora.report.report import question_text, find_eval_dir
 
     eval_dir = find_eval_dir(run)
@@ -163,13 +181,13 @@ def report_command(
     examples: int = typer.Option(2, min=0, help="Examples shown per group (win / loss / tie)."),
     seed: int = typer.Option(0, help="Seed of the example draw."),
 ) -> None:
-    """Rebuild report.html / report.md / metrics.json from cached generations (no model is run)."""
+    """Rebuild report.html / report.md and its charts from metrics.json and the caches (no model is run)."""
     from finqlora.report.report import build_report
 
     if output is None and (run / "pipeline_state.json").exists():
         output = run / "report"  # where `finqlora run` puts it
     paths = build_report(run, output, training_dir=training_dir, examples_per_group=examples, seed=seed)
-    console.print(f"[green]wrote[/] {paths.html}, {paths.markdown}, {paths.metrics}" + "".join(f", {p}" for p in paths.images.values()))
+    console.print(f"[green]wrote[/] {paths.html}, {paths.markdown}" + "".join(f", {p}" for p in paths.images.values()))
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from finqlora.export.adapter import DEFAULT_MAX_RATIO, DEFAULT_MAX_UNPACKED_BYTES
+
 console = Console()
 
 
@@ -65,16 +67,19 @@ def unzip(
     output: Path | None = typer.Option(None, "--output", "-o", help="Folder to extract into (default: beside the zip, named after it)."),
     check_only: bool = typer.Option(False, "--check", help="Only verify the SHA-256 sums; extract nothing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
+    max_size_gb: float = typer.Option(DEFAULT_MAX_UNPACKED_BYTES / (1 << 30), "--max-size-gb", help="Refuse zips that unpack to more than this many GiB (counted while unpacking, too)."),
+    max_ratio: float = typer.Option(DEFAULT_MAX_RATIO, "--max-ratio", help="Refuse entries (over 1 MiB) that unpack to more than this many bytes per compressed byte."),
 ) -> None:
     """Verify every file of an adapter zip against its SHA256SUMS, then extract it."""
-    from finqlora.export.adapter import unpack_adapter, verify_adapter_zip
+    from finqlora.export.adapter import ZipLimits, unpack_adapter, verify_adapter_zip
 
+    limits = ZipLimits(max_unpacked_bytes=int(max_size_gb * (1 << 30)), max_ratio=max_ratio)
     if check_only:
-        files = verify_adapter_zip(zip_path)
+        files = verify_adapter_zip(zip_path, limits=limits)
         console.print(f"[green]ok[/] {zip_path}: {len(files)} files match SHA256SUMS")
         return
     target = output if output is not None else zip_path.with_suffix("")
-    folder = unpack_adapter(zip_path, target, overwrite=overwrite)
+    folder = unpack_adapter(zip_path, target, overwrite=overwrite, limits=limits)
     console.print(f"[green]verified and extracted[/] {zip_path} -> {folder}")
 
 

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finqlora.pipeline.engine import STAGES, RunResult, run_pipeline
+from finqlora.pipeline.stages import headline, make_stages
 
 console = Console()
 
@@ -68,7 +69,15 @@ def run_command(
     from finqlora.core.config import load_config
 
     cfg = load_config(config, overrides)
-    result = run_pipeline(cfg, start=start, only=only, force=force, log=lambda line: console.print(line, highlight=False, markup=False))
+    result = run_pipeline(
+        cfg,
+        make_stages,
+        start=start,
+        only=only,
+        force=force,
+        log=lambda line: console.print(line, highlight=False, markup=False),
+        headline=headline,
+    )
     _print_summary(result)
 
 

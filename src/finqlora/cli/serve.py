@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from finqlora.core.errors import FinqloraError
+from finqlora.serve.http_limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 
 ENGINES = ("native", "vllm")
 
@@ -74,6 +75,9 @@ def register(app: typer.Typer) -> None:
         max_tokens: int = typer.Option(1024, min=1, help="Largest max_tokens a request may ask for."),
         default_max_tokens: int = typer.Option(256, min=1, help="max_tokens when a request does not set it."),
         request_timeout: float = typer.Option(300.0, min=1, help="Seconds a request may take (queue + generation) before a 504."),
+        max_prompt_chars: int | None = typer.Option(None, min=1, help="Longest prompt text accepted, in characters, checked before tokenizing (default: 16 x --max-prompt-tokens).", show_default=False),
+        max_body_bytes: int = typer.Option(DEFAULT_MAX_BODY_BYTES, min=1, help="Largest request body accepted (larger: 413, before any parsing)."),
+        body_timeout: float = typer.Option(DEFAULT_BODY_TIMEOUT_S, min=0.1, help="Seconds a request's body may take to arrive (later: 408, connection closed)."),
         threads: int | None = typer.Option(None, min=1, help="CPU threads for torch (default: torch's choice; fewer can be faster on a shared CPU).", show_default=False),
         ignore_base_mismatch: bool = typer.Option(False, "--ignore-base-mismatch", help="Attach adapters whose recorded base has another name (same weights elsewhere)."),
     ) -> None:
@@ -97,6 +101,7 @@ def register(app: typer.Typer) -> None:
         api_key = _api_key(api_key_file, no_auth)
         check_bind(host, api_key)
         from finqlora.serve.batching import BatchLimits
+        from finqlora.serve.http_limits import HTTPLimits
         from finqlora.serve.server import ServingEngine, serve
 
         try:
@@ -108,7 +113,9 @@ def register(app: typer.Typer) -> None:
                 max_new_tokens=max_tokens,
                 default_max_new_tokens=min(default_max_tokens, max_tokens),
                 request_timeout_s=request_timeout,
+                max_prompt_chars=max_prompt_chars,
             )
+            http_limits = HTTPLimits(max_body_bytes=max_body_bytes, body_timeout_s=body_timeout)
         except ValueError as exc:
             raise FinqloraError(str(exc), hint="see finqlora serve --help for the allowed values") from exc
         if threads:
@@ -129,7 +136,7 @@ def register(app: typer.Typer) -> None:
             )
         console.print(f"[green]serving[/] {', '.join(loaded.model_names)} at http://{host}:{port}/v1 "
                       f"({'API key required' if api_key else 'no auth, loopback only'})", highlight=False)
-        serve(loaded, host=host, port=port, api_key=api_key)
+        serve(loaded, host=host, port=port, api_key=api_key, http_limits=http_limits)
 
 
 def _run_vllm(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def register(app: typer.Typer) -> None:
         output_dir: str | None = typer.Option(None, "--output-dir", "--output_dir", help="Output folder (default runs/<name>)."),
         resume_from_checkpoint: str | None = typer.Option(
             None, "--resume_from_checkpoint", "--resume-from-checkpoint", "--resume",
-            help="'auto' = latest complete checkpoint in the output folder, or a checkpoint-N folder.",
+            help="'auto' = newest verified checkpoint in the output folder, or a checkpoint-N folder (verified too).",
         ),
         batch_size: int | None = typer.Option(None, "--batch_size", "--batch-size", help="Per-device batch size."),
         max_length: int | None = typer.Option(None, "--max_length", "--max-length", help="Tokens per sample."),
@@ -61,7 +62,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Fine-tune with LoRA (CPU) or QLoRA (CUDA): adapter, training_info.json, training_log.jsonl, loss.png.
 
-        Ctrl-C or SIGTERM saves a checkpoint and exits; continue with --resume_from_checkpoint auto.
+        Ctrl-C or SIGTERM stops within the step, checkpoints the last complete step and exits;
+        continue with --resume_from_checkpoint auto (checkpoints are verified by SHA-256 first).
         """
         from finqlora.core.config import load_config
         from finqlora.train.training import train
@@ -102,12 +104,21 @@ def register(app: typer.Typer) -> None:
         _summary(result, console)
         if result.status == "interrupted":
             signum = signal.Signals[result.info["interrupted_by"]]
-            console.print(
-                f"[yellow]interrupted by {signum.name} at step {result.global_step}; a checkpoint was saved. "
-                f"Continue with:[/] finqlora train {'--config ' + str(config) + ' ' if config else ''}"
-                f"--output-dir {result.output_dir} --resume_from_checkpoint auto ...",
-                highlight=False,
-            )
+            if result.info.get("interrupted_checkpoint") is None:
+                console.print(f"[yellow]interrupted by {signum.name} before the first step ended: nothing to resume[/]")
+            else:
+                console.print(
+                    f"[yellow]interrupted by {signum.name}; the last complete step ({result.global_step}) is "
+                    f"checkpointed. Continue with:[/] finqlora train {'--config ' + str(config) + ' ' if config else ''}"
+                    f"--output-dir {result.output_dir} --resume_from_checkpoint auto ...",
+                    highlight=False,
+                )
+            if not distributed.is_distributed():
+                # Every output is written (atomically) by now. Python's teardown of torch and the
+                # model took 18-31 s on a busy CPU, past a container's 10-30 s kill window: skip it.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(128 + int(signum))
             raise typer.Exit(128 + int(signum))
         console.print(
             f"[green]done.[/] Try it: finqlora ask --model {run.train.model} --adapter {result.output_dir} \"美联储宣布加息25个基点\"",

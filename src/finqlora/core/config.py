@@ -31,6 +31,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class AddDatasetConfig(_Section):
+    """One public data set mixed into the build (`finqlora build --add-dataset`)."""
+
+    path: str = Field(..., min_length=1, description="file or folder of the public set, in its published format")
+    format: Literal["finfe", "cfbenchmark", "fpb", "disc", "alpaca"] = Field(..., description="the set's format (docs/dataset.md)")
+    samples: int | None = Field(None, ge=1, description="seeded sample of this many rows (null = all)")
+
+
 class DataConfig(_Section):
     """Dataset build (`finqlora build`), read by the pipeline."""
 
@@ -38,8 +46,12 @@ class DataConfig(_Section):
     num_samples: int = Field(300, ge=1, description="number of instruction records to build")
     seed: int = Field(0, description="sampling and split seed (same seed + same DB = same dataset)")
     format: Literal["alpaca", "messages"] = Field("alpaca", description="record layout of the JSONL file")
-    output: str | None = Field(None, description="dataset JSONL path (default: <output root>/<name>/dataset.jsonl)")
     tokenizer: str | None = Field(None, description="tokenizer for token-aware trimming (default: train.model)")
+    add: list[AddDatasetConfig] = Field(default_factory=list, description="public data sets mixed in (records of type public_data)")
+    decontaminate: list[str] = Field(
+        default_factory=list,
+        description="evaluation files whose items no record may duplicate (eval.benchmarks are added automatically)",
+    )
 
 
 class TrainConfig(_Section):
@@ -134,6 +146,34 @@ class TrainConfig(_Section):
         return value
 
 
+BENCHMARK_FORMATS = ("finfe", "cfbenchmark", "fpb", "jsonl")  # finqlora.evaluate.benchmarks reads these
+
+
+def split_benchmark_string(entry: str) -> dict[str, str]:
+    """`FORMAT:PATH` -> {"format", "path"} (ValueError naming the allowed formats otherwise)."""
+    fmt, colon, path = entry.partition(":")
+    if not colon or fmt not in BENCHMARK_FORMATS or not path:
+        raise ValueError(
+            f"benchmark {entry!r} is not FORMAT:PATH with FORMAT one of {', '.join(BENCHMARK_FORMATS)} "
+            "(or write a mapping with path and format)"
+        )
+    return {"format": fmt, "path": path}
+
+
+class BenchmarkConfig(_Section):
+    """One external benchmark of `eval.benchmarks` (docs/evaluation.md).
+
+    Written as a mapping `{path, format, label_map, split, max_items}` or as the string
+    `FORMAT:PATH` (e.g. `finfe:../shared/data/benchmarks/finfe/train_list.json`).
+    """
+
+    path: str = Field(..., min_length=1, description="benchmark file or folder")
+    format: Literal["finfe", "cfbenchmark", "fpb", "jsonl"] = Field(..., description="its published format")
+    label_map: str | None = Field(None, description='raw label -> class, e.g. "0=利空,1=中性,2=利好" (default: the format\'s own)')
+    split: str | None = Field(None, description="split of a CFBenchmark datasets folder")
+    max_items: int | None = Field(None, ge=1, description="score a seeded random sample of this many rows (null = all)")
+
+
 class EvalConfig(_Section):
     """Before/after evaluation (`finqlora eval`), read by the pipeline."""
 
@@ -141,7 +181,18 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(256, ge=1)
     batch_size: int = Field(8, ge=1)
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
-    benchmarks: list[str] = Field(default_factory=list, description="external benchmark files to add")
+    benchmarks: list[BenchmarkConfig] = Field(default_factory=list, description="external benchmarks scored in the eval stages")
+    scoring: Literal["choice", "generate", "both"] = Field(
+        "both", description="closed-option tasks: option log-likelihood (choice), parsed answers (generate), or both"
+    )
+
+    @field_validator("benchmarks", mode="before")
+    @classmethod
+    def _benchmark_strings(cls, value: Any) -> Any:
+        """`FORMAT:PATH` strings become mappings; the mapping form passes through."""
+        if not isinstance(value, list):
+            return value
+        return [split_benchmark_string(entry) if isinstance(entry, str) else entry for entry in value]
 
 
 class RunConfig(_Section):
@@ -255,6 +306,26 @@ def config_from_mapping(raw: dict[str, Any], *, origin: str = "(in memory)") -> 
         raise _validation_error(exc, origin) from None
 
 
+# A run config is a page of YAML; anything far larger is the wrong file (a database, a model).
+MAX_CONFIG_BYTES = 1_000_000
+
+
+def _read_config_text(file: Path) -> str:
+    """The config file's text, or a FinqloraError saying why it is not a YAML config (binary, huge)."""
+    not_yaml = "pass a YAML run config, e.g. configs/demo-cpu.yaml"
+    size = file.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise FinqloraError(f"{file}: {size:,} bytes is not a run config (a YAML config is a few KB)", hint=not_yaml)
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FinqloraError(f"{file}: not a text file (byte {exc.start} is not UTF-8)", hint=not_yaml) from None
+    if "\x00" in text:
+        raise FinqloraError(f"{file}: not a text file (it contains NUL bytes)", hint=not_yaml)
+    return text
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config (or the defaults when `path` is None) and apply `--set` overrides."""
     raw: dict[str, Any] = {}
@@ -269,7 +340,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 hint=f"configs in ./configs: {', '.join(configs)}" if configs else "pass a YAML file, e.g. configs/demo-cpu.yaml",
             )
         try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+            loaded = yaml.safe_load(_read_config_text(file))
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

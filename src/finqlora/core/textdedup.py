@@ -1,11 +1,15 @@
 """Near-duplicate detection for news text (reposts, the same flash told twice, template news).
 
 Used by the dataset builder twice: to drop near-duplicates before sampling (so one story is
-learnt once) and to check that no text in one split has a near-duplicate in another.
+learnt once) and to check that no text in one split has a near-duplicate in another. The
+store's cross-source linking (`store.ingest.link_duplicates`) compares flashes with the same
+normaliser through `normalize_flash`.
 
 Method (documented in docs/dataset.md):
-- normalise: Unicode NFKC, lower case, drop a 【title】's dateline ("财联社6月1日电，"), keep
-  only letters and digits (no whitespace or punctuation);
+- normalise (`normalize`): Unicode NFKC, lower case, drop a 【title】's dateline ("财联社6月1日电，"),
+  keep only letters and digits (no whitespace or punctuation); `normalize_flash` also drops the
+  【title】 and a trailing credit ("（央视新闻）"), which differ between sources, and keeps the
+  first LINK_CHARS characters;
 - shingles: overlapping character 3-grams, each hashed to 32 bits with fixed multipliers
   (never Python's `hash`, which changes between runs), computed for all texts at once with numpy;
 - MinHash (64 permutations) + LSH (16 bands of 4 rows) finds candidate pairs; every candidate
@@ -30,25 +34,54 @@ BANDS = 16
 ROWS = NUM_PERM // BANDS
 DEFAULT_THRESHOLD = 0.7
 
+# "财联社6月1日电，" / "新华社北京6月1日电 " / "6月1日讯：": who and when, different in every source.
 _DATELINE = re.compile(r"^(?:[\u4e00-\u9fff]{1,8})?\d{1,2}月\d{1,2}日(?:电|讯)[，,:：]?")
 _TITLE_BRACKET = re.compile(r"^【([^】]*)】")
+# "（央视新闻）" at the end: the credit one source adds and another leaves out.
+_TRAILING_CREDIT = re.compile(r"[（(][^（）()]{1,20}[）)]\s*$")
 _NOT_WORD = re.compile(r"[\W_]+")
 _SEPARATOR = "\x00"
+# Cross-source linking compares the opening of two flashes: it identifies a flash, and whole
+# long articles only cost time. A body shorter than SHORT_BODY_CHARS is compared with its title.
+LINK_CHARS = 160
+SHORT_BODY_CHARS = 12
+
+
+def split_title(text: str) -> tuple[str, str]:
+    """(title in a leading 【】 or '', the rest without its dateline)."""
+    text = (text or "").strip()
+    match = _TITLE_BRACKET.match(text)
+    title, body = (match.group(1), text[match.end() :]) if match else ("", text)
+    return title, _DATELINE.sub("", body.lstrip())
+
+
+def letters_and_digits(text: str) -> str:
+    """NFKC, lower case, letters and digits only: what every comparison in finqlora sees."""
+    text = _NOT_WORD.sub("", text)
+    # Punctuation is gone already, so most Chinese text is NFKC as it stands and the
+    # (cheap) check saves the (costly) normalisation; full-width letters and digits remain.
+    if not unicodedata.is_normalized("NFKC", text):
+        text = _NOT_WORD.sub("", unicodedata.normalize("NFKC", text))
+    return text.lower()
 
 
 def normalize(text: str) -> str:
     """The text as compared: NFKC, lower case, no dateline, letters and digits only."""
     # A flash often starts with its title in 【】 and then a dateline; drop the dateline
     # (it only says who and when) so two sources' copies compare by their substance.
-    text = (text or "").strip()
-    match = _TITLE_BRACKET.match(text)
-    title, body = (match.group(1), text[match.end() :]) if match else ("", text)
-    text = _NOT_WORD.sub("", title + _DATELINE.sub("", body.lstrip()))
-    # Punctuation is gone already, so most Chinese text is NFKC as it stands and the
-    # (cheap) check saves the (costly) normalisation; full-width letters and digits remain.
-    if not unicodedata.is_normalized("NFKC", text):
-        text = _NOT_WORD.sub("", unicodedata.normalize("NFKC", text))
-    return text.lower()
+    title, body = split_title(text)
+    return letters_and_digits(title + body)
+
+
+def normalize_flash(title: str | None, content: str) -> str:
+    """A flash as cross-source linking compares it: `normalize` without the 【title】 and the
+    trailing credit (sources word and credit them differently), its first LINK_CHARS characters.
+    """
+    _, body = split_title(content)
+    text = letters_and_digits(_TRAILING_CREDIT.sub("", body))
+    if len(text) < SHORT_BODY_CHARS and title:
+        text = letters_and_digits(title) + text
+    return text[:LINK_CHARS]
 
 
 @dataclass(frozen=True)

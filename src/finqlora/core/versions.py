@@ -3,7 +3,7 @@
 `finqlora doctor` checks the installed packages against `SUPPORTED`, docs/installation.md
 shows `KNOWN_GOOD` as its install matrix, and the Colab notebook installs
 `KNOWN_GOOD["t4-colab"]` with `pip_command("t4-colab")`. When a version moves, change it here
-(and the lower bounds in pyproject.toml, which a test keeps in step with `SUPPORTED`).
+(and the same range in pyproject.toml: a test keeps both ends of each in step with `SUPPORTED`).
 
 Each known-good set says where it was verified, so nobody mistakes a plan for a measurement:
 `verified` names the machine and date, or says "not verified in this repository".
@@ -11,29 +11,33 @@ Each known-good set says where it was verified, so nobody mistakes a plan for a 
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 # Lower bounds are what the code needs (APIs we call); upper bounds exclude majors we have
 # never run. `doctor` reports a package outside its range as a failure (training may break).
 SUPPORTED: dict[str, str] = {
     "python": ">=3.10",
-    "torch": ">=2.4",
+    "torch": ">=2.4,<3",
     "transformers": ">=4.56,<6",
     "peft": ">=0.17,<1",
-    "trl": ">=0.23,<2",
     "accelerate": ">=1.10,<2",
-    "safetensors": ">=0.4",
-    "gguf": ">=0.17",
+    "safetensors": ">=0.4,<1",
+    "gguf": ">=0.17,<1",
     # 0.45.1 is the first release that no longer needs `triton.ops` (removed in triton 3.2,
     # which torch >= 2.6 ships): older releases fail to import next to a current torch.
-    "bitsandbytes": ">=0.45.1",
-    "fastapi": ">=0.115",
-    "uvicorn": ">=0.30",
+    "bitsandbytes": ">=0.45.1,<1",
+    # The GPU profiles' fused kernels (the `gpu` extra); 0.5 has the functional fused linear CE.
+    "liger-kernel": ">=0.5,<1",
+    "fastapi": ">=0.115,<1",
+    "uvicorn": ">=0.30,<1",
 }
 
 # Packages without which no training can start (doctor exits non-zero if one is missing or
 # out of range). bitsandbytes is only needed for 4-bit QLoRA on an NVIDIA GPU.
-REQUIRED_FOR_TRAINING: tuple[str, ...] = ("torch", "transformers", "peft", "trl", "accelerate", "safetensors")
+REQUIRED_FOR_TRAINING: tuple[str, ...] = ("torch", "transformers", "peft", "accelerate", "safetensors")
 # Packages the OpenAI-compatible server needs on top of torch/transformers/peft.
 REQUIRED_FOR_SERVING: tuple[str, ...] = ("fastapi", "uvicorn")
 
@@ -80,7 +84,6 @@ class VersionSet:
 _TESTED_LIBRARIES: dict[str, str] = {
     "transformers": "5.24.0",
     "peft": "0.21.2",
-    "trl": "1.16.0",
     "accelerate": "1.15.0",
     "safetensors": "0.8.0",
     "gguf": "0.19.0",
@@ -133,7 +136,6 @@ KNOWN_GOOD: dict[str, VersionSet] = {
             packages={
                 "transformers": "5.17.0",
                 "peft": "0.21.2",
-                "trl": "1.16.0",
                 "accelerate": "1.15.0",
                 "safetensors": "0.8.0",
                 "gguf": "0.19.0",
@@ -142,11 +144,35 @@ KNOWN_GOOD: dict[str, VersionSet] = {
             compute_dtype="bfloat16",
             verified="partly: this is the software of the H200 machine this repository's GPU benchmark runs on "
             "(Python 3.12.3, torch 2.11.0+cu130, transformers 5.17.0, accelerate 1.15.0, triton 3.6.0, driver 580.159; "
-            "bitsandbytes carried as a wheel; see docs/performance.md for what ran there); trl and gguf "
-            "are the CI-tested releases, not run on that machine",
+            "bitsandbytes and liger-kernel 0.8.5 carried as wheels; see docs/performance.md for what ran there); "
+            "gguf is the CI-tested release, not run on that machine",
         ),
     )
 }
+
+
+# What training_info.json and the evaluation's metrics.json record, so a result names the software
+# that produced it.
+RECORDED_LIBRARIES: tuple[str, ...] = (
+    "finqlora",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "bitsandbytes",
+    "safetensors",
+)
+
+
+def library_versions(names: Iterable[str] = RECORDED_LIBRARIES) -> dict[str, str | None]:
+    """Python's version and each installed package's version (None where it is not installed)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def get_version_set(name: str) -> VersionSet:

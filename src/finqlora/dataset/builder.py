@@ -8,12 +8,16 @@ Pipeline (each step documented in docs/dataset.md):
    (default 80/10/10 of the events); events within `embargo_min` after a split boundary are
    left out, so a train event's return windows never reach into the next split;
 4. estimate each (ticker, window) volatility on the train period only and label with
-   `finqlora.dataset.labels`;
-5. sample per split: news_impact (one record per event), market_analysis (balanced over the
+   `finqlora.dataset.labels` (z = r / sigma, neutral band, direction held at the adjacent
+   windows), only the tickers `finqlora.dataset.relevance` allows for the event;
+5. sample per split: news_impact (one ex-ante record per relevant event: the answer is
+   `finqlora.dataset.rationales`, never the realized move), market_analysis (ex-post, balanced over the
    case types, preferring events not used by news_impact), report_qa (simulated, checked)
    and, where a part cannot be built from the store, built-in templates (`finqlora.dataset.templates`)
    grouped by template so no template appears in two splits;
-6. trim over-long inputs token-aware so the output and its end are kept;
+   then public data sets (`--add-dataset`, `finqlora.dataset.mixture`), each split on its own;
+6. trim over-long inputs token-aware so the output and its end are kept; drop records that
+   duplicate an evaluation item (`--decontaminate`);
 7. write the JSONL (Alpaca fields or OpenAI messages), a dataset card and stats JSON.
 
 Every random choice comes from `random.Random` seeded with the seed and a fixed tag, and all
@@ -36,13 +40,17 @@ from typing import Any
 
 from finqlora.store import db as store
 from finqlora.dataset import labels as lab
-from finqlora.dataset import report_qa, templates
+from finqlora.dataset import mixture, rationales, report_qa, templates
+from finqlora.dataset import relevance as rel
 from finqlora.core import textdedup
+from finqlora.core.config import RunConfig
 from finqlora.core.chat_format import assistant_turn_suffix, render_prompt, user_content
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, atomic_write_text, sha256_file
 
 TYPES = ("news_impact", "market_analysis", "report_qa")
+PUBLIC = "public_data"  # records from --add-dataset sources
+RECORD_ORDER = (*TYPES, PUBLIC, "template")
 SPLITS = ("train", "val", "test")
 # Rough length estimate when no tokenizer is given: 1 token per CJK character (true to within
 # ~30% for Qwen-style vocabularies, an underestimate for English-only vocabularies) and one
@@ -59,12 +67,13 @@ TICKER_NAMES = {
     "WTI": "WTI原油", "BRENT": "布伦特原油", "SPX": "标普500指数", "NDX": "纳斯达克100指数", "HSI": "恒生指数",
 }
 
+# Ex-ante questions: what a reader can judge at publication (direction, channel, risks).
 _NEWS_INSTRUCTIONS = (
-    "分析以下财经快讯对市场的影响。",
-    "请判断这条快讯对{names}的影响方向（利好/利空/中性），并说明幅度和依据。",
-    "阅读下面的新闻，给出对{names}的结构化影响分析。",
-    "作为金融分析师，评估以下快讯发布后{names}的市场反应。",
-    "这条消息对{names}意味着什么？请给出方向、幅度和风险提示。",
+    "分析以下财经快讯对{names}的影响。",
+    "请判断这条快讯对{names}的影响方向（利好/利空/中性），并说明传导路径和置信度。",
+    "阅读下面的新闻，给出对{names}的结构化影响分析：方向、传导渠道、可能改变判断的因素。",
+    "作为金融分析师，这条快讯发布时你会如何判断{names}的走向？",
+    "这条消息对{names}意味着什么？请给出方向、依据和风险提示。",
 )
 _CASE_INSTRUCTIONS = (
     "结合下面的快讯与行情数据，判断市场反应属于哪种情形（预期兑现、观望信号、趋势延续、反应消退），并说明理由。",
@@ -75,7 +84,8 @@ _IMPORTANCE_INSTRUCTIONS = (
     "这条快讯的重要性与其引发的价格波动是否匹配？请结合数据说明。",
     "结合重要性评级和行情数据，评价这条消息引起的{name}波动是否超出常态。",
 )
-_CAVEAT = "以上判断依据消息发布后的实际价格反应统计得出，同期的其他消息、流动性和数据缺失都会影响结果；历史反应不代表未来表现，不构成投资建议。"
+# One short caveat for the ex-post cases (a long repeated disclaimer teaches the model to loop on it).
+_CAVEAT = "同期其他消息与流动性也会影响价格，历史反应不代表未来表现。"
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,28 @@ class BuildConfig:
     embargo_min: int = 120
     naive_tz: str | None = None
     progress: bool = True
+    add: tuple[mixture.AddSource, ...] = ()  # public data mixed in, on top of num_samples
+    decontaminate: tuple[Path, ...] = ()  # evaluation files no record may duplicate
+
+    @classmethod
+    def from_run(cls, cfg: RunConfig, *, db: Path, output: Path) -> BuildConfig:
+        """The one mapping from a run config's `data` section (and the train settings it needs).
+
+        Lengths are counted with the tokenizer that will train (`data.tokenizer`, else
+        `train.model`) against `train.max_length`, so trimming matches what training sees.
+        """
+        data = cfg.data
+        return cls(
+            output=Path(output),
+            db=Path(db),
+            num_samples=data.num_samples,
+            seed=data.seed,
+            output_format=data.format,
+            tokenizer=data.tokenizer or cfg.train.model,
+            max_length=cfg.train.max_length,
+            add=tuple(mixture.AddSource(Path(a.path), a.format, a.samples) for a in data.add),
+            decontaminate=tuple(Path(p) for p in (*data.decontaminate, *_benchmark_paths(cfg))),
+        )
 
     def validate(self) -> None:
         if self.num_samples < 1:
@@ -112,6 +144,21 @@ class BuildConfig:
             raise FinqloraError(f"--max-length {self.max_length} is too small for any record", hint="use 256 or more (default 512)")
         if not 0 < self.dedup_threshold <= 1:
             raise FinqloraError(f"--dedup-threshold must be in (0, 1], got {self.dedup_threshold}")
+        for source in self.add:
+            source.validate()
+        for path in self.decontaminate:
+            if not Path(path).exists():
+                raise FinqloraError(f"--decontaminate {path} does not exist", hint="pass the evaluation files the model will be scored on")
+
+
+def _benchmark_paths(cfg: RunConfig) -> list[str]:
+    """The files of `eval.benchmarks` (plain paths, or entries with a `path`), for decontamination."""
+    paths = []
+    for entry in cfg.eval.benchmarks:
+        path = entry if isinstance(entry, str) else getattr(entry, "path", None)
+        if path:
+            paths.append(str(path))
+    return paths
 
 
 @dataclass
@@ -428,60 +475,68 @@ def _ticker_returns(impact: dict[tuple[str, int], float], ticker: str) -> dict[i
     return {w: r for (t, w), r in sorted(impact.items()) if t == ticker}
 
 
-def news_impact_label(impact: dict[tuple[str, int], float], ctx: LabelContext) -> dict[str, Any] | None:
-    """The contract label of one event (None when no ticker has a labelled primary window)."""
+def _adjacent_windows(impact: dict[tuple[str, int], float], ticker: str, p: int) -> list[int]:
+    """The stored post-event windows right before and after the primary one (e.g. 10 and 30 around 15)."""
+    post = sorted(w for (t, w) in impact if t == ticker and w > 0)
+    if p not in post:
+        return []
+    i = post.index(p)
+    return [w for w in (post[i - 1] if i > 0 else None, post[i + 1] if i + 1 < len(post) else None) if w is not None]
+
+
+def ticker_direction(impact: dict[tuple[str, int], float], ticker: str, ctx: LabelContext) -> tuple[str, float, bool]:
+    """(direction, z, held) of one ticker: z = r_p / sigma; outside the neutral band the sign
+    must hold at the adjacent windows too (`LabelRules.hold_adjacent`), else 中性 with held False."""
+    p = ctx.rules.primary_window
+    ret = impact[(ticker, p)]
+    z = ret / ctx.sigmas[(ticker, p)]
+    found = lab.direction(ret, ctx.threshold(ticker, p))
+    if found == lab.NEUTRAL or not ctx.rules.hold_adjacent:
+        return found, z, True
+    sign = 1 if ret > 0 else -1
+    held = all(impact[(ticker, w)] * sign > 0 for w in _adjacent_windows(impact, ticker, p))
+    return (found if held else lab.NEUTRAL), z, held
+
+
+def news_impact_label(impact: dict[tuple[str, int], float], ctx: LabelContext,
+                      decisions: dict[str, rel.Decision] | None = None) -> dict[str, Any] | None:
+    """The label of one event: only tickers the relevance rule allows (None when there is none).
+
+    `decisions` maps ticker -> relevance decision; None means every labelled ticker counts
+    (used by tests of the direction rule alone).
+    """
     tickers = _labelled_tickers(impact, ctx)
+    if decisions is not None:
+        tickers = [t for t in tickers if t in decisions and decisions[t].relevant]
     if not tickers:
         return None
     p = ctx.rules.primary_window
     primary = _primary_for(tickers, ctx)
-    directions = {t: lab.direction(impact[(t, p)], ctx.threshold(t, p)) for t in tickers}
+    found = {t: ticker_direction(impact, t, ctx) for t in tickers}
     returns = {t: {str(w): r for w, r in _ticker_returns(impact, t).items()} for t in tickers}
-    return {
-        "direction": directions[primary],
+    label = {
+        "direction": found[primary][0],
         "ticker": primary,
         "window_min": p,
-        "directions": directions,
+        "directions": {t: v[0] for t, v in found.items()},
+        "z": round(found[primary][1], 4),
+        "zs": {t: round(v[1], 4) for t, v in found.items()},
+        "held_adjacent": {t: v[2] for t, v in found.items()},
+        "magnitude": lab.magnitude(impact[(primary, p)], ctx.sigmas[(primary, p)]),
         "returns": returns,
         "threshold": ctx.threshold(primary, p),
         "thresholds": {t: ctx.threshold(t, p) for t in tickers},
     }
+    if decisions is not None:
+        label["relevance"] = {t: decisions[t].as_dict() for t in tickers}
+    return label
 
 
-def _reaction_lines(impact: dict[tuple[str, int], float], tickers: Sequence[str], windows: Sequence[int]) -> list[str]:
-    """One compact line per ticker: pre-event windows, then post-event windows."""
-    lines = []
-    for ticker in tickers:
-        parts = []
-        for label, chosen in (("事前", [w for w in windows if w < 0]), ("事后", [w for w in windows if w > 0])):
-            if chosen:
-                values = "/".join(_pct(impact[(ticker, w)]) if (ticker, w) in impact else "无数据" for w in chosen)
-                parts.append(f"{label}{'/'.join(str(abs(w)) for w in chosen)}分钟 {values}")
-        lines.append(f"- {_ticker_label(ticker)}：" + "；".join(parts))
-    return lines
-
-
-def news_impact_output(label: dict[str, Any], impact: dict[tuple[str, int], float], ctx: LabelContext, windows: Sequence[int]) -> str:
-    p = ctx.rules.primary_window
-    primary = label["ticker"]
-    lines = [f"方向判断（以发布后{p}分钟收益与波动阈值比较）："]
-    for ticker, direction in label["directions"].items():
-        ret, threshold = impact[(ticker, p)], label["thresholds"][ticker]
-        relation = "高于" if ret > threshold else ("低于" if ret < -threshold else "处于")
-        bound = f"+{threshold * 100:.3f}%" if ret > threshold else (f"-{threshold * 100:.3f}%" if ret < -threshold else f"±{threshold * 100:.3f}%")
-        lines.append(f"- {_ticker_label(ticker)}：{direction}（发布后{p}分钟 {_pct(ret)}，{relation}{bound}的阈值{'' if relation != '处于' else '之内'}）")
-    sigma = ctx.sigmas[(primary, p)]
-    ret = impact[(primary, p)]
-    ratio = abs(ret) / sigma if sigma > 0 else float("inf")
-    lines.append(
-        f"影响幅度：{lab.magnitude(ret, sigma)}（{_ticker_label(primary)}发布后{p}分钟变动 {abs(ret) * 100:.2f}%，"
-        f"约为该窗口典型波动 σ={sigma * 100:.3f}% 的 {ratio:.1f} 倍）"
-    )
-    lines.append("已实现的市场反应（事前 = 发布前的走势，事后 = 发布后的走势）：")
-    lines.extend(_reaction_lines(impact, list(label["directions"]), windows))
-    lines.append(f"结论：{_ticker_label(primary)} 方向：{label['direction']}")
-    lines.append(f"风险提示：{_CAVEAT}")
-    return "\n".join(lines)
+def news_impact_output(label: dict[str, Any], rng: random.Random) -> str:
+    """The ex-ante answer (no realized number: the move is the label, see `rationales`)."""
+    channels = {t: info["channel"] for t, info in label["relevance"].items()}
+    names = {t: _ticker_label(t) for t in label["directions"]}
+    return rationales.ex_ante_answer(label, channels, names, rng)
 
 
 def _case_explanation(case: str, name: str, pre: tuple[int, float, float] | None, post: tuple[int, float, float], longest: tuple[int, float, float]) -> str:
@@ -573,6 +628,49 @@ def importance_record(event: store.Event, impact: dict[tuple[str, int], float], 
     instruction = rng.choice(_IMPORTANCE_INSTRUCTIONS).format(name=name)
     label = {"case": lab.IMPORTANCE, "relation": relation, "star": event.star, "ticker": ticker, "window_min": p}
     return instruction, suffix, output, label
+
+
+def relevance_decisions(pool: Sequence[store.Event], impacts: dict[str, dict[tuple[str, int], float]],
+                        ctx: LabelContext) -> dict[str, dict[str, rel.Decision]]:
+    """event_id -> ticker -> relevance decision, for the tickers each event could be labelled by."""
+    return {e.event_id: rel.event_decisions(e, _labelled_tickers(impacts.get(e.event_id, {}), ctx)) for e in pool}
+
+
+def relevance_stats(pool: Sequence[store.Event], decisions: dict[str, dict[str, rel.Decision]],
+                    impacts: dict[str, dict[tuple[str, int], float]], ctx: LabelContext, seed: int) -> dict[str, Any]:
+    """What the relevance rule kept, per ticker and rule, with 10 examples of each decision, and
+    how the labelled move differs between relevant and irrelevant events (the signal the rule buys)."""
+    by_ticker: dict[str, Counter[str]] = {}
+    by_channel: dict[str, Counter[str]] = {}
+    examples: dict[str, list[dict[str, Any]]] = {}
+    moves: dict[str, list[tuple[float, bool]]] = {"relevant": [], "irrelevant": []}
+    order = list(pool)
+    _rng(seed, "relevance-examples").shuffle(order)
+    for event in order:
+        for ticker, decision in decisions[event.event_id].items():
+            by_ticker.setdefault(ticker, Counter())[decision.rule] += 1
+            if decision.channel:
+                by_channel.setdefault(ticker, Counter())[decision.channel] += 1
+            key = f"kept_by_{decision.rule}" if decision.relevant else "left_out"
+            if ticker == ctx.primary_ticker and len(examples.setdefault(key, [])) < 10:
+                examples[key].append({"event_id": event.event_id, "published_at": event.published_at,
+                                      "text": news_text(event)[:80], "channel": decision.channel, "evidence": decision.evidence})
+            if ticker == ctx.primary_ticker:
+                direction, z, _ = ticker_direction(impacts[event.event_id], ticker, ctx)
+                moves["relevant" if decision.relevant else "irrelevant"].append((abs(z), direction != lab.NEUTRAL))
+    signal = {
+        group: {"events": len(values),
+                "median_abs_z": round(statistics.median(v for v, _ in values), 3) if values else None,
+                "directional_share": round(sum(d for _, d in values) / len(values), 3) if values else None}
+        for group, values in moves.items()
+    }
+    return {
+        "rule": rel.describe(),
+        "by_ticker": {t: dict(sorted(c.items())) for t, c in sorted(by_ticker.items())},
+        "by_channel": {t: dict(sorted(c.items(), key=lambda kv: -kv[1])) for t, c in sorted(by_channel.items())},
+        "primary_ticker_signal": signal,
+        "examples": {k: examples[k] for k in sorted(examples)},
+    }
 
 
 def build_label_context(train_events: Sequence[store.Event], impacts: dict[str, dict[tuple[str, int], float]], rules: lab.LabelRules, primary_ticker: str | None) -> LabelContext:
@@ -702,6 +800,9 @@ def _build(config: BuildConfig, stage: Any) -> BuildResult:
         data = read_store(Path(config.db), config.naive_tz)
         drafts, source_info = _store_drafts(config, data, counts_wanted, notices, stats, stage)
 
+    if config.add:
+        stage(f"reading {len(config.add)} public data set(s)")
+        drafts += _public_drafts(config, stats)
     stage(f"measuring {len(drafts)} records in tokens ({counter.name})")
     drafts, trimmed, dropped = trim_drafts(drafts, counter, config.max_length)
     if trimmed:
@@ -711,8 +812,9 @@ def _build(config: BuildConfig, stage: Any) -> BuildResult:
 
     stage("checking for near-duplicates across splits")
     drafts = _check_cross_split(drafts, config.dedup_threshold, notices, stats)
-    drafts.sort(key=lambda d: (SPLITS.index(d.split), TYPES.index(d.type) if d.type in TYPES else len(TYPES), d.ts, d.record_id, d.instruction))
-    prefix = {"news_impact": "ni", "market_analysis": "ma", "report_qa": "rq", "template": "tp"}
+    drafts = _decontaminate(drafts, config, notices, stats)
+    drafts.sort(key=lambda d: (SPLITS.index(d.split), RECORD_ORDER.index(d.type), d.ts, d.record_id, d.instruction))
+    prefix = {"news_impact": "ni", "market_analysis": "ma", "report_qa": "rq", "template": "tp", PUBLIC: "pd"}
     numbers: Counter[str] = Counter()
     for draft in drafts:
         if not draft.record_id:
@@ -743,44 +845,23 @@ def _build(config: BuildConfig, stage: Any) -> BuildResult:
     return BuildResult(output, card_path, stats_path, records, stats, notices)
 
 
-def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str, int], notices: list[str], stats: dict[str, Any], stage: Any) -> tuple[list[Draft], dict[str, Any]]:
-    rules = config.rules
-    p = rules.primary_window
-    source_info = {"database": data.fingerprint}
-    if counts_wanted["news_impact"] + counts_wanted["market_analysis"] == 0:
-        # --mix 0,0,N: nothing is taken from the store's events.
-        return _report_drafts(counts_wanted["report_qa"], config.split, config.seed), source_info
-    if data.without_time:
-        notices.append(f"{data.without_time} event(s) have no readable publication time and were left out (a time-based split needs one)")
-    if not data.events:
-        raise FinqloraError(
-            f"{config.db} has no usable events (primary events with text and a publication time)",
-            hint=f"check it with `finqlora db check --db {config.db}` and `finqlora db stats --db {config.db}`",
-        )
-    # Only events with a primary-window return can be sampled, so only they are deduplicated.
-    candidates = [e for e in data.events if any(w == p for (_, w) in data.impacts.get(e.event_id, {}))]
-    store_parts_missing = None
+def _missing_store_parts(config: BuildConfig, data: StoreData, candidates: list[store.Event]) -> tuple[str, str] | None:
+    """(what is missing, how to add it) when the store cannot give news/market records."""
+    p = config.rules.primary_window
     if not data.impacts:
         if not data.price_tickers:
-            store_parts_missing = ("the database has no price bars and no event impacts (market reactions)",
-                                   f"run `finqlora db ingest-prices --db {config.db} --ticker T FILE` and then `finqlora db impacts --db {config.db}`")
-        else:
-            store_parts_missing = (f"the database has price bars ({', '.join(data.price_tickers)}) but no event impacts",
-                                   f"run `finqlora db impacts --db {config.db}`")
-    elif not candidates:
-        store_parts_missing = (f"no event has a stored return at the primary window ({p} min)",
-                               f"compute it with `finqlora db impacts --db {config.db} --windows 5,10,15,30,120`, or choose --primary-window from the stored windows")
-    if store_parts_missing:
-        missing_count = counts_wanted["news_impact"] + counts_wanted["market_analysis"]
-        notices.append(f"{store_parts_missing[0]}: news_impact and market_analysis records need them, so "
-                       f"{missing_count} built-in template records were built in their place ({store_parts_missing[1]})")
-        drafts = _report_drafts(counts_wanted["report_qa"], config.split, config.seed)
-        drafts += _template_drafts(missing_count, config.split, config.seed, "missing-store-parts")
-        return drafts, source_info
+            return ("the database has no price bars and no event impacts (market reactions)",
+                    f"run `finqlora db ingest-prices --db {config.db} --ticker T FILE` and then `finqlora db impacts --db {config.db}`")
+        return (f"the database has price bars ({', '.join(data.price_tickers)}) but no event impacts",
+                f"run `finqlora db impacts --db {config.db}`")
+    if not candidates:
+        return (f"no event has a stored return at the primary window ({p} min)",
+                f"compute it with `finqlora db impacts --db {config.db} --windows 5,10,15,30,120`, or choose --primary-window from the stored windows")
+    return None
 
-    stage(f"removing near-duplicates among {len(candidates)} events")
+
+def _dedup_pool(config: BuildConfig, data: StoreData, candidates: list[store.Event], stats: dict[str, Any]) -> list[store.Event]:
     dedup = textdedup.deduplicate([news_text(e) for e in candidates], config.dedup_threshold)
-    pool = [candidates[i] for i in dedup.keep]
     stats["dedup"] = {
         "events_read": len(data.events) + data.without_time + data.linked_duplicates,
         "linked_cross_source_duplicates_skipped": data.linked_duplicates,
@@ -788,9 +869,14 @@ def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str,
         "with_primary_window_return": len(candidates),
         "near_duplicates_dropped": len(dedup.duplicate_of),
         "threshold": config.dedup_threshold,
-        "events_after_dedup": len(pool),
+        "events_after_dedup": len(pool := [candidates[i] for i in dedup.keep]),
     }
-    stage(f"splitting {len(pool)} events by time and labelling")
+    return pool
+
+
+def _label_setup(config: BuildConfig, data: StoreData, pool: list[store.Event], stats: dict[str, Any]) -> tuple[SplitPlan, LabelContext]:
+    """Split the pool by time and estimate the label scales on the train part (into stats)."""
+    rules, p = config.rules, config.rules.primary_window
     plan = split_by_time(pool, config.split, config.embargo_min)
     ctx = build_label_context(plan.pools["train"], data.impacts, rules, config.primary_ticker)
     if (ctx.primary_ticker, p) not in ctx.sigmas:
@@ -799,7 +885,6 @@ def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str,
             f"(need {rules.min_estimation_samples})",
             hint="use a database with more events, or pass --primary-ticker with a ticker that has impacts",
         )
-    windows = sorted({w for imp in data.impacts.values() for (_, w) in imp}, key=lambda w: (w > 0, w))
     stats["split_plan"] = {
         "events_in_pool": len(pool),
         "by_split": {s: len(plan.pools[s]) for s in SPLITS},
@@ -813,70 +898,149 @@ def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str,
     }
     stats["primary_ticker"] = ctx.primary_ticker
     stats["typical_abs_return_primary_window"] = ctx.typical_abs
+    return plan, ctx
 
+
+def _news_drafts(split: str, order: list[store.Event], want: int, data: StoreData, ctx: LabelContext,
+                 decisions: dict[str, dict[str, rel.Decision]], rng: random.Random) -> list[Draft]:
+    """Up to `want` ex-ante news-impact drafts from the shuffled events of one split.
+
+    Labelled lazily in shuffled order, so a small build does not pay for labelling every event.
+    """
     drafts: list[Draft] = []
+    for event in order:
+        if len(drafts) == want:
+            break
+        label = news_impact_label(data.impacts[event.event_id], ctx, decisions[event.event_id])
+        if label is None:
+            continue
+        names = "、".join(TICKER_NAMES.get(t, t) for t in label["directions"])
+        drafts.append(Draft(
+            "news_impact", split, f"ni-{event.event_id}", rng.choice(_NEWS_INSTRUCTIONS).format(names=names),
+            news_impact_output(label, rng), label, input_prefix=_news_prefix(event), news=news_text(event),
+            event_id=event.event_id, event_time=_event_time(event), ts=event.ts_utc,
+        ))
+    return drafts
+
+
+def _market_drafts(split: str, candidates: list[store.Event], want: int, data: StoreData, ctx: LabelContext,
+                   windows: Sequence[int], rng: random.Random) -> list[Draft]:
+    """Ex-post market-analysis drafts, balanced over the case types (classified until every
+    case type has enough events for the quota)."""
+    groups: dict[str, list[store.Event]] = {}
+    for event in candidates:
+        if len(groups) == len(MARKET_GROUPS) and all(len(g) >= want for g in groups.values()):
+            break
+        impact = data.impacts[event.event_id]
+        case = classify_market(impact, ctx)
+        if case is not None:
+            groups.setdefault(case, []).append(event)
+        if importance_applies(impact, ctx):
+            groups.setdefault(lab.IMPORTANCE, []).append(event)
+    drafts = []
+    for case_name, event in _take_balanced(groups, want):
+        impact = data.impacts[event.event_id]
+        if case_name == lab.IMPORTANCE:
+            instruction, suffix, output, label = importance_record(event, impact, ctx, rng)
+        else:
+            instruction, suffix, output, label = market_case_record(impact, ctx, windows, rng)
+        drafts.append(Draft(
+            "market_analysis", split, f"ma-{event.event_id}", instruction, output, label,
+            input_prefix=_news_prefix(event), news=news_text(event), input_suffix=suffix,
+            event_id=event.event_id, event_time=_event_time(event), ts=event.ts_utc,
+        ))
+    return drafts
+
+
+def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str, int], notices: list[str], stats: dict[str, Any], stage: Any) -> tuple[list[Draft], dict[str, Any]]:
+    p = config.rules.primary_window
+    source_info = {"database": data.fingerprint}
+    if counts_wanted["news_impact"] + counts_wanted["market_analysis"] == 0:
+        # --mix 0,0,N: nothing is taken from the store's events.
+        return _report_drafts(counts_wanted["report_qa"], config.split, config.seed), source_info
+    if data.without_time:
+        notices.append(f"{data.without_time} event(s) have no readable publication time and were left out (a time-based split needs one)")
+    if not data.events:
+        raise FinqloraError(
+            f"{config.db} has no usable events (primary events with text and a publication time)",
+            hint=f"check it with `finqlora db check --db {config.db}` and `finqlora db stats --db {config.db}`",
+        )
+    # Only events with a primary-window return can be sampled, so only they are deduplicated.
+    candidates = [e for e in data.events if any(w == p for (_, w) in data.impacts.get(e.event_id, {}))]
+    missing = _missing_store_parts(config, data, candidates)
+    if missing:
+        missing_count = counts_wanted["news_impact"] + counts_wanted["market_analysis"]
+        notices.append(f"{missing[0]}: news_impact and market_analysis records need them, so "
+                       f"{missing_count} built-in template records were built in their place ({missing[1]})")
+        drafts = _report_drafts(counts_wanted["report_qa"], config.split, config.seed)
+        drafts += _template_drafts(missing_count, config.split, config.seed, "missing-store-parts")
+        return drafts, source_info
+
+    stage(f"removing near-duplicates among {len(candidates)} events")
+    pool = _dedup_pool(config, data, candidates, stats)
+    stage(f"splitting {len(pool)} events by time and labelling")
+    plan, ctx = _label_setup(config, data, pool, stats)
+    decisions = relevance_decisions(pool, data.impacts, ctx)
+    stats["relevance"] = relevance_stats(pool, decisions, data.impacts, ctx, config.seed)
+    windows = sorted({w for imp in data.impacts.values() for (_, w) in imp}, key=lambda w: (w > 0, w))
     rng = _rng(config.seed, "store")
     news_split_counts = dict(zip(SPLITS, _allocate(counts_wanted["news_impact"], config.split)))
     market_split_counts = dict(zip(SPLITS, _allocate(counts_wanted["market_analysis"], config.split)))
+    drafts: list[Draft] = []
     shortfalls = []
     for split in SPLITS:
-        split_pool = plan.pools[split]
-        # Shuffle, then label lazily: a small build does not pay for labelling every event.
-        order = list(split_pool)
+        order = list(plan.pools[split])
         rng.shuffle(order)
-        want = news_split_counts[split]
-        chosen: list[tuple[store.Event, dict[str, Any]]] = []
-        for event in order:
-            if len(chosen) == want:
-                break
-            label = news_impact_label(data.impacts[event.event_id], ctx)
-            if label is not None:
-                chosen.append((event, label))
-        if len(chosen) < want:
-            shortfalls.append(f"news_impact/{split}: asked for {want}, only {len(chosen)} distinct events qualify")
-        used = set()
-        for event, label in chosen:
-            used.add(event.event_id)
-            impact = data.impacts[event.event_id]
-            names = "、".join(TICKER_NAMES.get(t, t) for t in label["directions"])
-            drafts.append(Draft(
-                "news_impact", split, f"ni-{event.event_id}", rng.choice(_NEWS_INSTRUCTIONS).format(names=names),
-                news_impact_output(label, impact, ctx, windows), label, input_prefix=_news_prefix(event), news=news_text(event),
-                event_id=event.event_id, event_time=_event_time(event), ts=event.ts_utc,
-            ))
-        # Market analysis: balanced over case types; events unused by news_impact come first.
-        # Classify in shuffled order until every case type has enough events for the quota.
-        want = market_split_counts[split]
-        candidates = [e for e in order if e.event_id not in used] + [e for e in order if e.event_id in used]
-        groups: dict[str, list[store.Event]] = {}
-        for event in candidates:
-            if len(groups) == len(MARKET_GROUPS) and all(len(g) >= want for g in groups.values()):
-                break
-            impact = data.impacts[event.event_id]
-            case = classify_market(impact, ctx)
-            if case is not None:
-                groups.setdefault(case, []).append(event)
-            if importance_applies(impact, ctx):
-                groups.setdefault(lab.IMPORTANCE, []).append(event)
-        taken = _take_balanced(groups, want)
-        if len(taken) < want:
-            shortfalls.append(f"market_analysis/{split}: asked for {want}, only {len(taken)} events qualify")
-        for case_name, event in taken:
-            impact = data.impacts[event.event_id]
-            if case_name == lab.IMPORTANCE:
-                instruction, suffix, output, label = importance_record(event, impact, ctx, rng)
-            else:
-                instruction, suffix, output, label = market_case_record(impact, ctx, windows, rng)
-            drafts.append(Draft(
-                "market_analysis", split, f"ma-{event.event_id}", instruction, output, label,
-                input_prefix=_news_prefix(event), news=news_text(event), input_suffix=suffix,
-                event_id=event.event_id, event_time=_event_time(event), ts=event.ts_utc,
-            ))
+        news = _news_drafts(split, order, news_split_counts[split], data, ctx, decisions, rng)
+        if len(news) < news_split_counts[split]:
+            shortfalls.append(f"news_impact/{split}: asked for {news_split_counts[split]}, only {len(news)} relevant events qualify")
+        used = {d.event_id for d in news}
+        # Events unused by news_impact come first, relevant ones before the others.
+        ranked = sorted(order, key=lambda e: (e.event_id in used, not any(d.relevant for d in decisions[e.event_id].values())))
+        market = _market_drafts(split, ranked, market_split_counts[split], data, ctx, windows, rng)
+        if len(market) < market_split_counts[split]:
+            shortfalls.append(f"market_analysis/{split}: asked for {market_split_counts[split]}, only {len(market)} events qualify")
+        drafts += news + market
     if shortfalls:
         notices.append("the database has fewer qualifying events than asked for (each event is used at most once per type, "
                        "and never in two splits): " + "; ".join(shortfalls))
     drafts += _report_drafts(counts_wanted["report_qa"], config.split, config.seed)
     return drafts, source_info
+
+
+def _public_drafts(config: BuildConfig, stats: dict[str, Any]) -> list[Draft]:
+    """Records of every --add-dataset source, each source split by the split shares on its own."""
+    drafts: list[Draft] = []
+    sources = []
+    for number, source in enumerate(config.add):
+        items = mixture.load_source(source, config.seed)
+        order = list(range(len(items)))
+        _rng(config.seed, f"add-split-{number}-{source.path.name}").shuffle(order)
+        splits = [s for s, n in zip(SPLITS, _allocate(len(items), config.split)) for _ in range(n)]
+        name = source.path.name
+        for index, split in zip(order, splits):
+            item = items[index]
+            label = {"source": name, "format": source.format, **item.label}
+            drafts.append(Draft(PUBLIC, split, "", item.instruction, item.output, label, news=item.input, ts=index))
+        sources.append({"name": name, "path": str(source.path), "format": source.format, "licence": mixture.LICENCE_NOTES[source.format],
+                        "rows_taken": len(items), "by_split": dict(Counter(splits))})
+    stats["public_data"] = sources
+    return drafts
+
+
+def _decontaminate(drafts: list[Draft], config: BuildConfig, notices: list[str], stats: dict[str, Any]) -> list[Draft]:
+    """Drop every record whose main text duplicates (exactly or nearly) an evaluation item."""
+    if not config.decontaminate:
+        return drafts
+    eval_sets = {str(path): mixture.eval_texts(Path(path)) for path in config.decontaminate}
+    hits = mixture.contaminated([d.news or d.input for d in drafts], eval_sets, config.dedup_threshold)
+    by_type = Counter(drafts[i].type for i in hits)
+    stats["decontamination"] = {"eval_sets": {k: len(v) for k, v in eval_sets.items()}, "threshold": config.dedup_threshold,
+                                "dropped": len(hits), "dropped_by_type": dict(sorted(by_type.items())),
+                                "dropped_by_eval_set": dict(sorted(Counter(hits.values()).items()))}
+    if hits:
+        notices.append(f"{len(hits)} record(s) duplicated an evaluation item and were left out (decontamination)")
+    return [d for i, d in enumerate(drafts) if i not in hits]
 
 
 def _check_cross_split(drafts: list[Draft], threshold: float, notices: list[str], stats: dict[str, Any]) -> list[Draft]:
@@ -943,6 +1107,8 @@ def _stats(config: BuildConfig, drafts: Sequence[Draft], lengths: Sequence[tuple
             by_ticker[d.label["ticker"]] += 1
         elif d.type == "report_qa":
             by_label.setdefault("report_qa.metric", Counter())[d.label["metric"]] += 1
+        elif d.type == PUBLIC:
+            by_label.setdefault(f"public_data.{d.label['source']}", Counter())[d.label.get("class", "instruction")] += 1
         else:
             by_label.setdefault("template.category", Counter())[d.label["category"]] += 1
     by_split_type: dict[str, dict[str, int]] = {}
@@ -988,6 +1154,8 @@ def _stats(config: BuildConfig, drafts: Sequence[Draft], lengths: Sequence[tuple
             "max_length": config.max_length,
             "templates_only": config.templates_only,
             "primary_ticker": config.primary_ticker,
+            "add": [{"path": str(a.path), "format": a.format, "samples": a.samples} for a in config.add],
+            "decontaminate": [str(p) for p in config.decontaminate],
         },
         "notices": list(notices),
     }
@@ -1025,7 +1193,12 @@ def render_card(stats: dict[str, Any], dataset_name: str) -> str:
             lines.append(f"| {key} | {value['sigma'] * 100:.4f}% | {value['threshold'] * 100:.4f}% |")
     rules = stats["rules"]
     lines += ["", "## Rules", "", f"- direction: {rules['direction']}", f"- sigma: {rules['sigma']}", f"- magnitude: {rules['magnitude']}"]
+    lines += [f"- {key}: {rules[key]}" for key in ("z", "hold_adjacent") if key in rules]
+    lines.append("- news_impact answers are ex-ante: direction per relevant ticker, channel, precedent, what would change the view "
+                 "and a confidence word, never the realized move (that is the record's label); market_analysis cases are ex-post "
+                 "and carry the realized returns in their input.")
     lines += [f"- {case}: {rule}" for case, rule in rules["cases"].items()]
+    lines += _card_relevance(stats) + _card_public(stats)
     lengths = stats["length_tokens"]
     lines += ["", "## Lengths (tokens)", "", f"Counted with {lengths['counted_with']}; max length {lengths['max_length']}; "
               f"trimmed {lengths['trimmed']}, dropped {lengths['dropped_too_long']}.", ""]
@@ -1040,6 +1213,43 @@ def render_card(stats: dict[str, Any], dataset_name: str) -> str:
               "- report_qa statements are simulated (fictional companies); every answer was recomputed from the statement text by the builder.",
               "- News text belongs to its publishers; use the dataset for research and education.", ""]
     return "\n".join(lines)
+
+
+def _card_relevance(stats: dict[str, Any]) -> list[str]:
+    relevance = stats.get("relevance")
+    if not relevance:
+        return []
+    lines = ["", "## Relevance (which tickers an event may be labelled by)", "",
+             "Rule: `finqlora.dataset.relevance` (CLS subjects tags and keyword lists per channel for gold/silver, "
+             "`stocks` links for equities). Events relevant to no labelled ticker are left out of news_impact.", "",
+             "| ticker | " + " | ".join(("subject", "keyword", "stocks", "none")) + " |", "| --- | --- | --- | --- | --- |"]
+    for ticker, counts in relevance["by_ticker"].items():
+        lines.append(f"| {ticker} | " + " | ".join(str(counts.get(k, 0)) for k in ("subject", "keyword", "stocks", "none")) + " |")
+    for ticker, channels in relevance["by_channel"].items():
+        lines.append(f"- {ticker} channels: " + ", ".join(f"{k} {v}" for k, v in channels.items()))
+    for group, value in relevance["primary_ticker_signal"].items():
+        lines.append(f"- {group} events: {value['events']}, median |z| {value['median_abs_z']}, "
+                     f"share labelled 利好/利空 {value['directional_share']}")
+    for decision, examples in relevance["examples"].items():
+        lines += ["", f"Examples, {decision}:", ""]
+        lines += [f"- `{e['event_id']}` {e['channel'] or '-'} ({e['evidence'] or 'no match'}): {e['text'][:60]}" for e in examples]
+    return lines
+
+
+def _card_public(stats: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if stats.get("public_data"):
+        lines += ["", "## Public data mixed in", "", "| source | format | rows | train/val/test | licence |", "| --- | --- | --- | --- | --- |"]
+        for src in stats["public_data"]:
+            parts = "/".join(str(src["by_split"].get(s, 0)) for s in SPLITS)
+            lines.append(f"| {src['name']} | {src['format']} | {src['rows_taken']} | {parts} | {src['licence']} |")
+    decon = stats.get("decontamination")
+    if decon:
+        lines += ["", "## Decontamination", "",
+                  f"Records whose text equals or near-duplicates (3-gram Jaccard >= {decon['threshold']}) an evaluation item "
+                  f"were dropped: {decon['dropped']} ({', '.join(f'{k} {v}' for k, v in decon['dropped_by_type'].items()) or 'none'})."]
+        lines += [f"- {name}: {count} items" for name, count in decon["eval_sets"].items()]
+    return lines
 
 
 def preview_records(path: Path, n: int = 3) -> list[dict[str, Any]]:

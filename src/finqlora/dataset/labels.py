@@ -13,6 +13,10 @@ Direction (news_impact):
     The estimation events are the training split's events only, so val/test returns never
     shape the labels (a documented choice; see docs/dataset.md).
 
+    Held across windows (`hold_adjacent`, default on): a 利好/利空 whose sign does not hold at
+    the stored windows adjacent to the primary one (10 and 30 around 15) becomes 中性.
+    z = r / sigma is stored in the label: the move in units of the ticker's volatility.
+
 Magnitude: |r| / sigma < 1 较小, < 2 中等, otherwise 较大.
 
 Market-analysis cases, with z_w = r_w / sigma_w, the pre-event window = the longest one
@@ -62,6 +66,11 @@ class LabelRules:
     # Fewer estimation returns than this for a (ticker, window): sigma is not trusted and
     # that window is left unlabelled rather than labelled against a noisy scale.
     min_estimation_samples: int = 20
+    # A 利好/利空 at the primary window must keep its sign at the adjacent stored windows
+    # (10 and 30 around 15), else it is 中性: measured on CLS + gold 2026-05..07, a 15-minute
+    # direction that does not hold at 10 and 30 agrees with the 120-minute sign only 49% of the
+    # time (a coin flip), one that holds 73% (docs/dataset.md, "Labels").
+    hold_adjacent: bool = True
 
     def describe(self) -> dict[str, object]:
         return {
@@ -69,6 +78,10 @@ class LabelRules:
             f"({self.primary_window} min); t = max({self.min_threshold}, {self.threshold_k} x sigma(ticker, window))",
             "sigma": "1.4826 x median absolute deviation of the training-split events' returns per ticker and window",
             "magnitude": "|r|/sigma < 1 较小, < 2 中等, else 较大",
+            "z": "z = r_p / sigma(ticker, p): the move in units of the ticker's typical move at that window; "
+            f"neutral band |z| <= {self.threshold_k}",
+            "hold_adjacent": ("a 利好/利空 must keep its sign at the stored windows adjacent to the primary one, else 中性"
+                              if self.hold_adjacent else "off: the primary window alone decides"),
             "cases": {
                 EXPECTATION_REALIZED: f"|z_pre| >= {self.pre_move_z} and no same-sign |z_p| >= {self.follow_z}",
                 CONTINUATION: f"|z_p| >= {self.follow_z}, all post windows >= p share its sign, |z_longest| >= {self.follow_z}",

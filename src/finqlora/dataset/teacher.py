@@ -2,19 +2,23 @@
 
 `finqlora build --teacher deepseek --teacher-model deepseek-chat` (or `kimi`, `openai`,
 `local`, or any OpenAI-compatible URL) asks the teacher, for each news-impact record, to
-write the analysis a good analyst would give -- after telling it the realized market
-reaction and the label, so the teacher explains a known outcome instead of guessing one.
+rewrite the builder's rule-based ex-ante answer the way a good analyst would -- told the
+label's direction and the event's channel, never the realized numbers, so the answer stays
+knowable at publication (docs/dataset.md, "Knowable targets").
 
 Every answer is checked before it replaces the builder's answer:
 
 - the direction it states for the record's primary ticker, read with
   `finqlora.dataset.answer_parser.parse_direction` (the same parser the evaluation uses), must equal
   the label; a different direction is `rejected_direction`, none at all `rejected_unparseable`;
-- a direction it states for any other labelled ticker must match that ticker's label too.
+- a direction it states for any other labelled ticker must match that ticker's label too;
+- it may not contain a number that is absent from the record's input and matches a realized
+  return (`rationales.realized_numbers`): `rejected_realized_numbers`;
+- its length must lie within `MIN_ANSWER_CHARS`..`MAX_ANSWER_CHARS`: `rejected_length`.
 
-Rejected records keep the builder's answer. Each candidate record gets a `teacher` field:
-`{"model", "provider", "status": "accepted"|"rejected_direction"|"rejected_unparseable",
-"parsed_direction", "cached"}`. Answers are cached in a JSONL file keyed by the teacher's
+Rejected records keep the builder's answer (the rule text) and are counted by status. Each
+candidate record gets a `teacher` field: `{"model", "provider", "status", "parsed_direction",
+"cached"}`. Answers are cached in a JSONL file keyed by the teacher's
 URL, model and prompt (one line appended and fsynced per answer), so an interrupted or
 repeated build never pays for the same answer twice.
 """
@@ -34,16 +38,17 @@ from typing import Any
 import openai
 
 from finqlora.dataset.answer_parser import parse_direction
+from finqlora.dataset.rationales import realized_numbers
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, atomic_write_text
 
-PROMPT_VERSION = 1
+PROMPT_VERSION = 2
 SYSTEM_PROMPT = (
     "你是一名资深的宏观与大宗商品分析师，为金融专业的学生撰写示范性的新闻影响分析。"
-    "你的分析必须与给定的实际市场反应一致，不编造快讯之外的事实。"
+    "分析只能使用快讯发布时已知的信息，不编造快讯之外的事实，也不写发布后的涨跌幅。"
 )
-_WINDOW_NAMES = {"-120": "发布前120分钟", "-30": "发布前30分钟", "5": "发布后5分钟", "10": "发布后10分钟",
-                 "15": "发布后15分钟", "30": "发布后30分钟", "120": "发布后120分钟"}  # fmt: skip
+MIN_ANSWER_CHARS = 40
+MAX_ANSWER_CHARS = 1200
 
 
 @dataclass
@@ -54,6 +59,8 @@ class TeacherStats:
     accepted: int = 0
     rejected_direction: int = 0
     rejected_unparseable: int = 0
+    rejected_realized_numbers: int = 0
+    rejected_length: int = 0
     other_records: int = 0  # other record types, left as they are
 
     @property
@@ -62,28 +69,6 @@ class TeacherStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "acceptance_rate": round(self.acceptance_rate, 4)}
-
-
-def _pct(value: float) -> str:
-    return f"{value * 100:+.2f}%"
-
-
-def reaction_text(label: Mapping[str, Any]) -> str:
-    """The realized reaction and label in words, for the teacher's prompt."""
-    lines = []
-    for ticker, returns in (label.get("returns") or {}).items():
-        ordered = sorted(returns.items(), key=lambda item: int(item[0]))
-        moves = "，".join(f"{_WINDOW_NAMES.get(str(w), f'{w}分钟')} {_pct(r)}" for w, r in ordered if r is not None)
-        direction = (label.get("directions") or {}).get(ticker)
-        lines.append(f"- {ticker}：{moves or '无数据'}" + (f"；判定方向：{direction}" if direction else ""))
-    threshold = label.get("threshold")
-    rule = (
-        f"判定规则：以发布后{label.get('window_min')}分钟收益与波动阈值（{ticker_name(label)}为±{threshold * 100:.3f}%）比较，"
-        "高于阈值为利好，低于负阈值为利空，其余为中性。"
-        if isinstance(threshold, (int, float))
-        else ""
-    )
-    return "\n".join(lines) + ("\n" + rule if rule else "")
 
 
 def ticker_name(label: Mapping[str, Any]) -> str:
@@ -102,22 +87,39 @@ def teacher_messages(record: Mapping[str, Any]) -> list[dict[str, str]]:
     label = record["label"]
     task, news = record_prompt_parts(record)
     ticker = ticker_name(label)
+    directions = "；".join(f"{t}：{d}" for t, d in (label.get("directions") or {}).items())
+    channels = "；".join(f"{t}：{info.get('channel')}" for t, info in (label.get("relevance") or {}).items())
+    rule_answer = str(record.get("output") or "")
     user = (
-        "下面是一条财经快讯和它发布后的实际市场反应。请写一段专业、简洁的中文分析（150-300字），"
-        "它将作为训练数据中的标准答案：\n"
-        "1. 说明这条消息通过什么渠道影响相关品种（传导逻辑）；\n"
-        "2. 引用实际反应的数据（各时间窗口的涨跌幅），说明影响幅度；\n"
-        "3. 对每个品种写明方向（利好、利空或中性），必须与下面的判定方向一致；\n"
-        f"4. 最后单独一行写“结论：{ticker} 方向：{label['direction']}”，再加一句风险提示（历史反应不代表未来表现）。\n"
-        "不要编造快讯中没有的事实，不要使用 Markdown 标题。\n\n"
+        "下面是一条财经快讯、它对相关品种的方向判定和一份按规则写成的分析。请改写成一段专业、简洁的中文分析"
+        f"（{MIN_ANSWER_CHARS}-{MAX_ANSWER_CHARS // 2}字），它将作为训练数据中的标准答案：\n"
+        "1. 对每个品种写明方向（利好、利空或中性），必须与给定的方向一致；\n"
+        "2. 说明传导路径（例如 鹰派表态 → 实际利率/美元上行 → 金价承压）和类似的历史情形；\n"
+        "3. 写出什么情况会改变这个判断，并给出一个置信度（较高/中等/较低）；\n"
+        f"4. 最后单独一行写“结论：{ticker} 方向：{label['direction']}”。\n"
+        "只能使用快讯发布时已知的信息：不要写发布后的涨跌幅或任何行情数字，不要编造快讯中没有的事实，不要使用 Markdown 标题。\n\n"
         + (f"【任务】{task}\n" if task else "")
-        + f"【快讯】\n{news}\n\n【实际市场反应】\n{reaction_text(label)}"
+        + f"【快讯】\n{news}\n\n【方向】{directions}\n【传导渠道】{channels or '未标注'}\n\n【规则分析】\n{rule_answer}"
     )
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
-def check_answer(answer: str, label: Mapping[str, Any]) -> tuple[str, str | None]:
-    """(status, parsed primary direction) of a teacher answer against the label."""
+def check_answer(answer: str, label: Mapping[str, Any], known_text: str = "") -> tuple[str, str | None]:
+    """(status, parsed primary direction) of a teacher answer against the label.
+
+    `known_text` is the record's instruction + input: numbers in it may be quoted.
+    """
+    status, parsed = _check_direction(answer, label)
+    if status != "accepted":
+        return status, parsed
+    if realized_numbers(answer, known_text, label):
+        return "rejected_realized_numbers", parsed
+    if not MIN_ANSWER_CHARS <= len(answer.strip()) <= MAX_ANSWER_CHARS:
+        return "rejected_length", parsed
+    return "accepted", parsed
+
+
+def _check_direction(answer: str, label: Mapping[str, Any]) -> tuple[str, str | None]:
     parsed = parse_direction(answer, ticker=label.get("ticker")).direction
     if parsed is None:
         return "rejected_unparseable", None
@@ -244,7 +246,8 @@ def enrich_records(
                     ) from exc
                 stats.cache_hits += cached
                 stats.asked += not cached
-                status, parsed = check_answer(answer, record["label"])
+                instruction, news = record_prompt_parts(record)
+                status, parsed = check_answer(answer, record["label"], f"{instruction}\n{news}")
                 setattr(stats, status, getattr(stats, status) + 1)
                 if status == "accepted":
                     _set_answer(record, answer.strip())
@@ -320,7 +323,8 @@ def add_teacher_options(build_command: Callable[..., Any]) -> Callable[..., Any]
         )
         Console(stderr=True).print(
             f"teacher: {stats.accepted} of {stats.candidates} news-impact answers accepted, "
-            f"{stats.rejected_direction} rejected (other direction), {stats.rejected_unparseable} rejected (no direction); "
+            f"{stats.rejected_direction} rejected (other direction), {stats.rejected_unparseable} rejected (no direction), "
+            f"{stats.rejected_realized_numbers} rejected (realized numbers), {stats.rejected_length} rejected (length); "
             f"{stats.cache_hits} from the cache",
             highlight=False,
         )

@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from finqlora.dataset.answer_parser import DIRECTIONS, NEGATIVE, NEUTRAL, POSITIVE
+from finqlora.core.config import BENCHMARK_FORMATS
 from finqlora.core.errors import FinqloraError
+from finqlora.core.fileio import iter_jsonl
 
-FORMATS = ("finfe", "cfbenchmark", "fpb", "jsonl")
+FORMATS = BENCHMARK_FORMATS  # written once, in the run config's schema
 
 # Words a benchmark may use for its classes, mapped to the canonical classes.
 DEFAULT_LABEL_MAP: dict[str, str] = {
@@ -192,16 +194,8 @@ def _load_fpb(path: Path, mapping: dict[str, str]) -> list[BenchmarkItem]:
 
 def _load_jsonl(path: Path, mapping: dict[str, str]) -> list[BenchmarkItem]:
     items = []
-    for number, line in enumerate(_read_text_lines(path), start=1):
-        if not line.strip():
-            continue
+    for number, row in iter_jsonl(path, what="benchmark", hint='one JSON object a line: {"text": ..., "label": ...}'):
         where = f"{path}: line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise FinqloraError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
-        if not isinstance(row, dict):
-            raise FinqloraError(f"{where}: expected a JSON object")
         text = next((row[key] for key in ("text", "input", "sentence") if key in row), None)
         if text is None or "label" not in row:
             raise FinqloraError(f"{where}: needs 'text' (or 'input'/'sentence') and 'label'; has {', '.join(row) or 'nothing'}")

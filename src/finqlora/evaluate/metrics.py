@@ -11,13 +11,12 @@ Conventions (also in docs/evaluation.md):
   *random* is the expected score of guessing uniformly among the classes.
 * Numbers: a numeric answer is correct when `|pred - answer| <= tolerance` in the reference
   unit (the builder writes each question's tolerance into its label).
-* Text overlap: text is tokenized with `overlap_tokens`: each CJK character is one token
+* Text overlap: ROUGE-L tokenizes with `overlap_tokens`: each CJK character is one token
   (Chinese has no spaces and word segmenters disagree; character level is what sacreBLEU's
   `zh` tokenizer and most Chinese ROUGE reports use), runs of Latin letters are words,
   numbers (with decimals) are one token, and each punctuation mark is a token. ROUGE-L is
-  the LCS F1 (beta = 1) averaged over samples; BLEU is corpus BLEU-4 (Papineni et al.,
-  uniform weights, brevity penalty), with sacreBLEU's "exp" smoothing for n-gram orders
-  without matches, reported on a 0-100 scale.
+  the LCS F1 (beta = 1) averaged over samples. BLEU is sacreBLEU's corpus BLEU-4
+  (`tokenize="zh"`, "exp" smoothing, 0-100), cited in the report by its signature.
 * Perplexity: exp(total negative log-likelihood / total answer tokens), over the answer
   tokens only (the prompt is context), with the same prompt format as training.
 * Uncertainty: percentile bootstrap (1,000 resamples of test items, fixed seed) for every
@@ -162,54 +161,49 @@ def rouge_l(candidate: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-@dataclass(frozen=True)
-class BleuStats:
-    """Sufficient statistics of one sentence: n-gram matches and totals (n = 1..4), lengths."""
-
-    matches: tuple[int, ...]
-    totals: tuple[int, ...]
-    candidate_length: int
-    reference_length: int
+# BLEU is sacreBLEU's (Post, 2018): its `zh` tokenizer (each CJK character a token, other text
+# by the 13a rules), corpus BLEU-4 with "exp" smoothing. Per-sentence sufficient statistics
+# come from sacreBLEU too, so the bootstrap resamples sentences without re-tokenizing.
+BLEU_TOKENIZE = "zh"
 
 
-def bleu_stats(candidate: str, reference: str, max_order: int = 4) -> BleuStats:
-    cand, ref = overlap_tokens(candidate), overlap_tokens(reference)
-    matches, totals = [], []
-    for n in range(1, max_order + 1):
-        cand_ngrams = Counter(tuple(cand[i : i + n]) for i in range(len(cand) - n + 1))
-        ref_ngrams = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
-        matches.append(sum(min(count, ref_ngrams[gram]) for gram, count in cand_ngrams.items()))
-        totals.append(max(len(cand) - n + 1, 0))
-    return BleuStats(tuple(matches), tuple(totals), len(cand), len(ref))
+def _bleu() -> Any:
+    from sacrebleu.metrics import BLEU
+
+    return BLEU(tokenize=BLEU_TOKENIZE)
 
 
-def bleu_from_stats(stats: Sequence[BleuStats]) -> float:
-    """Corpus BLEU (0-100) from per-sentence statistics."""
-    if not stats:
+def bleu_signature() -> str:
+    """sacreBLEU's signature of the BLEU the report shows (cite it with the number)."""
+    bleu = _bleu()
+    bleu.corpus_score(["-"], [["-"]])  # the signature names the reference count, known after a score
+    return str(bleu.get_signature())
+
+
+def bleu_statistics(candidates: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """One row per sentence: [candidate length, reference length, matches 1-4, totals 1-4]."""
+    if len(candidates) != len(references):
+        raise ValueError(f"{len(candidates)} candidates but {len(references)} references")
+    if not candidates:
+        return np.zeros((0, 10), dtype=np.int64)
+    # sacreBLEU's own per-sentence statistics (the same ones its corpus_score sums).
+    return np.array(_bleu()._extract_corpus_statistics(list(candidates), [list(references)]), dtype=np.int64)
+
+
+def bleu_from_statistics(stats: np.ndarray) -> float:
+    """Corpus BLEU (0-100) of the sentences whose statistics rows are given."""
+    from sacrebleu.metrics import BLEU
+
+    if len(stats) == 0:
         return float("nan")
-    order = len(stats[0].matches)
-    matches = [sum(s.matches[i] for s in stats) for i in range(order)]
-    totals = [sum(s.totals[i] for s in stats) for i in range(order)]
-    cand_len = sum(s.candidate_length for s in stats)
-    ref_len = sum(s.reference_length for s in stats)
-    if cand_len == 0:
-        return 0.0
-    log_precision = 0.0
-    smooth = 1.0
-    for m, t in zip(matches, totals):
-        if t == 0:
-            return 0.0
-        if m == 0:
-            smooth *= 2  # sacreBLEU "exp" smoothing: 1 / (2^k * total) for the k-th empty order
-            log_precision += math.log(1 / (smooth * t))
-        else:
-            log_precision += math.log(m / t)
-    brevity = 1.0 if cand_len > ref_len else math.exp(1 - ref_len / cand_len)
-    return 100 * brevity * math.exp(log_precision / order)
+    total = stats.sum(axis=0)
+    order = (len(total) - 2) // 2
+    return float(BLEU.compute_bleu(list(total[2 : 2 + order]), list(total[2 + order :]), int(total[0]), int(total[1]), smooth_method="exp").score)
 
 
 def corpus_bleu(candidates: Sequence[str], references: Sequence[str]) -> float:
-    return bleu_from_stats([bleu_stats(c, r) for c, r in zip(candidates, references)])
+    """sacreBLEU's corpus BLEU (0-100), one reference per candidate."""
+    return float(_bleu().corpus_score(list(candidates), [list(references)]).score)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,6 +216,16 @@ def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> float:
     if tokens == 0:
         return float("nan")
     return math.exp(sum(nll_sums) / tokens)
+
+
+# Upper bound on one forward's logits in token_nll (see there); about 3 rows of 512 tokens for Qwen.
+NLL_LOGITS_BUDGET_BYTES = 1 << 30
+
+
+def _vocab_size(model: Any) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else int(getattr(model.config, "vocab_size", 1) or 1)
 
 
 def token_nll(
@@ -255,16 +259,21 @@ def token_nll(
                 ids[row, :n] = torch.tensor(list(input_ids))
                 labels[row, :n] = torch.tensor(list(row_labels))
                 mask[row, :n] = 1
-            with torch.no_grad():
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            shifted_logits = logits[:, :-1, :]
             shifted_labels = labels[:, 1:].to(device)
-            losses = torch.nn.functional.cross_entropy(
-                shifted_logits.reshape(-1, shifted_logits.size(-1)),
-                shifted_labels.reshape(-1),
-                ignore_index=-100,
-                reduction="none",
-            ).view(len(batch), -1)
+            losses = torch.zeros((len(batch), width - 1))
+            # The logits of a 150k-token vocabulary are the largest tensor here (8 rows x 512 tokens
+            # of Qwen = 2.5 GB in fp32, and the loss needs as much again): the forward runs in
+            # slices of rows whose logits fit NLL_LOGITS_BUDGET_BYTES, each row's loss on its own.
+            rows_per_pass = max(1, NLL_LOGITS_BUDGET_BYTES // (width * _vocab_size(model) * 4))
+            for first in range(0, len(batch), rows_per_pass):
+                part = slice(first, first + rows_per_pass)
+                with torch.no_grad():
+                    logits = model(input_ids=ids[part].to(device), attention_mask=mask[part].to(device)).logits
+                for offset in range(logits.shape[0]):
+                    losses[first + offset] = torch.nn.functional.cross_entropy(
+                        logits[offset, :-1, :].float(), shifted_labels[first + offset], ignore_index=-100, reduction="none"
+                    ).cpu()
+                del logits
             counted = (shifted_labels != -100).sum(dim=1)
             results.extend((float(losses[row].sum()), int(counted[row])) for row in range(len(batch)))
             if progress:

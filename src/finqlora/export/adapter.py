@@ -14,13 +14,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 import zipfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -51,6 +55,42 @@ TOKENIZER_FILES = (
 MERGE_DTYPES = ("float16", "bfloat16", "float32")
 _EXTRACTED_MARKER = ".finqlora_verified"
 
+# A SHA256SUMS lists ~15 files at ~100 bytes a line; 1 MiB is far more than any real one, and
+# reading at most that much keeps a hostile one-line "checksum file" from eating time and memory.
+MAX_CHECKSUMS_BYTES = 1 << 20
+# Unpacking limits (raise them with `finqlora export unzip --max-size-gb / --max-ratio`). An
+# adapter package is at most a few GB (LoRA weights are stored, not deflated); text files deflate
+# ~5-20x. A ratio is only judged once an entry has produced RATIO_FLOOR_BYTES: small files
+# cannot fill a disk, whatever their ratio.
+DEFAULT_MAX_UNPACKED_BYTES = 16 << 30
+DEFAULT_MAX_RATIO = 200.0
+RATIO_FLOOR_BYTES = 1 << 20
+# How much of a bad value an error message quotes.
+QUOTE_CHARS = 80
+
+
+@dataclass(frozen=True)
+class ZipLimits:
+    """How much a zip may unpack to: total bytes, and bytes out per compressed byte of an entry."""
+
+    max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES
+    max_ratio: float = DEFAULT_MAX_RATIO
+
+    def __post_init__(self) -> None:
+        if self.max_unpacked_bytes <= 0 or self.max_ratio <= 0:
+            raise FinqloraError(
+                f"zip limits must be positive (max size {self.max_unpacked_bytes} bytes, max ratio {self.max_ratio})",
+                hint="pass --max-size-gb and --max-ratio values above 0",
+            )
+
+
+def shorten(value: object, limit: int = QUOTE_CHARS) -> str:
+    """repr() of a value cut to `limit` characters, saying how long it was (for error messages)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text):,} characters)"
+
 
 # --------------------------------------------------------------------------------------------
 # Adapter folders
@@ -80,12 +120,19 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
             "model.save_pretrained(dir, safe_serialization=True)",
         )
     try:
-        return json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        detail = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
         raise FinqloraError(
-            f"{config_path} is not valid JSON ({exc.msg} at line {exc.lineno})",
+            f"{config_path} is not valid JSON ({detail})",
             hint="restore the file from the training output folder or the zip",
         ) from None
+    if not isinstance(config, dict):
+        raise FinqloraError(
+            f"{config_path} holds a JSON {type(config).__name__}, not an object of LoRA settings",
+            hint="restore the file from the training output folder or the zip",
+        )
+    return config
 
 
 def resolve_adapter_path(adapter: str | os.PathLike[str]) -> Path:
@@ -325,13 +372,34 @@ def _parse_checksums(text: str, zip_path: Path) -> dict[str, str]:
             continue
         digest, _, name = line.partition("  ")
         name = name.strip().lstrip("*")
-        if len(digest) != 64 or not name:
+        if len(digest) != 64 or not name or any(c not in "0123456789abcdefABCDEF" for c in digest):
             raise FinqloraError(
-                f"{zip_path}: line {number} of {CHECKSUMS_NAME} is not '<sha256>  <file name>': {line!r}",
+                f"{zip_path}: line {number} of {CHECKSUMS_NAME} is not '<sha256>  <file name>': {shorten(line)}",
+                hint="the zip was modified or damaged; get a fresh copy (finqlora export zip writes it)",
+            )
+        if name in expected:
+            raise FinqloraError(
+                f"{zip_path}: {CHECKSUMS_NAME} lists {shorten(name)} twice (line {number})",
                 hint="the zip was modified or damaged; get a fresh copy (finqlora export zip writes it)",
             )
         expected[name] = digest.lower()
     return expected
+
+
+def _read_checksums(archive: zipfile.ZipFile, info: zipfile.ZipInfo, zip_path: Path) -> dict[str, str]:
+    """SHA256SUMS, read (at most MAX_CHECKSUMS_BYTES + 1 bytes, whatever it declares) and parsed."""
+    too_big = FinqloraError(
+        f"{zip_path}: {CHECKSUMS_NAME} is larger than {MAX_CHECKSUMS_BYTES // 1024} KiB "
+        f"(a real one is a few lines of '<sha256>  <file name>')",
+        hint="do not use this zip: it was not written by `finqlora export zip`; get a fresh copy",
+    )
+    if info.file_size > MAX_CHECKSUMS_BYTES:
+        raise too_big
+    with _open_member(archive, info, zip_path) as handle:
+        data = handle.read(MAX_CHECKSUMS_BYTES + 1)
+    if len(data) > MAX_CHECKSUMS_BYTES:
+        raise too_big
+    return _parse_checksums(data.decode("utf-8", errors="replace"), zip_path)
 
 
 def _safe_member(name: str, zip_path: Path) -> str:
@@ -339,16 +407,128 @@ def _safe_member(name: str, zip_path: Path) -> str:
     posix = PurePosixPath(name)
     if posix.is_absolute() or ".." in posix.parts or "\\" in name or (posix.parts and ":" in posix.parts[0]):
         raise FinqloraError(
-            f"{zip_path} contains an unsafe path {name!r}", hint="do not use this zip; it was not written by finqlora"
+            f"{zip_path} contains an unsafe path {shorten(name)}", hint="do not use this zip; it was not written by finqlora"
         )
     return name
 
 
-def verify_adapter_zip(zip_path: str | os.PathLike[str]) -> dict[str, str]:
+def _is_symlink(info: zipfile.ZipInfo) -> bool:
+    return stat.S_ISLNK(info.external_attr >> 16)
+
+
+def _check_layout(infos: list[zipfile.ZipInfo], zip_path: Path) -> dict[str, zipfile.ZipInfo]:
+    """name -> entry of the zip's files, refusing layouts that cannot unpack to plain files.
+
+    A symbolic link, the same name twice, or a file that another entry needs as a folder
+    (`x` and `x/y`) would make extraction fail half-way or write through a link.
+    """
+    bad_zip_hint = "do not use this zip: `finqlora export zip` writes plain files only; get a fresh copy"
+    members: dict[str, zipfile.ZipInfo] = {}
+    for info in infos:
+        name = _safe_member(info.filename, zip_path).rstrip("/")
+        if _is_symlink(info):
+            raise FinqloraError(f"{zip_path}: entry {shorten(info.filename)} is a symbolic link", hint=bad_zip_hint)
+        if info.is_dir():
+            continue
+        if name in members:
+            raise FinqloraError(f"{zip_path}: entry {shorten(name)} appears twice", hint=bad_zip_hint)
+        members[name] = info
+    for name in members:
+        for parent in PurePosixPath(name).parents:
+            if str(parent) in members:
+                raise FinqloraError(
+                    f"{zip_path}: entry {shorten(name)} needs {shorten(str(parent))} to be a folder, but the zip also has a file of that name",
+                    hint=bad_zip_hint,
+                )
+    return members
+
+
+def _check_declared_sizes(members: dict[str, zipfile.ZipInfo], zip_path: Path, limits: ZipLimits) -> None:
+    """Refuse from the zip directory alone what would unpack beyond the limits (before any work)."""
+    total = 0
+    for name, info in members.items():
+        total += info.file_size
+        if total > limits.max_unpacked_bytes:
+            raise FinqloraError(
+                f"{zip_path}: unpacks to more than {_gib(limits.max_unpacked_bytes)} (reached at entry {shorten(name)}, "
+                f"{info.file_size:,} bytes)",
+                hint="if you trust this zip, raise the limit with `finqlora export unzip --max-size-gb N`",
+            )
+        if info.file_size > RATIO_FLOOR_BYTES and info.file_size > limits.max_ratio * max(info.compress_size, 1):
+            raise FinqloraError(
+                f"{zip_path}: entry {shorten(name)} would unpack {info.file_size:,} bytes from {info.compress_size:,} "
+                f"(ratio {info.file_size / max(info.compress_size, 1):,.0f}, limit {limits.max_ratio:g})",
+                hint="this looks like a zip bomb; if you trust the zip, raise the limit with `finqlora export unzip --max-ratio N`",
+            )
+
+
+def _check_free_space(destination: Path, needed: int) -> None:
+    free = shutil.disk_usage(destination).free
+    if needed > free:
+        raise FinqloraError(
+            f"unpacking needs {needed:,} bytes but {destination} has only {free:,} free",
+            hint="free some disk space or choose another --output folder",
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.3g} GiB"
+
+
+@contextlib.contextmanager
+def _open_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, zip_path: Path) -> Iterator[Any]:
+    """archive.open(info), with damaged data (bad CRC, bad deflate stream) as a FinqloraError."""
+    try:
+        with archive.open(info) as handle:
+            yield handle
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+        raise FinqloraError(
+            f"{zip_path}: entry {shorten(info.filename)} cannot be read ({exc})",
+            hint="the zip is damaged or uses an unsupported compression; copy or download it again",
+        ) from exc
+
+
+class _UnpackBudget:
+    """Counts the bytes really decompressed against the limits, whatever the directory declared.
+
+    zipfile stops an entry at its declared size (and then fails its CRC), so this guards the
+    case where the zip changed after its directory was checked, e.g. between verify and extract.
+    """
+
+    def __init__(self, zip_path: Path, limits: ZipLimits) -> None:
+        self.zip_path, self.limits, self.total = zip_path, limits, 0
+
+    def chunks(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, size: int = 1 << 20) -> Iterator[bytes]:
+        produced = 0
+        with _open_member(archive, info, self.zip_path) as handle:
+            while chunk := handle.read(size):
+                produced += len(chunk)
+                self.total += len(chunk)
+                self._check(info, produced)
+                yield chunk
+
+    def _check(self, info: zipfile.ZipInfo, produced: int) -> None:
+        name = shorten(info.filename)
+        if self.total > self.limits.max_unpacked_bytes:
+            raise FinqloraError(
+                f"{self.zip_path}: unpacking passed {_gib(self.limits.max_unpacked_bytes)} at entry {name}",
+                hint="if you trust this zip, raise the limit with `finqlora export unzip --max-size-gb N`",
+            )
+        if produced > RATIO_FLOOR_BYTES and produced > self.limits.max_ratio * max(info.compress_size, 1):
+            raise FinqloraError(
+                f"{self.zip_path}: entry {name} unpacked {produced:,} bytes from {info.compress_size:,} (limit ratio {self.limits.max_ratio:g})",
+                hint="this looks like a zip bomb; if you trust the zip, raise the limit with `finqlora export unzip --max-ratio N`",
+            )
+
+
+def verify_adapter_zip(zip_path: str | os.PathLike[str], *, limits: ZipLimits | None = None) -> dict[str, str]:
     """Check every file of the zip against its SHA256SUMS; return name -> sha256.
 
-    Raises a FinqloraError naming the first file that is missing, unlisted or corrupt.
+    Raises a FinqloraError naming the first file that is missing, unlisted or corrupt, and for
+    zips that exceed `limits` (checked from the directory first, then while decompressing), hold
+    links or files that other entries need as folders, or whose SHA256SUMS is oversized.
     """
+    limits = limits or ZipLimits()
     zip_path = Path(zip_path).expanduser()
     if not zip_path.is_file():
         raise FinqloraError(f"{zip_path} does not exist", hint="pass the path of a qlora_weights.zip")
@@ -357,27 +537,28 @@ def verify_adapter_zip(zip_path: str | os.PathLike[str]) -> dict[str, str]:
     except zipfile.BadZipFile:
         raise FinqloraError(f"{zip_path} is not a zip file (or it is truncated)", hint="copy or download it again") from None
     with archive:
-        members = {_safe_member(info.filename, zip_path): info for info in archive.infolist() if not info.is_dir()}
+        members = _check_layout(archive.infolist(), zip_path)
         if CHECKSUMS_NAME not in members:
             raise FinqloraError(
                 f"{zip_path} has no {CHECKSUMS_NAME}, so its contents cannot be verified",
                 hint="package the adapter with `finqlora export zip --run <training output folder>`",
             )
-        expected = _parse_checksums(archive.read(CHECKSUMS_NAME).decode("utf-8", errors="replace"), zip_path)
+        expected = _read_checksums(archive, members[CHECKSUMS_NAME], zip_path)
+        _check_declared_sizes(members, zip_path, limits)
         for name in expected:
             if name not in members:
-                raise FinqloraError(f"{zip_path}: {name} is listed in {CHECKSUMS_NAME} but missing from the zip", hint="get a fresh copy of the zip")
+                raise FinqloraError(f"{zip_path}: {shorten(name)} is listed in {CHECKSUMS_NAME} but missing from the zip", hint="get a fresh copy of the zip")
         unlisted = sorted(set(members) - set(expected) - {CHECKSUMS_NAME})
         if unlisted:
             raise FinqloraError(
-                f"{zip_path}: {', '.join(unlisted)} not listed in {CHECKSUMS_NAME}",
+                f"{zip_path}: {shorten(', '.join(unlisted))} not listed in {CHECKSUMS_NAME}",
                 hint="the zip was modified after packaging; get a fresh copy",
             )
+        budget = _UnpackBudget(zip_path, limits)
         for name, digest in expected.items():
             hasher = hashlib.sha256()
-            with archive.open(name) as handle:
-                while chunk := handle.read(1 << 20):
-                    hasher.update(chunk)
+            for chunk in budget.chunks(archive, members[name]):
+                hasher.update(chunk)
             actual = hasher.hexdigest()
             if actual != digest:
                 raise FinqloraError(
@@ -392,31 +573,53 @@ def verify_adapter_zip(zip_path: str | os.PathLike[str]) -> dict[str, str]:
     return expected
 
 
-def _extract_verified(zip_path: Path, destination: Path, expected: dict[str, str]) -> None:
+def _extract_verified(zip_path: Path, destination: Path, expected: dict[str, str], limits: ZipLimits) -> None:
     destination.mkdir(parents=True, exist_ok=True)
+    root = destination.resolve()
     with zipfile.ZipFile(zip_path) as archive:
-        for name in expected:
+        # The zip is read again: re-check its layout and count what is written, in case the file
+        # changed between verification and extraction.
+        members = _check_layout(archive.infolist(), zip_path)
+        names = list(dict.fromkeys([*expected, CHECKSUMS_NAME]))
+        _check_free_space(destination, sum(members[name].file_size for name in names))
+        budget = _UnpackBudget(zip_path, limits)
+        for name in names:
             target = destination / _safe_member(name, zip_path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(name) as source, open(target, "wb") as sink:
-                shutil.copyfileobj(source, sink, 1 << 20)
-        (destination / CHECKSUMS_NAME).write_bytes(archive.read(CHECKSUMS_NAME))
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not target.parent.resolve().is_relative_to(root):
+                    raise FinqloraError(f"{zip_path}: entry {shorten(name)} would be written outside {destination}", hint="do not use this zip")
+                with open(target, "xb") as sink:
+                    for chunk in budget.chunks(archive, members[name]):
+                        sink.write(chunk)
+            except OSError as exc:
+                raise FinqloraError(
+                    f"cannot write {target} while unpacking {zip_path}: {exc.strerror or exc}",
+                    hint="free some disk space (or choose another --output) and retry; nothing was kept",
+                ) from exc
     # Re-check what landed on disk: a full disk or a flaky filesystem must not go unnoticed.
     for name, digest in expected.items():
         if sha256_file(destination / name) != digest:
             raise FinqloraError(f"{destination / name} differs from the zip after extraction", hint="check free disk space and retry")
 
 
-def unpack_adapter(zip_path: str | os.PathLike[str], output_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def unpack_adapter(
+    zip_path: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    limits: ZipLimits | None = None,
+) -> Path:
     """Verify the zip, then extract it into `output_dir` (an adapter folder)."""
     zip_path = Path(zip_path).expanduser()
     output_dir = Path(output_dir).expanduser()
-    expected = verify_adapter_zip(zip_path)
+    limits = limits or ZipLimits()
+    expected = verify_adapter_zip(zip_path, limits=limits)
     _check_output_dir(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        _extract_verified(zip_path, staging, expected)
+        _extract_verified(zip_path, staging, expected, limits)
         _replace_dir(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -437,7 +640,7 @@ def adapter_from_zip(zip_path: str | os.PathLike[str]) -> Path:
         return folder
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        _extract_verified(zip_path, staging, expected)
+        _extract_verified(zip_path, staging, expected, ZipLimits())
         (staging / _EXTRACTED_MARKER).write_text(str(zip_path.resolve()) + "\n", encoding="utf-8")
         if (folder / _EXTRACTED_MARKER).is_file():  # another process finished first
             shutil.rmtree(staging, ignore_errors=True)

@@ -450,7 +450,7 @@ def run_doctor(output_dir: str | os.PathLike[str] = ".", *, check_network: bool 
     cuda = "compute_dtype" in gpu.details  # set only when torch can use the GPU
     bnb = _guarded("bitsandbytes", check_bitsandbytes, cuda)
     checks += [bnb, _guarded("triton", check_triton, cuda)]
-    packages = ("transformers", "peft", "trl", "accelerate", "safetensors", "gguf", *versions.REQUIRED_FOR_SERVING)
+    packages = ("transformers", "peft", "accelerate", "safetensors", "gguf", *versions.REQUIRED_FOR_SERVING)
     checks += [_guarded(name, check_package, name) for name in packages]
     checks += [
         _guarded("disk:finqlora cache", check_disk, "finqlora cache", finqlora_home()),

@@ -159,6 +159,22 @@ def generate_answers(
     return [g.text for g in generate(model, tokenizer, list_of_messages, settings, batch_size, progress)]
 
 
+class StopWhenAsked:
+    """A stopping criterion for `generate` that ends every row once `event` is set.
+
+    Duck-typed like transformers' StoppingCriteria (a callable returning one bool per row),
+    so this module does not import transformers before a model is used.
+    """
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def stream_answer(
     model: Any, tokenizer: Any, messages: Messages, settings: GenerationSettings | None = None
 ) -> Iterator[str]:
@@ -168,14 +184,7 @@ def stream_answer(
     token instead of letting it run to the end in the background.
     """
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-    class _StopWhenAsked(StoppingCriteria):
-        def __init__(self, event: threading.Event) -> None:
-            self.event = event
-
-        def __call__(self, input_ids, scores, **kwargs) -> bool:
-            return self.event.is_set()
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     settings = settings or GenerationSettings()
     encoded = tokenizer(render_prompt(tokenizer, messages), return_tensors="pt", add_special_tokens=False).to(
@@ -194,7 +203,7 @@ def stream_answer(
                     **encoded,
                     **settings.generate_kwargs(tokenizer),
                     streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_StopWhenAsked(cancelled)]),
+                    stopping_criteria=StoppingCriteriaList([StopWhenAsked(cancelled)]),
                 )
         except BaseException as exc:  # re-raised in the caller's thread below
             failure.append(exc)

@@ -348,11 +348,39 @@ def check_adapter_folder(adapter: str | os.PathLike[str], allow_pickle: bool) ->
                 hint="re-save the adapter as adapter_model.safetensors, or pass --allow-pickle-adapter "
                 "if you trust where it came from",
             )
+        _check_pickle_adapter(folder / "adapter_model.bin")
         return folder.resolve()
     raise FinqloraError(
         f"{folder} has adapter_config.json but no adapter_model.safetensors",
         hint="the training run may not have finished; use one of its checkpoint-* folders",
     )
+
+
+def _check_pickle_adapter(path: Path) -> None:
+    """Unpickle `path` with torch's weights-only loader (no code runs); a refusal is a FinqloraError.
+
+    A malicious pickle names a callable (e.g. os.system) for the unpickler to run; the weights-only
+    loader refuses every global that is not a tensor type, with an UnpicklingError we turn into
+    an error line instead of a traceback.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise FinqloraError(
+            f"{path}: refused to load this pickle adapter: it holds more than tensors, or is damaged ({first_line})",
+            hint="nothing from it was run; only use adapters you trust, and prefer adapter_model.safetensors "
+            "(re-save the adapter with safe_serialization=True where it was trained)",
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FinqloraError(
+            f"{path}: not a LoRA adapter state dict (expected a mapping of tensor names to tensors)",
+            hint="re-save the adapter as adapter_model.safetensors",
+        )
 
 
 def _adapter_tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:

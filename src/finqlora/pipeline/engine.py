@@ -16,6 +16,11 @@ rerun skips a stage whose inputs and outputs are unchanged. A stage's inputs inc
 fingerprints of the files its upstream stages produced, so a change reruns exactly the stages
 it reaches (a rebuilt but byte-identical dataset does not retrain). A training run killed half-way has no record yet, so the
 rerun resumes it from its latest complete checkpoint.
+
+The engine knows no stage: `run_pipeline` is given a factory that makes them
+(`finqlora.pipeline.stages.make_stages` for `finqlora run`), so this module imports nothing
+above `core`, and a test can run the engine on stages of its own. One run at a time holds
+the run folder (`finqlora.pipeline.lock`).
 """
 
 from __future__ import annotations
@@ -23,16 +28,20 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finqlora import __version__
-from finqlora.core.config import RunConfig
+from finqlora.core.config import RunConfig, dump_config
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, atomic_write_text, sha256_file
+from finqlora.core.hardware import release_freed_memory
+from finqlora.pipeline.lock import RunFolderLock
 
+# The stages of `finqlora run`, in order (pipeline.stages makes them; the CLI's help and the UI
+# name them).
 STAGES = ("database", "check", "build", "eval_base", "train", "eval_finetuned", "report")
 STATE_FILE = "pipeline_state.json"
 
@@ -146,25 +155,42 @@ def _select(stages: tuple[str, ...], start: str | None, only: str | None) -> tup
     return set(stages), set()
 
 
+def config_yaml(config: RunConfig) -> str:
+    return "# The resolved configuration of this run (finqlora run writes it; rerun with --config this file)\n" + dump_config(config)
+
+
+StagesFactory = Callable[[RunConfig, RunPaths], Sequence[Stage]]
+
+
 def run_pipeline(
     config: RunConfig,
+    make_stages: StagesFactory,
     *,
     start: str | None = None,
     only: str | None = None,
     force: bool = False,
     runs_root: Path | None = None,
     log: Callable[[str], None] = print,
+    headline: Callable[[RunPaths], dict[str, Any]] | None = None,
 ) -> RunResult:
-    """Run (or bring up to date) every stage of `config` in `runs/<name>/`."""
-    from finqlora.pipeline import stages as pipeline_stages
+    """Run (or bring up to date) the stages `make_stages(config, paths)` gives, in `runs/<name>/`.
 
-    selected, forced = _select(STAGES, start, only)
+    The run folder is locked for the whole run: a second run on it fails at once, naming the first.
+    """
     root = Path(config.train.output_dir) if runs_root is None else runs_root / config.name
     paths = RunPaths(root)
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / "run_config.yaml", pipeline_stages.config_yaml(config))
+    stages = list(make_stages(config, paths))
+    selected, forced = _select(tuple(stage.name for stage in stages), start, only)
+    with RunFolderLock(root):
+        atomic_write_text(root / "run_config.yaml", config_yaml(config))
+        outcomes = _run_stages(stages, paths, selected, forced, force=force, log=log)
+    return RunResult(config, paths, outcomes, headline(paths) if headline else {})
+
+
+def _run_stages(
+    stages: Sequence[Stage], paths: RunPaths, selected: set[str], forced: set[str], *, force: bool, log: Callable[[str], None]
+) -> list[StageOutcome]:
     state = _load_state(paths)
-    stages = pipeline_stages.make_stages(config, paths)
     outcomes: list[StageOutcome] = []
     for stage in stages:
         if stage.name not in selected:
@@ -189,6 +215,8 @@ def run_pipeline(
         started = time.perf_counter()
         summary = stage.run(resume)
         seconds = time.perf_counter() - started
+        # The stage's model is garbage now: free it before the next stage loads its own.
+        release_freed_memory()
         state[stage.name] = {
             "inputs": inputs_fp,
             "status": "done",
@@ -199,5 +227,4 @@ def run_pipeline(
         }
         atomic_write_json(paths.state, state)
         outcomes.append(StageOutcome(stage.name, "ran", seconds, summary))
-    headline = pipeline_stages.headline(paths)
-    return RunResult(config, paths, outcomes, headline)
+    return outcomes

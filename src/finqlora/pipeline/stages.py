@@ -1,96 +1,94 @@
-"""The stages of `finqlora run`, each a thin call into the module that owns the work.
+"""The stages of `finqlora run`, each a thin call into the stage package that owns the work.
 
-`finqlora.pipeline.engine` decides what runs; this module says, for each stage, what it reads (its
-inputs, fingerprinted), what it does, and what it writes.
+`finqlora.pipeline.engine` decides what runs; this module says, for each stage, what it reads
+(its inputs, fingerprinted), what it does, and what it writes. Each stage is a small class of
+module-level methods over a `StageContext`; the mapping from the run config to a stage's
+options lives with those options (`BuildConfig.from_run`, `EvalOptions.from_run`), not here.
+
+    engine.run_pipeline(config, make_stages, headline=headline)
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finqlora.core.config import RunConfig, dump_config
+from finqlora.core.config import RunConfig
 from finqlora.core.errors import FinqloraError
-from finqlora.pipeline.engine import RunPaths, Stage, fingerprint_path
+from finqlora.pipeline.engine import STAGES, RunPaths, Stage, fingerprint_path
 
 # Training writes these at the top of the run folder; their fingerprints stand for "the adapter".
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "training_info.json")
+# What the base model's evaluation leaves for the fine-tuned one and the report.
+BASE_EVAL_FILES = ("items.jsonl", "generations_base.jsonl")
 
 
-def config_yaml(config: RunConfig) -> str:
-    return "# The resolved configuration of this run (finqlora run writes it; rerun with --config this file)\n" + dump_config(config)
+@dataclass(frozen=True)
+class StageContext:
+    """What every stage reads: the resolved run config and the run folder's paths."""
+
+    config: RunConfig
+    paths: RunPaths
+
+    def database(self) -> Path:
+        if self.config.data.db == "sample":
+            return self.paths.sample_db
+        path = Path(self.config.data.db)
+        if not path.is_file():
+            raise FinqloraError(
+                f"database not found: {path} (data.db in the config)",
+                hint="pass the path of your finance_analysis.db, or data.db: sample for the built-in synthetic sample",
+            )
+        return path
+
+    def database_fingerprint(self) -> str:
+        return fingerprint_path(self.database())
 
 
-def database_path(config: RunConfig, paths: RunPaths) -> Path:
-    if config.data.db == "sample":
-        return paths.sample_db
-    path = Path(config.data.db)
-    if not path.is_file():
-        raise FinqloraError(
-            f"database not found: {path} (data.db in the config)",
-            hint="pass the path of your finance_analysis.db, or data.db: sample for the built-in synthetic sample",
-        )
-    return path
+class DatabaseStage:
+    """The user's database, or the generated synthetic sample."""
 
+    name = "database"
 
-def _eval_dtype(config: RunConfig) -> str:
-    """bf16 generation on CPUs with native bf16 matrix units (about 4-6x faster there), as training does."""
-    from finqlora.models.loading import pick_device
-    from finqlora.train.speedups import cpu_has_fast_bf16
-
-    on_cpu = pick_device(config.train.device) == "cpu"
-    return "bfloat16" if on_cpu and config.train.compute_dtype in ("auto", "bf16") and cpu_has_fast_bf16() else "auto"
-
-
-def _eval_options(config: RunConfig, paths: RunPaths, *, adapter: Path | None):
-    from finqlora.evaluate.evaluation import EvalOptions
-
-    return EvalOptions(
-        output=paths.eval_dir,
-        model=config.train.model,
-        adapter=str(adapter) if adapter else None,
-        data=paths.dataset,
-        max_samples=config.eval.max_prompts,
-        max_new_tokens=config.eval.max_new_tokens,
-        temperature=config.eval.temperature,
-        batch_size=config.eval.batch_size,
-        device=config.train.device,
-        dtype=_eval_dtype(config),
-        load_in_4bit=config.train.load_in_4bit,
-        chat_template=config.train.chat_template,
-        max_length=max(config.train.max_length, 512),
-        report=False,
-    )
-
-
-def make_stages(config: RunConfig, paths: RunPaths) -> list[Stage]:
-    data, train_cfg, eval_cfg = config.data, config.train, config.eval
-    eval_files = ("items.jsonl", "generations_base.jsonl")
-
-    def db_fingerprint() -> str:
-        return fingerprint_path(database_path(config, paths))
-
-    # -- database ---------------------------------------------------------------------------
-    def database_inputs() -> dict[str, Any]:
+    @staticmethod
+    def inputs(ctx: StageContext) -> dict[str, Any]:
+        data = ctx.config.data
         if data.db == "sample":
             return {"db": "sample", "seed": data.seed}
-        return {"db": str(Path(data.db).resolve()), "content": db_fingerprint()}
+        return {"db": str(Path(data.db).resolve()), "content": ctx.database_fingerprint()}
 
-    def database_run(_resume: bool) -> dict[str, Any]:
+    @staticmethod
+    def run(ctx: StageContext, _resume: bool) -> dict[str, Any]:
         from finqlora.store.sample_db import build_sample_db
         from finqlora.store.stats import store_stats
 
-        path = database_path(config, paths) if data.db != "sample" else build_sample_db(paths.sample_db, seed=data.seed, overwrite=True)
+        data = ctx.config.data
+        path = ctx.database() if data.db != "sample" else build_sample_db(ctx.paths.sample_db, seed=data.seed, overwrite=True)
         stats = store_stats(path)
         return {"database": str(path), "events": stats.events, "synthetic": stats.synthetic}
 
-    # -- check ------------------------------------------------------------------------------
-    def check_run(_resume: bool) -> dict[str, Any]:
+    @staticmethod
+    def outputs(ctx: StageContext) -> list[Path]:
+        return [ctx.paths.sample_db] if ctx.config.data.db == "sample" else []
+
+
+class CheckStage:
+    """`db check`: refuse a database the pipeline cannot use."""
+
+    name = "check"
+
+    @staticmethod
+    def inputs(ctx: StageContext) -> dict[str, Any]:
+        return {"db": ctx.database_fingerprint()}
+
+    @staticmethod
+    def run(ctx: StageContext, _resume: bool) -> dict[str, Any]:
         from finqlora.store.db import check_db
 
-        report = check_db(database_path(config, paths))
+        report = check_db(ctx.database())
         if not report.ok:
             problems = "; ".join(p.describe() for p in report.problems if p.severity == "fatal")
             raise FinqloraError(
@@ -99,56 +97,78 @@ def make_stages(config: RunConfig, paths: RunPaths) -> list[Stage]:
             )
         return {"warnings": [p.describe() for p in report.problems], "counts": report.counts}
 
-    # -- build ------------------------------------------------------------------------------
-    def build_inputs() -> dict[str, Any]:
-        return {"data": data.model_dump(), "db": db_fingerprint(), "tokenizer": data.tokenizer or train_cfg.model, "max_length": train_cfg.max_length}
+    @staticmethod
+    def outputs(_ctx: StageContext) -> list[Path]:
+        return []
 
-    def build_run(_resume: bool) -> dict[str, Any]:
+
+class BuildStage:
+    """The instruction dataset (train/val/test by event time)."""
+
+    name = "build"
+
+    @staticmethod
+    def inputs(ctx: StageContext) -> dict[str, Any]:
+        data, train = ctx.config.data, ctx.config.train
+        return {"data": data.model_dump(), "db": ctx.database_fingerprint(), "tokenizer": data.tokenizer or train.model,
+                "max_length": train.max_length}
+
+    @staticmethod
+    def run(ctx: StageContext, _resume: bool) -> dict[str, Any]:
         from finqlora.dataset.builder import BuildConfig, build_dataset
 
-        result = build_dataset(
-            BuildConfig(
-                output=paths.dataset,
-                db=database_path(config, paths),
-                num_samples=data.num_samples,
-                seed=data.seed,
-                output_format=data.format,
-                tokenizer=data.tokenizer or train_cfg.model,
-                max_length=train_cfg.max_length,
-            )
-        )
+        result = build_dataset(BuildConfig.from_run(ctx.config, db=ctx.database(), output=ctx.paths.dataset))
         for notice in result.notices:
             print(f"  note: {notice}")
         return {"records": len(result.records), "by_split": result.stats.get("by_split")}
 
-    def build_outputs() -> list[Path]:
-        return [paths.dataset]
+    @staticmethod
+    def outputs(ctx: StageContext) -> list[Path]:
+        return [ctx.paths.dataset]
 
-    # -- evaluation of the base model -------------------------------------------------------
-    def eval_inputs() -> dict[str, Any]:
-        return {"dataset": fingerprint_path(paths.dataset), "eval": eval_cfg.model_dump(), "model": train_cfg.model}
 
-    def eval_base_run(_resume: bool) -> dict[str, Any]:
-        from dataclasses import replace
+class EvalBaseStage:
+    """The base model on the test prompts (generations cached for the fine-tuned run)."""
 
-        from finqlora.evaluate.evaluation import evaluate
+    name = "eval_base"
 
-        result = evaluate(replace(_eval_options(config, paths, adapter=None), variants=("base",)))
+    @staticmethod
+    def inputs(ctx: StageContext) -> dict[str, Any]:
+        return {"dataset": fingerprint_path(ctx.paths.dataset), "eval": ctx.config.eval.model_dump(), "model": ctx.config.train.model}
+
+    @staticmethod
+    def run(ctx: StageContext, _resume: bool) -> dict[str, Any]:
+        from finqlora.evaluate.evaluation import EvalOptions, evaluate
+
+        options = EvalOptions.from_run(ctx.config, output=ctx.paths.eval_dir, data=ctx.paths.dataset, variants=("base",))
+        result = evaluate(options)
         return {"timings": result["meta"].get("timings", {})}
 
-    # -- training ---------------------------------------------------------------------------
-    def train_inputs() -> dict[str, Any]:
-        settings = train_cfg.model_dump(exclude={"dataset", "output_dir", "resume_from_checkpoint"})
-        return {"dataset": fingerprint_path(paths.dataset), "train": settings}
+    @staticmethod
+    def outputs(ctx: StageContext) -> list[Path]:
+        return [ctx.paths.eval_dir / name for name in BASE_EVAL_FILES]
 
-    def train_run(interrupted: bool) -> dict[str, Any]:
+
+class TrainStage:
+    """LoRA / QLoRA fine-tuning (resumes an interrupted run)."""
+
+    name = "train"
+
+    @staticmethod
+    def inputs(ctx: StageContext) -> dict[str, Any]:
+        settings = ctx.config.train.model_dump(exclude={"dataset", "output_dir", "resume_from_checkpoint"})
+        return {"dataset": fingerprint_path(ctx.paths.dataset), "train": settings}
+
+    @staticmethod
+    def run(ctx: StageContext, interrupted: bool) -> dict[str, Any]:
         from finqlora.train.training import train
 
+        paths = ctx.paths
         if not interrupted:
             # Old checkpoints belong to another configuration or a finished run: never resume them.
             for folder in paths.adapter.glob("checkpoint-*"):
                 shutil.rmtree(folder, ignore_errors=True)
-        run_cfg = config.model_copy(deep=True)
+        run_cfg = ctx.config.model_copy(deep=True)
         run_cfg.train.dataset = str(paths.dataset)
         run_cfg.train.output_dir = str(paths.adapter)
         run_cfg.train.resume_from_checkpoint = "auto" if interrupted else None
@@ -161,40 +181,76 @@ def make_stages(config: RunConfig, paths: RunPaths) -> list[Stage]:
         return {"steps": result.global_step, "best_step": result.best_step, "best_val_loss": result.best_val_loss,
                 "final_train_loss": result.final_train_loss, "resumed": interrupted}
 
-    def train_outputs() -> list[Path]:
-        return [paths.adapter / name for name in ADAPTER_FILES]
+    @staticmethod
+    def outputs(ctx: StageContext) -> list[Path]:
+        return [ctx.paths.adapter / name for name in ADAPTER_FILES]
 
-    # -- evaluation of the fine-tuned model -------------------------------------------------
-    def eval_ft_inputs() -> dict[str, Any]:
-        return {**eval_inputs(), "adapter": [fingerprint_path(paths.adapter / name) for name in ADAPTER_FILES[:2]]}
 
-    def eval_ft_run(_resume: bool) -> dict[str, Any]:
-        from finqlora.evaluate.evaluation import evaluate
+class EvalFinetunedStage:
+    """The fine-tuned model on the same prompts, then the metrics."""
 
-        metrics = evaluate(_eval_options(config, paths, adapter=paths.adapter))
+    name = "eval_finetuned"
+
+    @staticmethod
+    def inputs(ctx: StageContext) -> dict[str, Any]:
+        adapter = [fingerprint_path(ctx.paths.adapter / name) for name in ADAPTER_FILES[:2]]
+        return {**EvalBaseStage.inputs(ctx), "adapter": adapter}
+
+    @staticmethod
+    def run(ctx: StageContext, _resume: bool) -> dict[str, Any]:
+        from finqlora.evaluate.evaluation import EvalOptions, evaluate
+
+        paths = ctx.paths
+        metrics = evaluate(EvalOptions.from_run(ctx.config, output=paths.eval_dir, data=paths.dataset, adapter=str(paths.adapter)))
         return {"metrics": str(paths.eval_dir / "metrics.json"), "rows": len(metrics.get("table", []))}
 
-    # -- report -----------------------------------------------------------------------------
-    def report_inputs() -> dict[str, Any]:
-        # The caches the metrics come from, not metrics.json, which the report itself enriches.
-        caches = [fingerprint_path(paths.eval_dir / name) for name in (*eval_files, "generations_finetuned.jsonl")]
-        return {"eval": caches, "training": fingerprint_path(paths.adapter / "training_info.json")}
+    @staticmethod
+    def outputs(ctx: StageContext) -> list[Path]:
+        return [ctx.paths.eval_dir / "generations_finetuned.jsonl"]
 
-    def report_run(_resume: bool) -> dict[str, Any]:
+
+class ReportStage:
+    """report.html / report.md from the evaluation's metrics.json and the training log."""
+
+    name = "report"
+
+    @staticmethod
+    def inputs(ctx: StageContext) -> dict[str, Any]:
+        eval_dir = ctx.paths.eval_dir
+        caches = [fingerprint_path(eval_dir / name) for name in (*BASE_EVAL_FILES, "generations_finetuned.jsonl", "metrics.json")]
+        return {"eval": caches, "training": fingerprint_path(ctx.paths.adapter / "training_info.json")}
+
+    @staticmethod
+    def run(ctx: StageContext, _resume: bool) -> dict[str, Any]:
         from finqlora.report.report import build_report
 
-        report = build_report(paths.eval_dir, paths.report_dir, training_dir=paths.adapter, title=f"finqlora run: {config.name}", recompute=False)
+        paths = ctx.paths
+        report = build_report(paths.eval_dir, paths.report_dir, training_dir=paths.adapter, title=f"finqlora run: {ctx.config.name}")
         return {"html": str(report.html)}
 
-    return [
-        Stage("database", database_inputs, database_run, lambda: [paths.sample_db] if data.db == "sample" else []),
-        Stage("check", lambda: {"db": db_fingerprint()}, check_run, lambda: []),
-        Stage("build", build_inputs, build_run, build_outputs),
-        Stage("eval_base", eval_inputs, eval_base_run, lambda: [paths.eval_dir / name for name in eval_files]),
-        Stage("train", train_inputs, train_run, train_outputs),
-        Stage("eval_finetuned", eval_ft_inputs, eval_ft_run, lambda: [paths.eval_dir / "generations_finetuned.jsonl"]),
-        Stage("report", report_inputs, report_run, lambda: [paths.report_dir / "report.html", paths.report_dir / "report.md"]),
-    ]
+    @staticmethod
+    def outputs(ctx: StageContext) -> list[Path]:
+        return [ctx.paths.report_dir / "report.html", ctx.paths.report_dir / "report.md"]
+
+
+STAGE_CLASSES = (DatabaseStage, CheckStage, BuildStage, EvalBaseStage, TrainStage, EvalFinetunedStage, ReportStage)
+
+
+def _bind(stage: type, ctx: StageContext) -> Stage:
+    return Stage(
+        stage.name,
+        inputs=lambda: stage.inputs(ctx),
+        run=lambda resume: stage.run(ctx, resume),
+        outputs=lambda: stage.outputs(ctx),
+    )
+
+
+def make_stages(config: RunConfig, paths: RunPaths) -> list[Stage]:
+    """The stages of `finqlora run` over `paths`, in the engine's order (`engine.STAGES`)."""
+    ctx = StageContext(config, paths)
+    stages = [_bind(stage, ctx) for stage in STAGE_CLASSES]
+    assert tuple(s.name for s in stages) == STAGES, "engine.STAGES and STAGE_CLASSES disagree"
+    return stages
 
 
 def headline(paths: RunPaths) -> dict[str, Any]:

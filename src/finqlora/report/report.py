@@ -1,15 +1,19 @@
 """The evaluation report: report.html (one self-contained file), report.md, slide PNGs.
 
-`build_report(run_dir, output_dir)` reads an evaluation folder (metrics.json, items.jsonl,
-generations_*.jsonl, per_item.jsonl, eval_config.json) and, when it can find it, the
-training folder (training_info.json, training_log.jsonl) of the adapter that was evaluated,
-and writes:
+`build_report(run_dir, output_dir)` reads an evaluation folder -- metrics.json (written by
+the eval stage, `finqlora.evaluate.scoring.compute_metrics`), items.jsonl, the generation and
+choice caches, per_item.jsonl -- and, when it can find it, the training folder
+(training_info.json, training_log.jsonl) of the adapter that was evaluated. It never writes
+into the evaluation folder's files; it writes only its own:
 
 * `report.html` -- inline CSS, charts as base64 PNG: opens offline in any browser, nothing
   fetched from the network;
 * `report.md` -- the same content for a thesis appendix or a repository page (it links the
   PNGs, which sit beside it);
 * `loss_curve.png`, `metrics_chart.png`, `metrics_table.png`, `confusion.png` -- for slides.
+
+Both pages are rendered from the jinja2 templates in `finqlora/report/templates/` with
+autoescaping on, so a model's answer can never inject markup.
 
 Examples are chosen by a fixed rule, never by hand: each item of a task is a *win*
 (fine-tuned right, base wrong), a *loss* (base right, fine-tuned wrong) or a *tie* (both
@@ -25,7 +29,7 @@ neutral) because a machine without CJK fonts would draw Chinese as empty boxes.
 from __future__ import annotations
 
 import base64
-import html
+import importlib.util
 import io
 import json
 import random
@@ -35,19 +39,19 @@ from pathlib import Path
 from typing import Any
 
 from finqlora.core.errors import FinqloraError
-from finqlora.evaluate.evaluation import read_cache
-from finqlora.core.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from finqlora.core.fileio import atomic_write_bytes, atomic_write_text
+from finqlora.evaluate.scoring import read_cache, read_json_file
 
 CHART_LABELS = {"利好": "bullish", "利空": "bearish", "中性": "neutral"}
 ROUGE_TIE_MARGIN = 0.05
 RATE_SUFFIXES = ("accuracy", "macro_f1", "parse_rate", "rouge_l")
+VARIANTS = ("base", "finetuned")
 
 
 @dataclass(frozen=True)
 class ReportPaths:
     html: Path
     markdown: Path
-    metrics: Path
     images: dict[str, Path]
 
 
@@ -81,12 +85,10 @@ def find_training_dir(run_dir: Path, meta: dict[str, Any]) -> Path | None:
     return None
 
 
-def _loss_points(training_dir: Path | None) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+def _loss_points(training_dir: Path | None, info: dict[str, Any] | None) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
     if training_dir is None:
         return [], []
-    info_path = training_dir / "training_info.json"
-    if info_path.exists():
-        info = json.loads(info_path.read_text(encoding="utf-8"))
+    if info:
         train = [(p["step"], p["loss"]) for p in info.get("train_losses") or []]
         val = [(p["step"], p["loss"]) for p in info.get("val_losses") or []]
         if train or val:
@@ -98,6 +100,16 @@ def _loss_points(training_dir: Path | None) -> tuple[list[tuple[float, float]], 
         if "eval_loss" in row and "step" in row:
             val.append((row["step"], row["eval_loss"]))
     return train, val
+
+
+def _read_metrics(eval_dir: Path) -> dict[str, Any]:
+    path = eval_dir / "metrics.json"
+    if not path.exists():
+        raise FinqloraError(
+            f"{eval_dir} has no metrics.json",
+            hint=f"run `finqlora eval ... --output {eval_dir}` (it reuses the cached answers and writes the metrics), then the report",
+        )
+    return read_json_file(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,22 +162,6 @@ def _figure(width: float, height: float) -> tuple[Any, Any]:
     import matplotlib.pyplot as plt
 
     return plt.subplots(figsize=(width, height))
-
-
-def loss_chart(train: list[tuple[float, float]], val: list[tuple[float, float]]) -> bytes | None:
-    if not train and not val:
-        return None
-    fig, ax = _figure(7, 3.6)
-    if train:
-        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", color="#4c78a8", linewidth=1.5)
-    if val:
-        ax.plot([s for s, _ in val], [v for _, v in val], label="validation loss", color="#e45756", marker="o", linewidth=1.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (answer tokens)")
-    ax.set_title("Training and validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _png(fig)
 
 
 def metrics_chart(table: list[dict[str, Any]]) -> bytes | None:
@@ -255,8 +251,10 @@ def select_examples(
     for item in items:
         scores = per_item.get(item["id"], {})
         base, tuned = scores.get("base", {}), scores.get("finetuned", {})
-        if "correct" in base and "correct" in tuned:
-            group = "win" if tuned["correct"] and not base["correct"] else "loss" if base["correct"] and not tuned["correct"] else "tie"
+        # Right/wrong of the generated answer, or of the chosen option where nothing was generated.
+        key = "correct" if "correct" in base and "correct" in tuned else "choice_correct"
+        if key in base and key in tuned:
+            group = "win" if tuned[key] and not base[key] else "loss" if base[key] and not tuned[key] else "tie"
         elif "rouge_l" in base and "rouge_l" in tuned:
             diff = tuned["rouge_l"] - base["rouge_l"]
             group = "win" if diff > ROUGE_TIE_MARGIN else "loss" if diff < -ROUGE_TIE_MARGIN else "tie"
@@ -292,7 +290,7 @@ def _returns_text(item: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sections shared by HTML and Markdown
+# What the templates show
 
 
 def _hyperparameters(training_info: dict[str, Any] | None) -> list[tuple[str, str]]:
@@ -318,30 +316,35 @@ def _hyperparameters(training_info: dict[str, Any] | None) -> list[tuple[str, st
 
 def _data_card(metrics: dict[str, Any], training_info: dict[str, Any] | None) -> list[tuple[str, str]]:
     meta = metrics.get("meta") or {}
+    tasks = metrics.get("tasks") or {}
     pairs = [
         ("test data", str(meta.get("data"))),
         ("test data sha256", str(meta.get("data_sha256"))),
         ("split", str(meta.get("split"))),
         ("items evaluated", str(metrics.get("n_items"))),
         ("items by task", ", ".join(f"{k}: {v}" for k, v in (metrics.get("items_by_task") or {}).items())),
+        ("scoring of closed-option tasks", str(meta.get("scoring", "generate"))),
     ]
-    news = (metrics.get("tasks") or {}).get("news_impact")
-    if news:
-        pairs.append(("news impact labels", ", ".join(f"{k}: {v}" for k, v in news["label_counts"].items())))
+    if tasks.get("news_impact"):
+        pairs.append(("news impact labels", ", ".join(f"{k}: {v}" for k, v in tasks["news_impact"]["label_counts"].items())))
     if training_info and training_info.get("dataset"):
         ds = training_info["dataset"]
         pairs.append(("training data", f"{ds.get('path')} (train {ds.get('train_records')}, val {ds.get('val_records')}, sha256 {str(ds.get('sha256'))[:16]})"))
     generation = meta.get("generation") or {}
     if generation:
         pairs.append(("generation (both models)", ", ".join(f"{k}={v}" for k, v in generation.items()) + f", batch_size={meta.get('batch_size')}"))
-    pairs.append(("model", f"{meta.get('model')} + adapter {meta.get('adapter')}"))
+    pairs.append(("model", f"{meta.get('model')} + adapter {meta.get('adapter')}" + (" (merged for evaluation)" if meta.get("adapter_merged") else "")))
     pairs.append(("device", f"{meta.get('device')} ({meta.get('dtype')})"))
-    for variant, cost in (metrics.get("generation_cost") or {}).items():
-        pairs.append((
-            f"generation ({variant})",
-            f"{cost['items']} answers, {cost['seconds']} s, {cost['new_tokens']} new tokens ({cost['tokens_per_s']} tokens/s), "
-            f"{cost['hit_max_new_tokens']} stopped at max_new_tokens",
-        ))
+    for variant in VARIANTS:
+        cost = (metrics.get("generation_cost") or {}).get(variant)
+        if cost and cost.get("items"):
+            pairs.append((f"generation ({variant})", f"{cost['items']} answers, {cost['seconds']} s, {cost['new_tokens']} new tokens "
+                                                     f"({cost['tokens_per_s']} tokens/s), {cost['hit_max_new_tokens']} stopped at max_new_tokens"))
+    speed = (meta.get("timings") or {}).get("generation_speed")
+    if speed:
+        pairs.append(("generation speed, same run", f"fine-tuned {speed['finetuned_tokens_per_s']} vs base {speed['base_tokens_per_s']} tokens/s (ratio {speed['ratio']})"))
+    if (tasks.get("overlap") or {}).get("bleu_signature"):
+        pairs.append(("BLEU (sacreBLEU signature)", tasks["overlap"]["bleu_signature"]))
     return pairs
 
 
@@ -358,160 +361,109 @@ def _verdict_summary(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-# ---------------------------------------------------------------------------------------------
-# HTML
-
-_CSS = """
-body{font-family:-apple-system,"Segoe UI","PingFang SC","Microsoft YaHei","Noto Sans CJK SC",sans-serif;margin:2rem auto;max-width:1150px;color:#1f2933;line-height:1.5;padding:0 1rem}
-h1{font-size:1.7rem;margin-bottom:.2rem}h2{border-bottom:2px solid #e4e7eb;padding-bottom:.2rem;margin-top:2.2rem}
-table{border-collapse:collapse;width:100%;font-size:.9rem;margin:.6rem 0}th,td{border:1px solid #d9dee3;padding:.35rem .5rem;text-align:left;vertical-align:top}
-th{background:#f0f4f8}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-.better{color:#1b7f3b;font-weight:600}.worse{color:#b42318;font-weight:600}.same{color:#52606d}
-.muted{color:#616e7c;font-size:.88rem}img{max-width:100%;border:1px solid #e4e7eb;border-radius:4px;margin:.4rem 0}
-.pair{display:grid;grid-template-columns:1fr 1fr;gap:.6rem}.box{background:#f8fafc;border:1px solid #e4e7eb;border-radius:4px;padding:.5rem;white-space:pre-wrap;font-size:.86rem;overflow-wrap:anywhere}
-.example{border:1px solid #cbd2d9;border-radius:6px;padding:.7rem;margin:1rem 0}.tag{display:inline-block;padding:0 .45rem;border-radius:3px;font-size:.8rem;color:#fff}
-.win{background:#1b7f3b}.loss{background:#b42318}.tie{background:#7b8794}
-"""
+def _metric_rows(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{
+        "name": row["name"], "n": row["n"], "test": row["test"], "p": format_p(row.get("p_value")), "verdict": row["verdict"],
+        "tone": "better" if "better" in row["verdict"] else "worse" if "worse" in row["verdict"] else "same",
+        "base": format_value(row, row["base"]), "base_ci": format_interval(row, row["base_ci"]),
+        "finetuned": format_value(row, row["finetuned"]), "finetuned_ci": format_interval(row, row["finetuned_ci"]),
+        "delta": format_value(row, row["delta"], signed=True), "delta_ci": format_interval(row, row["delta_ci"], signed=True),
+    } for row in table]
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value))
-
-
-def _kv_table(pairs: list[tuple[str, str]]) -> str:
-    if not pairs:
-        return "<p class='muted'>not available</p>"
-    return "<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in pairs) + "</table>"
-
-
-def _verdict_class(verdict: str) -> str:
-    return "better" if "better" in verdict else "worse" if "worse" in verdict else "same"
-
-
-def _metrics_table_html(table: list[dict[str, Any]]) -> str:
-    head = "<tr><th>metric</th><th>n</th><th>base [95% CI]</th><th>fine-tuned [95% CI]</th><th>delta [95% CI]</th><th>test</th><th>p</th><th>verdict</th></tr>"
-    body = []
-    for row in table:
-        body.append(
-            "<tr>"
-            f"<td>{_e(row['name'])}</td><td class='num'>{row['n']}</td>"
-            f"<td class='num'>{_e(format_value(row, row['base']))} <span class='muted'>{_e(format_interval(row, row['base_ci']))}</span></td>"
-            f"<td class='num'>{_e(format_value(row, row['finetuned']))} <span class='muted'>{_e(format_interval(row, row['finetuned_ci']))}</span></td>"
-            f"<td class='num'>{_e(format_value(row, row['delta'], signed=True))} <span class='muted'>{_e(format_interval(row, row['delta_ci'], signed=True))}</span></td>"
-            f"<td>{_e(row['test'])}</td><td class='num'>{_e(format_p(row.get('p_value')))}</td>"
-            f"<td class='{_verdict_class(row['verdict'])}'>{_e(row['verdict'])}</td>"
-            "</tr>"
-        )
-    return f"<table>{head}{''.join(body)}</table>"
-
-
-def _baselines_html(tasks: dict[str, Any]) -> str:
-    parts = []
-    blocks = [("news_impact", tasks.get("news_impact"))] + [(f"benchmark {k}", v) for k, v in (tasks.get("benchmarks") or {}).items()]
+def _baseline_rows(tasks: dict[str, Any]) -> list[dict[str, str]]:
+    blocks = [("news_impact", tasks.get("news_impact")), ("market_analysis", tasks.get("market_analysis"))]
+    blocks += [(f"benchmark {name}", block) for name, block in (tasks.get("benchmarks") or {}).items()]
+    blocks += [(f"{name} (choice)", block) for name, block in (tasks.get("choice") or {}).items()]
+    rows = []
     for name, block in blocks:
         if not block:
             continue
-        base = block["baselines"]
-        parts.append(
-            f"<tr><td>{_e(name)}</td><td class='num'>{base['majority']['accuracy'] * 100:.1f}% (always {_e(base['majority']['class'])})</td>"
-            f"<td class='num'>{base['majority']['macro_f1'] * 100:.1f}%</td><td class='num'>{base['random']['accuracy'] * 100:.1f}%</td>"
-            f"<td class='num'>{base['random']['macro_f1'] * 100:.1f}%</td></tr>"
-        )
-    if not parts:
-        return ""
-    return ("<h3>Baselines</h3><table><tr><th>task</th><th>majority accuracy</th><th>majority macro-F1</th><th>random accuracy</th><th>random macro-F1 (expected)</th></tr>"
-            + "".join(parts) + "</table>")
+        majority, chance = block["baselines"]["majority"], block["baselines"]["random"]
+        rows.append({"task": name, "majority_accuracy": f"{majority['accuracy'] * 100:.1f}% (always {majority['class']})",
+                     "majority_f1": f"{majority['macro_f1'] * 100:.1f}%", "random_accuracy": f"{chance['accuracy'] * 100:.1f}%",
+                     "random_f1": f"{chance['macro_f1'] * 100:.1f}%"})
+    return rows
 
 
-def _breakdown_html(block: dict[str, Any] | None) -> str:
+def _breakdown_rows(block: dict[str, Any] | None) -> list[dict[str, Any]]:
     if not block or not block.get("by_ticker_window"):
-        return ""
-    rows = "".join(
-        f"<tr><td>{_e(group)}</td><td class='num'>{values['n']}</td><td class='num'>{values['base']['accuracy'] * 100:.1f}%</td>"
-        f"<td class='num'>{values['finetuned']['accuracy'] * 100:.1f}%</td><td class='num'>{values['base']['macro_f1'] * 100:.1f}%</td>"
-        f"<td class='num'>{values['finetuned']['macro_f1'] * 100:.1f}%</td></tr>"
-        for group, values in block["by_ticker_window"].items()
-    )
-    return ("<h3>News impact by ticker and window</h3><table><tr><th>ticker @ window</th><th>n</th><th>base accuracy</th><th>fine-tuned accuracy</th>"
-            f"<th>base macro-F1</th><th>fine-tuned macro-F1</th></tr>{rows}</table>")
+        return []
+    return [{"group": group, "n": values["n"], **{f"{v}_{m}": f"{values[v][m] * 100:.1f}%" for v in VARIANTS for m in ("accuracy", "macro_f1")}}
+            for group, values in block["by_ticker_window"].items()]
 
 
-def _examples_html(examples: dict[str, dict[str, Any]], outputs: dict[str, dict[str, str]], per_item: dict[str, dict[str, Any]], per_group: int, seed: int) -> str:
-    parts = [
-        f"<p class='muted'>Rule: each item is a win (fine-tuned right, base wrong), loss (base right, fine-tuned wrong) or tie; "
-        f"tasks without a right/wrong label use ROUGE-L (difference &gt; {ROUGE_TIE_MARGIN} either way, else tie). "
-        f"Up to {per_group} items per group are drawn at random (seed {seed}); nothing is picked by hand.</p>"
-    ]
+def _example_views(examples: dict[str, dict[str, Any]], outputs: dict[str, dict[str, str]], per_item: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    views = []
     for task, chosen in examples.items():
-        counts = chosen["counts"]
-        parts.append(f"<h3>{_e(task)} <span class='muted'>(wins {counts['win']}, losses {counts['loss']}, ties {counts['tie']})</span></h3>")
+        shown = []
         for group in ("win", "loss", "tie"):
             for item in chosen["shown"][group]:
                 scores = per_item.get(item["id"], {})
-                returns = _returns_text(item)
-                parts.append(
-                    f"<div class='example'><span class='tag {group}'>{group}</span> <b>{_e(item['id'])}</b>"
-                    f"<div class='box'>{_e(question_text(item))}</div>"
-                    + (f"<p><b>Realized returns</b></p><div class='box'>{_e(returns)}</div>" if returns else "")
-                    + f"<p><b>Reference</b></p><div class='box'>{_e(item.get('reference', ''))}</div>"
-                    f"<div class='pair'><div><b>Base</b> <span class='muted'>parsed: {_e(scores.get('base', {}).get('parsed'))}</span>"
-                    f"<div class='box'>{_e(outputs['base'].get(item['id'], ''))}</div></div>"
-                    f"<div><b>Fine-tuned</b> <span class='muted'>parsed: {_e(scores.get('finetuned', {}).get('parsed'))}</span>"
-                    f"<div class='box'>{_e(outputs['finetuned'].get(item['id'], ''))}</div></div></div></div>"
-                )
-    return "".join(parts)
+                answers = {}
+                for v in VARIANTS:
+                    s = scores.get(v, {})
+                    note = f"parsed: {s.get('parsed')}" if "parsed" in s else ""
+                    if "choice" in s:
+                        note = (note + "; " if note else "") + f"choice: {s['choice']}"
+                    answers[v] = {"text": outputs[v].get(item["id"], "(not generated: choice scoring only)"), "note": note}
+                shown.append({"group": group, "id": item["id"], "question": question_text(item), "returns": _returns_text(item),
+                              "reference": item.get("reference", ""), "answers": answers})
+        views.append({"task": task, "counts": chosen["counts"], "shown": shown})
+    return views
 
 
-def _img(images: dict[str, bytes], name: str, alt: str) -> str:
-    if name not in images:
-        return ""
-    data = base64.b64encode(images[name]).decode("ascii")
-    return f"<img alt='{_e(alt)}' src='data:image/png;base64,{data}'>"
+def _blind_ratings(run_dir: Path) -> list[dict[str, Any]]:
+    """Rounds of the browser's blind A/B rating (`finqlora ui`), when that module is installed."""
+    if importlib.util.find_spec("finqlora.evaluate.ratings") is None:
+        return []
+    from finqlora.evaluate.ratings import summarize_rounds
+
+    def percent(value: Any) -> str:
+        return "n/a" if value is None else f"{value * 100:.1f}%"
+
+    views = []
+    for round_ in summarize_rounds(run_dir):
+        kappas = [f"{key}: {value:.3f}" if isinstance(value, (int, float)) else f"{key}: {value}"
+                  for key, value in round_.items() if "kappa" in key and value is not None]
+        means = round_.get("mean_scores") or {}
+        scores = [f"{field}: {means.get('base', {}).get(field)} → {means.get('finetuned', {}).get(field)}" for field in ("professional", "accuracy")]
+        views.append({**round_, "win_rate_text": percent(round_.get("win_rate")),
+                      "win_ci_text": f"[{percent(round_.get('win_ci_low'))}, {percent(round_.get('win_ci_high'))}]",
+                      "kappa_text": "; ".join(kappas) or "n/a", "scores_text": "; ".join(scores) if means else "n/a"})
+    return views
 
 
-# ---------------------------------------------------------------------------------------------
-# Markdown
+def _environment() -> Any:
+    import jinja2
+
+    def md_cell(value: Any) -> Any:
+        # Escape first (autoescape's rule), then keep the Markdown table intact.
+        return jinja2.utils.markupsafe.Markup(str(jinja2.utils.markupsafe.escape(str(value))).replace("|", "\\|").replace("\n", "<br>"))
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("finqlora.report", "templates"),
+                             autoescape=jinja2.select_autoescape(enabled_extensions=("html", "md")), trim_blocks=True, lstrip_blocks=True,
+                             undefined=jinja2.StrictUndefined)
+    env.filters["md_cell"] = md_cell
+    return env
 
 
-def _md_cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", "<br>")
+def _charts(metrics: dict[str, Any], train_dir: Path | None, training_info: dict[str, Any] | None, output: Path) -> dict[str, Path]:
+    from finqlora.core.loss_plot import plot_losses
 
-
-def _markdown(title: str, metrics: dict[str, Any], hyper: list[tuple[str, str]], card: list[tuple[str, str]], images: dict[str, Path],
-              examples: dict[str, dict[str, Any]], outputs: dict[str, dict[str, str]], per_group: int, seed: int) -> str:
-    lines = [f"# {title}", "", f"Generated {metrics.get('meta', {}).get('created_utc', '')}. Significance level {metrics['significance_level']}; "
-             f"intervals: 95% percentile bootstrap ({metrics['bootstrap']['resamples']} resamples, paired for deltas).", ""]
-    lines += ["## Summary", ""] + [f"- {line}" for line in _verdict_summary(metrics)] + [""]
-    lines += ["## Metrics", "", "| metric | n | base [95% CI] | fine-tuned [95% CI] | delta [95% CI] | test | p | verdict |", "|---|---:|---:|---:|---:|---|---:|---|"]
-    for row in metrics["table"]:
-        lines.append(
-            f"| {_md_cell(row['name'])} | {row['n']} | {format_value(row, row['base'])} {format_interval(row, row['base_ci'])} | "
-            f"{format_value(row, row['finetuned'])} {format_interval(row, row['finetuned_ci'])} | "
-            f"{format_value(row, row['delta'], signed=True)} {format_interval(row, row['delta_ci'], signed=True)} | {row['test']} | {format_p(row.get('p_value'))} | {row['verdict']} |"
-        )
-    lines.append("")
-    for name, path in images.items():
-        lines += [f"![{name}]({path.name})", ""]
-    lines += ["## Hyperparameters", ""] + ([f"- **{_md_cell(k)}**: {_md_cell(v)}" for k, v in hyper] or ["not available (no training_info.json found)"]) + [""]
-    lines += ["## Data card", ""] + [f"- **{_md_cell(k)}**: {_md_cell(v)}" for k, v in card] + [""]
-    lines += ["## Examples", "", f"Rule: win = fine-tuned right and base wrong, loss = the reverse, tie = both right or both wrong (ROUGE-L margin {ROUGE_TIE_MARGIN} "
-              f"for tasks without a right/wrong label); up to {per_group} per group drawn at random with seed {seed}.", ""]
-    for task, chosen in examples.items():
-        counts = chosen["counts"]
-        lines += [f"### {task} (wins {counts['win']}, losses {counts['loss']}, ties {counts['tie']})", ""]
-        for group in ("win", "loss", "tie"):
-            for item in chosen["shown"][group]:
-                lines += [f"#### {group}: {item['id']}", "", "**Prompt**", "", "```text", question_text(item), "```", ""]
-                returns = _returns_text(item)
-                if returns:
-                    lines += ["**Realized returns**", "", "```text", returns, "```", ""]
-                lines += ["**Reference**", "", "```text", item.get("reference", ""), "```", "",
-                          "| base | fine-tuned |", "|---|---|", f"| {_md_cell(outputs['base'].get(item['id'], ''))} | {_md_cell(outputs['finetuned'].get(item['id'], ''))} |", ""]
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry point
+    images: dict[str, Path] = {}
+    train_points, val_points = _loss_points(train_dir, training_info)
+    if train_points or val_points:
+        best = (training_info or {}).get("best_step")
+        images["loss_curve"] = plot_losses(train_points, val_points, output / "loss_curve.png", best_step=best)
+    tasks = metrics.get("tasks") or {}
+    charts = {
+        "metrics_chart": metrics_chart(metrics["table"]),
+        "metrics_table": table_chart(metrics["table"]),
+        "confusion": confusion_chart(tasks["news_impact"]) if "news_impact" in tasks else None,
+    }
+    images.update({name: atomic_write_bytes(output / f"{name}.png", data) for name, data in charts.items() if data is not None})
+    return images
 
 
 def build_report(
@@ -522,61 +474,34 @@ def build_report(
     title: str | None = None,
     examples_per_group: int = 2,
     seed: int = 0,
-    recompute: bool = True,
 ) -> ReportPaths:
-    """Write report.html, report.md, metrics.json (recomputed from the caches) and PNGs."""
-    from finqlora.evaluate.evaluation import compute_metrics
-
+    """Write report.html, report.md and the PNGs into `output_dir` (default: the eval folder)."""
     eval_dir = find_eval_dir(Path(run_dir))
     output = Path(output_dir) if output_dir is not None else eval_dir
     output.mkdir(parents=True, exist_ok=True)
-    if recompute and (eval_dir / "items.jsonl").exists():
-        metrics = compute_metrics(eval_dir, seed=seed)
-    else:
-        metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
+    metrics = _read_metrics(eval_dir)
     meta = metrics.get("meta") or {}
     train_dir = Path(training_dir) if training_dir else find_training_dir(Path(run_dir), meta)
-    training_info = json.loads((train_dir / "training_info.json").read_text(encoding="utf-8")) if train_dir and (train_dir / "training_info.json").exists() else None
+    info_file = train_dir / "training_info.json" if train_dir else None
+    training_info = read_json_file(info_file) if info_file and info_file.exists() else None
 
     items = read_cache(eval_dir / "items.jsonl")
     per_item = {row["id"]: row for row in read_cache(eval_dir / "per_item.jsonl")}
-    outputs = {v: {row["id"]: row["output"] for row in read_cache(eval_dir / f"generations_{v}.jsonl")} for v in ("base", "finetuned")}
+    outputs = {v: {row["id"]: row["output"] for row in read_cache(eval_dir / f"generations_{v}.jsonl")} for v in VARIANTS}
     examples = select_examples(items, per_item, per_group=examples_per_group, seed=seed)
-
-    train_points, val_points = _loss_points(train_dir)
-    charts = {
-        "loss_curve": loss_chart(train_points, val_points),
-        "metrics_chart": metrics_chart(metrics["table"]),
-        "metrics_table": table_chart(metrics["table"]),
-        "confusion": confusion_chart(metrics["tasks"]["news_impact"]) if "news_impact" in metrics.get("tasks", {}) else None,
+    images = _charts(metrics, train_dir, training_info, output)
+    choice_blocks = (metrics.get("tasks") or {}).get("choice") or {}
+    page = {
+        "title": title or f"finqlora evaluation: {meta.get('model', 'model')} before vs after fine-tuning",
+        "created": meta.get("created_utc", ""), "significance": metrics["significance_level"], "resamples": metrics["bootstrap"]["resamples"],
+        "summary": _verdict_summary(metrics), "rows": _metric_rows(metrics["table"]), "baselines": _baseline_rows(metrics.get("tasks") or {}),
+        "breakdown": _breakdown_rows((metrics.get("tasks") or {}).get("news_impact")),
+        "choice_note": next((block["normalisation"] for block in choice_blocks.values()), None),
+        "hyper": _hyperparameters(training_info), "card": _data_card(metrics, training_info), "ratings": _blind_ratings(eval_dir),
+        "examples": _example_views(examples, outputs, per_item), "per_group": examples_per_group, "seed": seed, "margin": ROUGE_TIE_MARGIN,
     }
-    images = {name: data for name, data in charts.items() if data is not None}
-    image_paths = {name: atomic_write_bytes(output / f"{name}.png", data) for name, data in images.items()}
-
-    title = title or f"finqlora evaluation: {meta.get('model', 'model')} before vs after fine-tuning"
-    hyper = _hyperparameters(training_info)
-    card = _data_card(metrics, training_info)
-    summary = "".join(f"<li>{_e(line)}</li>" for line in _verdict_summary(metrics))
-    page = (
-        "<!DOCTYPE html><html lang='zh-CN'><head><meta charset='utf-8'><meta name='viewport' content='width=device-width,initial-scale=1'>"
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>{_e(title)}</h1><p class='muted'>Generated {_e(meta.get('created_utc', ''))}. Significance level {metrics['significance_level']}; "
-        f"intervals are 95% percentile bootstrap ({metrics['bootstrap']['resamples']} resamples of test items, paired for deltas).</p>"
-        + (f"<h2>Summary</h2><ul>{summary}</ul>" if summary else "")
-        + "<h2>Metrics</h2>" + _metrics_table_html(metrics["table"]) + _img(images, "metrics_chart", "base vs fine-tuned metrics")
-        + _baselines_html(metrics.get("tasks", {})) + _breakdown_html(metrics.get("tasks", {}).get("news_impact"))
-        + _img(images, "confusion", "confusion matrices")
-        + "<h2>Training</h2>" + (_img(images, "loss_curve", "loss curves") or "<p class='muted'>no training log found</p>")
-        + "<h3>Hyperparameters</h3>" + _kv_table(hyper)
-        + "<h2>Data card</h2>" + _kv_table(card)
-        + "<h2>Examples</h2>" + _examples_html(examples, outputs, per_item, examples_per_group, seed)
-        + "</body></html>"
-    )
-    html_path = atomic_write_text(output / "report.html", page)
-    md_path = atomic_write_text(output / "report.md", _markdown(title, metrics, hyper, card, image_paths, examples, outputs, examples_per_group, seed))
-    # metrics.json carries the run's hyperparameters and data card too (for other tools).
-    metrics["training"] = {"dir": str(train_dir) if train_dir else None, "hyperparameters": dict(hyper), "data_card": dict(card)}
-    metrics_path = atomic_write_json(eval_dir / "metrics.json", metrics)
-    if output != eval_dir:
-        metrics_path = atomic_write_json(output / "metrics.json", metrics)
-    return ReportPaths(html_path, md_path, metrics_path, image_paths)
+    env = _environment()
+    embedded = {name: base64.b64encode(path.read_bytes()).decode("ascii") for name, path in images.items()}
+    html_path = atomic_write_text(output / "report.html", env.get_template("report.html").render(**page, images=embedded))
+    md_path = atomic_write_text(output / "report.md", env.get_template("report.md").render(**page, images={name: path.name for name, path in images.items()}))
+    return ReportPaths(html_path, md_path, images)

@@ -39,6 +39,12 @@ import torch
 log = logging.getLogger(__name__)
 
 
+# A token of the BPE vocabularies served here is 1-2 Chinese characters or ~4 English ones;
+# 16 leaves room for long tokens (runs of spaces or digits) so that no prompt that fits
+# max_prompt_tokens is refused by the character count.
+CHARS_PER_TOKEN_BOUND = 16
+
+
 @dataclass(frozen=True)
 class BatchLimits:
     """Capacity and per-request limits of one server (all enforced at submission)."""
@@ -50,6 +56,9 @@ class BatchLimits:
     max_new_tokens: int = 1024  # the largest max_tokens a request may ask for
     default_max_new_tokens: int = 256  # when a request does not say
     request_timeout_s: float = 300.0  # queueing + generation; then the job fails with 504
+    # Characters of prompt text accepted before tokenizing (None: CHARS_PER_TOKEN_BOUND per
+    # allowed token), so that a huge prompt is refused without paying for its tokenization.
+    max_prompt_chars: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_new_tokens", "default_max_new_tokens"):
@@ -57,6 +66,14 @@ class BatchLimits:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_window_ms < 0 or self.request_timeout_s <= 0:
             raise ValueError("batch_window_ms must be >= 0 and request_timeout_s > 0")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ValueError(f"max_prompt_chars must be at least 1, got {self.max_prompt_chars}")
+
+    @property
+    def prompt_chars_limit(self) -> int:
+        if self.max_prompt_chars is not None:
+            return self.max_prompt_chars
+        return CHARS_PER_TOKEN_BOUND * self.max_prompt_tokens
 
 
 @dataclass(frozen=True)

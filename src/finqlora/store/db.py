@@ -7,13 +7,18 @@ Tables (see docs/store.md for every column):
   'YYYY-MM-DDTHH:MM:SSZ'), `ts_utc` (unix seconds), `tz_offset_min` (the offset the source
   gave, e.g. 480 for +08:00), `importance` (the source's raw level, e.g. CLS A/B/C),
   `subjects` (JSON list), `url`, and `primary_event_id` (set when the row is a cross-source
-  duplicate of another event; NULL for primaries).
+  duplicate of another event; NULL for primaries), and `stocks` (JSON list of
+  {"code", "name"}: the stocks the source links to the event, e.g. CLS `stock_list`).
 - `event_impacts(event_id, ticker, window_min, ret, ...)`: `ret` is a FRACTION (0.0012 =
   +0.12%). `window_min` 5/10/15/30/120 is the post-event return close(t0+w)/close(t0)-1; a
   NEGATIVE `window_min` -w (-120, -30, ...) is the pre-event return close(t0)/close(t0-w)-1,
   so users' queries on 5..120 keep meaning "after the event". A return that cannot be known
   (no bar at a window end) is stored as `ret` NULL with a `status` saying why; never zero.
 - `prices(ticker, ts, open, high, low, close, volume)`: OHLCV bars, `ts` unix seconds UTC.
+- `price_batches(batch_id, ticker, first_ts, last_ts, bars)`: the time range of the new bars of
+  each ingest, so `compute_impacts` can redo the events whose windows later bars cover (bars
+  loaded out of order), and `finqlora_meta` key `impacts_price_batch:<ticker>` the last batch
+  the stored impacts have seen.
 - `finqlora_meta(key, value)`: schema version and provenance (e.g. `synthetic` = `true` for
   the sample database).
 - view `event_impacts_wide`: one row per (event, ticker) with `ret_post_5m` .. `ret_post_120m`,
@@ -25,7 +30,10 @@ API; it is changed only by `migrate_db`, which backs it up first.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import math
 import re
 import shutil
 import sqlite3
@@ -39,9 +47,18 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from finqlora.core.errors import FinqloraError
 
-SCHEMA_VERSION = 1
+# 2: events.stocks (the stock links a source gives an event) and the price_batches table. A
+# version-1 finqlora store is brought up to date in place by `open_store` (tables and columns
+# are only added, never changed).
+SCHEMA_VERSION = 2
 _UNIX_RE = re.compile(r"\d{9,13}(\.\d+)?")  # unix seconds or milliseconds, not e.g. '20260601'
 SQLITE_MAGIC = b"SQLite format 3\x00"
+# How long a write waits for another writer's lock before giving up (seconds).
+BUSY_TIMEOUT_S = 10.0
+# Publication times and bar times must lie in [1900, 2200): anything else is a unit or data
+# error (e.g. ctime -99999999999 would be the year -1199), not a time.
+MIN_TS = -2_208_988_800  # 1900-01-01T00:00:00Z
+MAX_TS = 7_258_118_400  # 2200-01-01T00:00:00Z
 
 # Post-event windows users' queries expect, in minutes; pre-event windows are stored negated.
 DEFAULT_WINDOWS = (5, 10, 15, 30, 120)
@@ -77,6 +94,7 @@ EVENT_COLUMNS: dict[str, str] = {
     "subjects": "TEXT",
     "url": "TEXT",
     "primary_event_id": "TEXT",
+    "stocks": "TEXT",
 }
 
 IMPACT_COLUMNS: dict[str, str] = {
@@ -124,6 +142,13 @@ CREATE TABLE IF NOT EXISTS prices (
     {", ".join(f"{name} {decl}" for name, decl in PRICE_COLUMNS.items())},
     PRIMARY KEY (ticker, ts)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS price_batches (
+    batch_id INTEGER PRIMARY KEY,
+    ticker TEXT NOT NULL,
+    first_ts INTEGER NOT NULL,
+    last_ts INTEGER NOT NULL,
+    bars INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS finqlora_meta (
     key TEXT PRIMARY KEY,
     value TEXT
@@ -149,6 +174,8 @@ class Event:
     primary_event_id: str | None
     importance: str | None = None
     subjects: list[str] = field(default_factory=list)
+    # Codes of the linked stocks ('sz001373'); the name where the source gave no code.
+    stocks: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,11 +211,15 @@ def parse_time(value: object, *, tz: ZoneInfo | timezone | None) -> tuple[int, i
     """
     if value is None or value == "":
         return None
+    if isinstance(value, bool):
+        raise ValueError(f"time {value!r} is a boolean, not a time")
     if isinstance(value, (int, float)) or (isinstance(value, str) and _UNIX_RE.fullmatch(value.strip())):
         seconds = float(value)
+        if not math.isfinite(seconds):
+            raise ValueError(f"time {value!r} is not a finite number")
         if seconds > 1e11:  # milliseconds
             seconds /= 1000.0
-        ts = int(seconds)
+        ts = check_ts(int(seconds), value)
         offset = 0
         if tz is not None:
             delta = datetime.fromtimestamp(ts, tz).utcoffset()
@@ -200,14 +231,33 @@ def parse_time(value: object, *, tz: ZoneInfo | timezone | None) -> tuple[int, i
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError as exc:
-        raise ValueError(f"cannot read {value!r} as a time (expected ISO-8601 or unix seconds)") from exc
+        raise ValueError(f"cannot read {_shorten(value)} as a time (expected ISO-8601 or unix seconds)") from exc
     if parsed.tzinfo is None:
         if tz is None:
             raise ValueError(f"time {value!r} has no time zone")
         parsed = parsed.replace(tzinfo=tz)
     delta = parsed.utcoffset()
     offset = int(delta.total_seconds() // 60) if delta is not None else 0
-    return int(parsed.timestamp()), offset
+    try:
+        stamp = int(parsed.timestamp())
+    except (OverflowError, OSError, ValueError) as exc:
+        raise ValueError(f"time {_shorten(value)} is outside the years 1900-2199") from exc
+    return check_ts(stamp, value), offset
+
+
+def check_ts(ts: int, value: object = None) -> int:
+    """`ts` if it lies in [MIN_TS, MAX_TS) (1900-2199), else a ValueError quoting `value`."""
+    if not MIN_TS <= ts < MAX_TS:
+        raise ValueError(
+            f"time {_shorten(ts if value is None else value)} is outside the years 1900-2199 "
+            "(unix seconds or milliseconds expected)"
+        )
+    return ts
+
+
+def _shorten(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,29 +289,93 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
                 f"database {db_path} does not exist",
                 hint="create it with `finqlora db init --db PATH` or `finqlora db sample --db PATH`",
             )
-        conn = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True)
-    else:
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(db_path)
-    conn.execute("PRAGMA busy_timeout = 10000")
+    try:
+        if readonly:
+            conn = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True)
+        else:
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(db_path)
+    except (OSError, sqlite3.Error) as exc:
+        raise store_error(exc, db_path) or FinqloraError(
+            f"cannot open {db_path}: {exc}", hint="check the path and that its folder exists and is writable"
+        ) from exc
+    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
     try:
         conn.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
     except sqlite3.DatabaseError as exc:
         conn.close()
-        raise FinqloraError(f"{db_path} cannot be read as SQLite: {exc}", hint="the file may be damaged; restore it from a backup") from exc
+        raise store_error(exc, db_path) or FinqloraError(
+            f"{db_path} cannot be read as SQLite: {exc}", hint="the file may be damaged; restore it from a backup"
+        ) from exc
     return conn
+
+
+def store_error(exc: BaseException, path: str | Path | None) -> FinqloraError | None:
+    """A clear FinqloraError for the ways writing a store fails (read-only, locked, full, I/O).
+
+    None for other errors (constraint violations, bugs), which callers let through as they are.
+    """
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc).lower()
+    where = str(path) if path else "the database"
+    if name.startswith("SQLITE_READONLY") or "readonly database" in text:
+        return FinqloraError(
+            f"{where} is read-only: {exc}",
+            hint="check the file's and its folder's permissions (or the mount), or work on a copy; nothing was stored",
+        )
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in text:
+        return FinqloraError(
+            f"{where} is locked by another writer (waited {BUSY_TIMEOUT_S:g} s)",
+            hint="another finqlora command (or a program such as a DB browser) is writing to it: "
+            "wait for it to finish, close it, and run this again; nothing was stored",
+        )
+    if name == "SQLITE_FULL" or "disk is full" in text or getattr(exc, "errno", None) == errno.ENOSPC:
+        return FinqloraError(
+            f"{where}: the disk is full ({exc})",
+            hint="free some disk space (SQLite needs room for its journal too) and run this again; nothing was stored",
+        )
+    if name.startswith(("SQLITE_CANTOPEN", "SQLITE_IOERR")) or "unable to open database" in text or "disk i/o error" in text:
+        return FinqloraError(
+            f"cannot write {where}: {exc}",
+            hint="check that the file's folder exists and is writable (SQLite writes a journal beside the file) "
+            "and that the disk is healthy; nothing was stored",
+        )
+    return None
+
+
+def _database_path(conn: sqlite3.Connection) -> str | None:
+    try:
+        for _, name, file in conn.execute("PRAGMA database_list"):
+            if name == "main":
+                return file or None
+    except sqlite3.Error:
+        pass
+    return None
 
 
 @contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error: all or nothing."""
-    conn.execute("BEGIN IMMEDIATE")
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error: all or nothing.
+
+    A read-only file, a lock held past BUSY_TIMEOUT_S, a full disk or an I/O error become a
+    FinqloraError that says so (`store_error`); other errors pass through unchanged.
+    """
     try:
-        yield conn
-    except BaseException:
-        conn.rollback()
-        raise
-    conn.commit()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.rollback()
+            raise
+        conn.commit()
+    except sqlite3.Error as exc:
+        with contextlib.suppress(sqlite3.Error):
+            conn.rollback()
+        error = store_error(exc, _database_path(conn))
+        if error is None:
+            raise
+        raise error from exc
 
 
 def table_columns(conn: sqlite3.Connection, table: str) -> list[str]:
@@ -290,6 +404,7 @@ def init_db(path: str | Path) -> Path:
         with transaction(conn):
             for statement in _split_sql(_SCHEMA_SQL):
                 conn.execute(statement)
+            _add_missing_columns(conn)
             set_meta(conn, "schema_version", str(SCHEMA_VERSION))
             conn.execute(
                 "INSERT OR IGNORE INTO finqlora_meta(key, value) VALUES ('created_at', ?)",
@@ -326,13 +441,41 @@ def open_store(path: str | Path) -> sqlite3.Connection:
     conn = connect(db_path)
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     meta = get_meta(conn)
-    if "finqlora_meta" not in tables or int(meta.get("schema_version", 0)) < SCHEMA_VERSION:
+    version = int(meta.get("schema_version", 0) or 0)
+    if "finqlora_meta" in tables and 1 <= version < SCHEMA_VERSION:
+        _upgrade_store(conn)
+        version = SCHEMA_VERSION
+    if "finqlora_meta" not in tables or version < SCHEMA_VERSION:
         conn.close()
         raise FinqloraError(
             f"{db_path} is not (yet) a finqlora store: it lacks tables or columns finqlora writes to",
             hint=f"run `finqlora db check --db {db_path} --migrate` (it backs the file up first)",
         )
     return conn
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> list[str]:
+    """Add the finqlora columns an existing table lacks (inside the caller's transaction)."""
+    added = []
+    for table, spec in (("events", EVENT_COLUMNS), ("event_impacts", IMPACT_COLUMNS), ("prices", PRICE_COLUMNS)):
+        existing = set(table_columns(conn, table))
+        if not existing:
+            continue
+        for column, decl in spec.items():
+            if column not in existing:
+                # ALTER TABLE cannot add PRIMARY KEY / NOT NULL columns: keep the type only.
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl.split()[0]}")
+                added.append(f"{table}.{column}")
+    return added
+
+
+def _upgrade_store(conn: sqlite3.Connection) -> None:
+    """Bring an older finqlora store to SCHEMA_VERSION: add the columns it lacks (data untouched)."""
+    with transaction(conn):
+        for statement in _split_sql(_SCHEMA_SQL):  # every statement is CREATE ... IF NOT EXISTS
+            conn.execute(statement)
+        _add_missing_columns(conn)
+        set_meta(conn, "schema_version", str(SCHEMA_VERSION))
 
 
 # ---------------------------------------------------------------------------------------
@@ -371,7 +514,9 @@ def read_events(
         )
     time_column = find_time_column(columns)
     wanted = ["event_id", "content"] + [
-        name for name in ("title", "star", "source", "primary_event_id", "importance", "subjects", "published_at") if name in columns
+        name
+        for name in ("title", "star", "source", "primary_event_id", "importance", "subjects", "published_at", "stocks")
+        if name in columns
     ]
     if time_column and time_column not in wanted:
         wanted.append(time_column)
@@ -386,11 +531,13 @@ def read_events(
             try:
                 parsed = parse_time(record[time_column], tz=zone)
             except ValueError as exc:
-                raise FinqloraError(
-                    f"events.{time_column} of event {record['event_id']!r}: {exc}",
-                    hint="pass the zone these times were written in (e.g. naive_tz='Asia/Shanghai'), "
-                    "or run `finqlora db check --db PATH --migrate --tz Asia/Shanghai` once to store UTC times",
-                ) from exc
+                hint = (
+                    "pass the zone these times were written in (e.g. naive_tz='Asia/Shanghai'), "
+                    "or run `finqlora db check --db PATH --migrate --tz Asia/Shanghai` once to store UTC times"
+                    if "no time zone" in str(exc)
+                    else "correct or delete that row's time (SQL UPDATE/DELETE on events)"
+                )
+                raise FinqloraError(f"events.{time_column} of event {record['event_id']!r}: {exc}", hint=hint) from exc
             ts = parsed[0] if parsed else None
         published = record.get("published_at")
         if ts is not None and (not published or not str(published).endswith("Z")):
@@ -410,6 +557,7 @@ def read_events(
                 primary_event_id=record.get("primary_event_id"),
                 importance=record.get("importance"),
                 subjects=subjects,
+                stocks=stock_codes(record.get("stocks")),
             )
         )
     events.sort(key=lambda e: (e.ts_utc is None, e.ts_utc or 0, e.event_id))
@@ -422,10 +570,28 @@ def _json_list(value: object) -> list[str]:
     if isinstance(value, str):
         try:
             parsed = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return [part.strip() for part in re.split(r"[,，;；]", value) if part.strip()]
         return [str(item) for item in parsed] if isinstance(parsed, list) else [str(parsed)]
     return [str(value)]
+
+
+def stock_codes(value: object) -> list[str]:
+    """The stored `stocks` JSON ([{"code", "name"}, ...] or plain codes) -> codes (names where no code)."""
+    if not value:
+        return []
+    try:
+        parsed = json.loads(value) if isinstance(value, str) else value
+    except (json.JSONDecodeError, RecursionError):
+        return _json_list(value)
+    if not isinstance(parsed, list):
+        parsed = [parsed]
+    codes = []
+    for item in parsed:
+        code = (item.get("code") or item.get("name")) if isinstance(item, dict) else item
+        if code not in (None, ""):
+            codes.append(str(code))
+    return codes
 
 
 def read_impacts(conn: sqlite3.Connection) -> dict[str, dict[tuple[str, int], float]]:
@@ -500,6 +666,7 @@ _WHAT_EVENT_COLUMNS_DO = {
     "importance": ("warning", "the source's raw importance level is not kept"),
     "subjects": ("warning", "topic tags are not available to the dataset builder"),
     "primary_event_id": ("warning", "cross-source duplicates cannot be linked: the same event may appear twice"),
+    "stocks": ("warning", "the stocks a source links to an event are not kept: equities get no news_impact samples"),
 }
 
 
@@ -620,15 +787,7 @@ def migrate_db(path: str | Path, *, tz: str | None = None) -> MigrationResult:
     try:
         with transaction(conn):
             tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            for table, spec in (("events", EVENT_COLUMNS), ("event_impacts", IMPACT_COLUMNS), ("prices", PRICE_COLUMNS)):
-                if table not in tables:
-                    continue
-                existing = set(table_columns(conn, table))
-                for column, decl in spec.items():
-                    if column not in existing:
-                        # ALTER TABLE cannot add PRIMARY KEY / NOT NULL columns: keep the type only.
-                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl.split()[0]}")
-                        added.append(f"{table}.{column}")
+            added.extend(_add_missing_columns(conn))
             views = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='view'")}
             for statement in _split_sql(_SCHEMA_SQL):
                 if statement.startswith(("CREATE TABLE", "CREATE VIEW")):

@@ -14,8 +14,10 @@ Conventions (docs/store.md):
   gap. Otherwise `ret` is NULL with status `no_end_bar` - never zero.
 - `ret` is a fraction (0.0012 = +0.12%).
 - Where a window ends after the last stored bar the row is `pending`; it is recomputed on the
-  next run (e.g. after new bars were ingested). Everything else is computed once: a rerun only
-  computes events (or windows) it has not seen.
+  next run (e.g. after new bars were ingested). Bars ingested later inside or before the stored
+  range (e.g. the previous month, loaded after this one) are logged in `price_batches`; a rerun
+  recomputes every event whose windows reach into such a batch (`stale_event_mask`). Everything
+  else is computed once: a rerun only computes events (or windows) it has not seen.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finqlora.store.db import DEFAULT_PRE_WINDOWS, DEFAULT_WINDOWS, open_store, transaction
+from finqlora.store.db import DEFAULT_PRE_WINDOWS, DEFAULT_WINDOWS, get_meta, open_store, set_meta, table_columns, transaction
 from finqlora.core.errors import FinqloraError
 
 DEFAULT_T0_TOLERANCE_MIN = 5
@@ -117,12 +119,39 @@ def event_returns(
     return results
 
 
+def stale_event_mask(
+    event_ts: np.ndarray,
+    batches: Sequence[tuple[int, int]],
+    signed_windows: Sequence[int],
+    *,
+    t0_tolerance_min: float,
+    end_tolerance_min: float,
+) -> np.ndarray:
+    """Events whose returns could use a bar in one of `batches` ((first_ts, last_ts) ranges).
+
+    An event at t reads bars from t0 - max pre window - end tolerance (t0 is at most the t0
+    tolerance before t) up to t + the longest post window.
+    """
+    longest_post = max([w for w in signed_windows if w > 0], default=0) * 60
+    longest_pre = max([-w for w in signed_windows if w < 0], default=0) * 60
+    reach_back = longest_pre + int(round((t0_tolerance_min + end_tolerance_min) * 60))
+    stale = np.zeros(len(event_ts), dtype=bool)
+    for first, last in batches:
+        stale |= (event_ts + longest_post >= first) & (event_ts - reach_back <= last)
+    return stale
+
+
+def _batch_key(ticker: str) -> str:
+    return f"impacts_price_batch:{ticker}"
+
+
 @dataclass
 class ImpactReport:
     tickers: list[str]
     windows: list[int]
     computed_events: dict[str, int] = field(default_factory=dict)  # ticker -> events computed this run
     skipped_events: dict[str, int] = field(default_factory=dict)  # ticker -> already done, not recomputed
+    refreshed_events: dict[str, int] = field(default_factory=dict)  # ticker -> done, redone for newer bars in their windows
     rows_written: int = 0
     known_returns: dict[str, dict[int, int]] = field(default_factory=dict)  # ticker -> window -> rows with ret
     seconds: float = 0.0
@@ -135,6 +164,14 @@ def _parse_windows(windows: Sequence[int], pre_windows: Sequence[int]) -> list[i
     if len(set(signed)) != len(signed):
         raise FinqloraError("a window is listed twice", hint="list each window once")
     return signed
+
+
+@dataclass(frozen=True)
+class _Settings:
+    signed: list[int]
+    t0_tolerance_min: float
+    end_tolerance_min: float
+    recompute: bool
 
 
 def compute_impacts(
@@ -152,13 +189,15 @@ def compute_impacts(
     """Compute and store returns for every event x ticker x window not stored yet.
 
     One transaction per ticker; events whose rows for these windows all exist with a final
-    status are skipped unless `recompute`. Existing rows are never overwritten without
-    `recompute` (a migrated user database keeps its own returns); `pending` rows are redone.
+    status are skipped unless `recompute`, or unless bars ingested since they were computed
+    reach into their windows (then our rows of those events are redone). A user's own rows
+    (status NULL, e.g. in a migrated database) are never overwritten without `recompute`;
+    `pending` rows are redone.
     """
     from finqlora.store.ingest import _progress
 
     started = time.perf_counter()
-    signed = _parse_windows(windows, pre_windows)
+    settings = _Settings(_parse_windows(windows, pre_windows), t0_tolerance_min, end_tolerance_min, recompute)
     own_conn = conn is None
     if conn is None:
         if db_path is None:
@@ -178,70 +217,19 @@ def compute_impacts(
             chosen = stored_tickers
         if not chosen:
             raise FinqloraError("the database has no price bars", hint="add some with `finqlora db ingest-prices --ticker XAUUSD --tz UTC FILE.csv`")
-        report = ImpactReport(tickers=chosen, windows=signed)
+        report = ImpactReport(tickers=chosen, windows=settings.signed)
         events = conn.execute("SELECT event_id, ts_utc FROM events WHERE ts_utc IS NOT NULL ORDER BY ts_utc").fetchall()
         all_ids = np.array([e[0] for e in events], dtype=object)
         all_ts = np.array([e[1] for e in events], dtype=np.int64)
-        marks = ",".join("?" * len(signed))
         with _progress(progress) as bar:
             task = bar.add_task("computing impacts", total=len(chosen))
             for ticker in chosen:
-                if recompute:
-                    todo = np.ones(len(all_ids), dtype=bool)
-                else:
-                    done = {
-                        row[0]
-                        for row in conn.execute(
-                            f"SELECT event_id FROM event_impacts WHERE ticker = ? AND window_min IN ({marks}) "
-                            "AND status IS NOT ? GROUP BY event_id HAVING COUNT(*) = ?",
-                            (ticker, *signed, STATUS_PENDING, len(signed)),
-                        )
-                    }
-                    todo = np.array([event_id not in done for event_id in all_ids], dtype=bool)
-                ids, ts = all_ids[todo], all_ts[todo]
-                report.skipped_events[ticker] = int(len(all_ids) - len(ids))
-                report.computed_events[ticker] = int(len(ids))
-                if len(ids):
-                    bars = np.array(conn.execute("SELECT ts, close FROM prices WHERE ticker = ? ORDER BY ts", (ticker,)).fetchall(), dtype=np.float64).reshape(-1, 2)
-                    results = event_returns(
-                        bars[:, 0].astype(np.int64),
-                        bars[:, 1],
-                        ts,
-                        [w for w in signed if w > 0],
-                        [-w for w in signed if w < 0],
-                        t0_tolerance_min=t0_tolerance_min,
-                        end_tolerance_min=end_tolerance_min,
-                    )
-                    # Without --recompute, rows that already exist (a user's own, or final rows of
-                    # other windows) are kept; only our own `pending` rows are replaced.
-                    verb = "INSERT OR REPLACE" if recompute else "INSERT OR IGNORE"
-                    with transaction(conn):
-                        if not recompute:
-                            conn.execute("DELETE FROM event_impacts WHERE ticker = ? AND status = ?", (ticker, STATUS_PENDING))
-                        for result in results:
-                            rows = zip(
-                                ids.tolist(),
-                                [ticker] * len(ids),
-                                [result.window_min] * len(ids),
-                                [None if np.isnan(r) else r for r in result.ret.tolist()],
-                                [STATUS_CODES[s] for s in result.status.tolist()],
-                                [None if t < 0 else t for t in result.t0_ts.tolist()],
-                                [None if t < 0 else t for t in result.end_ts.tolist()],
-                                [None if np.isnan(c) else c for c in result.close_t0.tolist()],
-                                [None if np.isnan(c) else c for c in result.close_end.tolist()],
-                            )
-                            before = conn.total_changes
-                            conn.executemany(
-                                f"{verb} INTO event_impacts (event_id, ticker, window_min, ret, status, t0_ts, end_ts, close_t0, close_end) "
-                                "VALUES (?,?,?,?,?,?,?,?,?)",
-                                rows,
-                            )
-                            report.rows_written += conn.total_changes - before
+                _compute_ticker(conn, ticker, all_ids, all_ts, settings, report)
                 report.known_returns[ticker] = {
                     w: conn.execute(
                         "SELECT COUNT(*) FROM event_impacts WHERE ticker = ? AND window_min = ? AND ret IS NOT NULL", (ticker, w)
                     ).fetchone()[0]
-                    for w in signed
+                    for w in settings.signed
                 }
                 bar.advance(task)
     finally:
@@ -249,3 +237,99 @@ def compute_impacts(
             conn.close()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _compute_ticker(
+    conn: sqlite3.Connection, ticker: str, all_ids: np.ndarray, all_ts: np.ndarray, settings: _Settings, report: ImpactReport
+) -> None:
+    """Compute and store one ticker's rows for the events that need them (one transaction)."""
+    signed = settings.signed
+    seen_batch = int(get_meta(conn).get(_batch_key(ticker), 0) or 0)
+    new_batches = (
+        conn.execute(
+            "SELECT batch_id, first_ts, last_ts FROM price_batches WHERE ticker = ? AND batch_id > ? ORDER BY batch_id", (ticker, seen_batch)
+        ).fetchall()
+        if table_columns(conn, "price_batches")  # a connection to a database not migrated yet has none
+        else []
+    )
+    latest_batch = new_batches[-1][0] if new_batches else seen_batch
+    stale = np.zeros(len(all_ids), dtype=bool)
+    if settings.recompute:
+        todo = np.ones(len(all_ids), dtype=bool)
+    else:
+        marks = ",".join("?" * len(signed))
+        done = {
+            row[0]
+            for row in conn.execute(
+                f"SELECT event_id FROM event_impacts WHERE ticker = ? AND window_min IN ({marks}) "
+                "AND status IS NOT ? GROUP BY event_id HAVING COUNT(*) = ?",
+                (ticker, *signed, STATUS_PENDING, len(signed)),
+            )
+        }
+        is_done = np.array([event_id in done for event_id in all_ids], dtype=bool)
+        stale = is_done & stale_event_mask(
+            all_ts, [(first, last) for _, first, last in new_batches], signed,
+            t0_tolerance_min=settings.t0_tolerance_min, end_tolerance_min=settings.end_tolerance_min,
+        )
+        todo = ~is_done | stale
+    ids, ts = all_ids[todo], all_ts[todo]
+    report.skipped_events[ticker] = int(len(all_ids) - len(ids))
+    report.computed_events[ticker] = int(len(ids))
+    report.refreshed_events[ticker] = int(stale.sum())
+    if not len(ids) and latest_batch == seen_batch:
+        return
+    with transaction(conn):
+        if len(ids):
+            _store_rows(conn, ticker, ids, ts, all_ids[stale], settings, report)
+        if latest_batch != seen_batch:
+            set_meta(conn, _batch_key(ticker), str(latest_batch))
+
+
+def _store_rows(
+    conn: sqlite3.Connection,
+    ticker: str,
+    ids: np.ndarray,
+    ts: np.ndarray,
+    stale_ids: np.ndarray,
+    settings: _Settings,
+    report: ImpactReport,
+) -> None:
+    bars = np.array(conn.execute("SELECT ts, close FROM prices WHERE ticker = ? ORDER BY ts", (ticker,)).fetchall(), dtype=np.float64).reshape(-1, 2)
+    results = event_returns(
+        bars[:, 0].astype(np.int64),
+        bars[:, 1],
+        ts,
+        [w for w in settings.signed if w > 0],
+        [-w for w in settings.signed if w < 0],
+        t0_tolerance_min=settings.t0_tolerance_min,
+        end_tolerance_min=settings.end_tolerance_min,
+    )
+    # Without --recompute, rows that already exist (a user's own, or final rows of other
+    # windows) are kept; only our own `pending` rows, and our rows of events that newer bars
+    # reach, are replaced.
+    verb = "INSERT OR REPLACE" if settings.recompute else "INSERT OR IGNORE"
+    if not settings.recompute:
+        conn.execute("DELETE FROM event_impacts WHERE ticker = ? AND status = ?", (ticker, STATUS_PENDING))
+        conn.executemany(
+            "DELETE FROM event_impacts WHERE ticker = ? AND event_id = ? AND status IS NOT NULL",
+            [(ticker, event_id) for event_id in stale_ids.tolist()],
+        )
+    for result in results:
+        rows = zip(
+            ids.tolist(),
+            [ticker] * len(ids),
+            [result.window_min] * len(ids),
+            [None if np.isnan(r) else r for r in result.ret.tolist()],
+            [STATUS_CODES[s] for s in result.status.tolist()],
+            [None if t < 0 else t for t in result.t0_ts.tolist()],
+            [None if t < 0 else t for t in result.end_ts.tolist()],
+            [None if np.isnan(c) else c for c in result.close_t0.tolist()],
+            [None if np.isnan(c) else c for c in result.close_end.tolist()],
+        )
+        before = conn.total_changes
+        conn.executemany(
+            f"{verb} INTO event_impacts (event_id, ticker, window_min, ret, status, t0_ts, end_ts, close_t0, close_end) "
+            "VALUES (?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
+        report.rows_written += conn.total_changes - before

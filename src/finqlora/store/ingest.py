@@ -50,11 +50,12 @@ from pathlib import Path
 
 import numpy as np
 
-from finqlora.store.db import get_zone, iso_utc, open_store, parse_time, transaction
+from finqlora.store.db import MAX_TS, MIN_TS, get_zone, iso_utc, open_store, parse_time, transaction
 from finqlora.core.errors import FinqloraError
+from finqlora.core.textdedup import normalize_flash
 
 NEWS_FORMATS = ("cls", "jsonl", "csv")
-NEWS_FIELDS = ("id", "time", "content", "title", "source", "star", "importance", "subjects", "url")
+NEWS_FIELDS = ("id", "time", "content", "title", "source", "star", "importance", "subjects", "url", "stocks")
 
 # Column names tried, in order, for each field of a jsonl/csv news file without --map.
 _NEWS_FIELD_GUESSES: dict[str, tuple[str, ...]] = {
@@ -67,6 +68,7 @@ _NEWS_FIELD_GUESSES: dict[str, tuple[str, ...]] = {
     "importance": ("level", "importance", "importance_level"),
     "subjects": ("subjects", "tags", "topics"),
     "url": ("url", "link", "shareurl"),
+    "stocks": ("stocks", "stock_list", "stock_codes"),
 }
 
 PRICE_FIELDS = ("time", "open", "high", "low", "close", "volume")
@@ -81,13 +83,9 @@ _PRICE_FIELD_GUESSES: dict[str, tuple[str, ...]] = {
 
 DEFAULT_DEDUP_WINDOW_MIN = 10
 DEFAULT_DEDUP_THRESHOLD = 0.6
-DEDUP_TEXT_CHARS = 160
+MAX_ID_CHARS = 200
 
 _TITLE_RE = re.compile(r"^\s*【([^】]{1,200})】")
-# "财联社6月16日电，" / "新华社北京6月1日电 " : the agency dateline differs between sources.
-_DATELINE_RE = re.compile(r"^[^，,。]{0,30}?\d{1,2}月\d{1,2}日电[，,\s]*")
-_TRAILING_CREDIT_RE = re.compile(r"[（(][^（）()]{1,20}[）)]\s*$")
-_NON_WORD_RE = re.compile(r"[^0-9A-Za-z\u4e00-\u9fff]+")
 _UNIX_STAMP_RE = re.compile(r"\d{9,13}(\.\d+)?")
 
 
@@ -105,6 +103,7 @@ class NewsRecord:
     star: int | None = None
     subjects: list[str] = field(default_factory=list)
     url: str | None = None
+    stocks: list[dict[str, str]] = field(default_factory=list)  # [{"code": "sz001373", "name": "翔腾新材"}]
 
     @property
     def event_id(self) -> str:
@@ -178,14 +177,16 @@ def _parse_jsonl(path: Path, *, skip_bad: bool, skipped: list[SkippedRow]) -> It
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
+            # A line of 100k nested `[` is valid JSON that no decoder should recurse into.
+            problem = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
             if skip_bad:
-                skipped.append(SkippedRow(str(path), lineno, f"malformed JSON: {exc.msg}"))
+                skipped.append(SkippedRow(str(path), lineno, f"malformed JSON: {problem}"))
                 continue
             raise FinqloraError(
-                f"{path}, line {lineno}: malformed JSON ({exc.msg} at column {exc.colno})",
+                f"{path}, line {lineno}: malformed JSON ({problem})",
                 hint="fix or delete that line, or rerun with --skip-bad to skip such lines (they are counted); nothing was stored",
-            ) from exc
+            ) from None
         if not isinstance(obj, dict):
             if skip_bad:
                 skipped.append(SkippedRow(str(path), lineno, "not a JSON object"))
@@ -194,13 +195,54 @@ def _parse_jsonl(path: Path, *, skip_bad: bool, skipped: list[SkippedRow]) -> It
         yield lineno, obj
 
 
+class FieldError(ValueError):
+    """A value of the wrong type or range in one record; the message names the field."""
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "a list", bool: "a boolean", int: "a number", float: "a number", str: "a string"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _text_field(value: object, name: str) -> str | None:
+    """A text field: a string (or nothing); numbers, lists and objects are refused."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise FieldError(f"field `{name}` must be a string, got {_json_type(value)}")
+    return value
+
+
+def _id_field(value: object, name: str = "id") -> str:
+    """An id: a non-empty string or integer of at most MAX_ID_CHARS characters."""
+    if value in (None, ""):
+        raise FieldError(f"the record has no `{name}`")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise FieldError(f"field `{name}` must be a string or an integer, got {_json_type(value)}")
+    text = str(value).strip()
+    if not text or len(text) > MAX_ID_CHARS:
+        raise FieldError(f"field `{name}` must be 1-{MAX_ID_CHARS} characters, got {len(text)}")
+    return text
+
+
+def _time_field(value: object, name: str, *, tz) -> tuple[int, int] | None:
+    if isinstance(value, (dict, list, bool)):
+        raise FieldError(f"field `{name}` must be unix seconds or an ISO-8601 string, got {_json_type(value)}")
+    try:
+        return parse_time(value, tz=tz)
+    except ValueError as exc:
+        if "no time zone" in str(exc):
+            raise
+        raise FieldError(f"field `{name}`: {exc}") from None
+
+
 def _subjects(value: object) -> list[str]:
     if not value:
         return []
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return [part.strip() for part in re.split(r"[,，;；|]", value) if part.strip()]
     if isinstance(value, dict):
         value = [value]
@@ -212,6 +254,45 @@ def _subjects(value: object) -> list[str]:
         if name:
             names.append(str(name))
     return names
+
+
+def stock_links(stocks: object, stock_list: object = None) -> list[dict[str, str]]:
+    """The stocks a source links to an event, as [{"code", "name"}] (code '' when unknown).
+
+    CLS gives `stocks` with names but empty codes and `raw_keep.stock_list` with `StockID`:
+    codes are taken from the latter by name. A plain string item is read as a code.
+    """
+    coded: dict[str, str] = {}
+    for item in stock_list if isinstance(stock_list, list) else []:
+        if isinstance(item, dict) and item.get("name") and item.get("StockID"):
+            coded[str(item["name"])] = str(item["StockID"])
+    links: list[dict[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    items = stocks if isinstance(stocks, list) else ([stocks] if stocks else [])
+    if not items and isinstance(stock_list, list):
+        items = stock_list
+    for item in items:
+        if isinstance(item, dict):
+            name = str(item.get("name") or "")
+            code = str(item.get("code") or item.get("StockID") or coded.get(name, ""))
+        elif isinstance(item, (str, int)) and str(item).strip():
+            name, code = "", str(item).strip()
+        else:
+            continue
+        if (code or name) and (code, name) not in seen:
+            seen.add((code, name))
+            links.append({"code": code, "name": name})
+    return links
+
+
+def _stock_items(value: object) -> object:
+    """A csv/jsonl stocks cell: a JSON list, or codes separated by commas/semicolons."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            return [part.strip() for part in re.split(r"[,，;；|]", value) if part.strip()]
+    return value
 
 
 def title_from_content(content: str) -> str | None:
@@ -248,29 +329,28 @@ def _cls_record(obj: dict, *, tz) -> NewsRecord | None:
         value = obj.get(name)
         return value if value not in (None, "") else raw.get(name)
 
-    source = str(pick("source") or "cls")
+    source = _text_field(pick("source"), "source") or "cls"
     if source == "财联社":
         source = "cls"
-    source_id = pick("id")
-    if source_id in (None, ""):
-        raise ValueError("the record has no `id`")
-    content = (pick("content") or pick("brief") or "").strip()
+    source_id = _id_field(pick("id"))
+    content = (_text_field(pick("content"), "content") or _text_field(pick("brief"), "brief") or "").strip()
     if not content:
         return None
     when = pick("ctime")
     stamp = obj.get("datetime")
     offset = None
     if isinstance(stamp, str) and stamp:
-        parsed = parse_time(stamp, tz=tz)
+        parsed = _time_field(stamp, "datetime", tz=tz)
         if parsed:
             offset = parsed[1]
             if when in (None, ""):
                 when = parsed[0]
     if when in (None, ""):
-        raise ValueError("the record has neither `ctime` nor `datetime`")
-    ts, default_offset = parse_time(when, tz=tz) or (None, 0)
-    title = (pick("title") or "").strip() or title_from_content(content)
-    importance = pick("level") or None
+        raise FieldError("the record has neither `ctime` nor `datetime`")
+    ts, default_offset = _time_field(when, "ctime", tz=tz) or (None, 0)
+    title = (_text_field(pick("title"), "title") or "").strip() or title_from_content(content)
+    importance = _text_field(pick("level"), "level")
+    url = _text_field(pick("shareurl"), "shareurl") or _text_field(pick("url"), "url")
     return NewsRecord(
         source=source,
         source_id=str(source_id),
@@ -282,7 +362,8 @@ def _cls_record(obj: dict, *, tz) -> NewsRecord | None:
         importance=str(importance) if importance else None,
         star=star_for(source, importance, flags),
         subjects=_subjects(obj.get("subjects") or raw.get("subjects")),
-        url=pick("shareurl") or pick("url") or None,
+        url=url,
+        stocks=stock_links(obj.get("stocks") or raw.get("stocks"), keep.get("stock_list") or raw.get("stock_list")),
     )
 
 
@@ -307,43 +388,50 @@ def _generic_record(row: dict, columns: dict[str, str], *, source: str | None, t
         value = row.get(column) if column else None
         return value.strip() if isinstance(value, str) else value
 
-    content = get("content") or ""
+    def field_name(name: str) -> str:
+        return columns.get(name) or name
+
+    content = _text_field(get("content"), field_name("content")) or ""
     if not content:
         return None
-    parsed = parse_time(get("time"), tz=tz)
+    parsed = _time_field(get("time"), field_name("time"), tz=tz)
     if parsed is None:
-        raise ValueError(f"the time column {columns['time']!r} is empty")
+        raise FieldError(f"the time column {columns['time']!r} is empty")
     ts, offset = parsed
-    record_source = get("source") or source
+    record_source = _text_field(get("source"), field_name("source")) or source
     if not record_source:
-        raise ValueError("no source: pass --source NAME or map a source column")
-    source_id = get("id")
-    if source_id in (None, ""):
+        raise FieldError("no source: pass --source NAME or map a source column")
+    if get("id") in (None, ""):
         # No id column: a stable id from time + text keeps re-ingestion idempotent.
         source_id = hashlib.sha1(f"{ts}\x00{content}".encode()).hexdigest()[:16]
+    else:
+        source_id = _id_field(get("id"), field_name("id"))
     star_raw = get("star")
     importance = get("importance")
+    if isinstance(importance, (dict, list, bool)):
+        raise FieldError(f"field `{field_name('importance')}` must be a string or a number, got {_json_type(importance)}")
     star = None
     if star_raw not in (None, ""):
         try:
             star = int(float(star_raw))
-        except (TypeError, ValueError):
-            raise ValueError(f"star {star_raw!r} is not a number 1-5") from None
+        except (TypeError, ValueError, OverflowError):
+            raise FieldError(f"field `{field_name('star')}`: {str(star_raw)[:40]!r} is not a number 1-5") from None
         if not 1 <= star <= 5:
-            raise ValueError(f"star {star} is outside 1-5")
+            raise FieldError(f"field `{field_name('star')}`: {star} is outside 1-5")
     if star is None:
         star = star_for(str(record_source), str(importance) if importance else None)
     return NewsRecord(
-        source=str(record_source),
-        source_id=str(source_id),
+        source=record_source,
+        source_id=source_id,
         ts_utc=ts,
         tz_offset_min=offset,
-        content=str(content),
-        title=(str(get("title")) if get("title") else None) or title_from_content(str(content)),
+        content=content,
+        title=_text_field(get("title"), field_name("title")) or title_from_content(content),
         importance=str(importance) if importance not in (None, "") else None,
         star=star,
         subjects=_subjects(get("subjects")),
-        url=get("url") or None,
+        url=_text_field(get("url"), field_name("url")),
+        stocks=stock_links(_stock_items(get("stocks"))),
     )
 
 
@@ -383,7 +471,7 @@ def read_news_file(
         for lineno, obj in _parse_jsonl(file_path, skip_bad=skip_bad, skipped=skipped):
             try:
                 record = _cls_record(obj, tz=zone)
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, OverflowError) as exc:
                 fail(lineno, exc)
                 continue
             if record is None:
@@ -417,7 +505,7 @@ def read_news_file(
     for lineno, row in rows:
         try:
             record = _generic_record(row, columns, source=source, tz=zone)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             fail(lineno, exc)
             continue
         if record is None:
@@ -429,18 +517,6 @@ def read_news_file(
 
 # ---------------------------------------------------------------------------------------
 # Cross-source duplicate linking
-
-
-def normalize_for_dedup(title: str | None, content: str) -> str:
-    """The words of a flash without what differs between sources (title brackets, dateline, credit)."""
-    body = _TITLE_RE.sub("", content, count=1)
-    body = _DATELINE_RE.sub("", body, count=1)
-    body = _TRAILING_CREDIT_RE.sub("", body)
-    text = _NON_WORD_RE.sub("", body)
-    if len(text) < 12 and title:
-        text = _NON_WORD_RE.sub("", title) + text
-    # The opening of a flash identifies it; comparing whole long articles only costs time.
-    return text.lower()[:DEDUP_TEXT_CHARS]
 
 
 def shingles(text: str, size: int = 3) -> frozenset[str]:
@@ -496,7 +572,7 @@ def link_duplicates(
         "WHERE primary_event_id IS NULL AND ts_utc BETWEEN ? AND ? ORDER BY ts_utc",
         (lo, hi),
     ):
-        pool.append(_Candidate(int(ts), event_id, source or "", lambda t=title, c=content: shingles(normalize_for_dedup(t, c or ""))))
+        pool.append(_Candidate(int(ts), event_id, source or "", lambda t=title, c=content: shingles(normalize_flash(t, c or ""))))
     pool_ts = [c.ts for c in pool]
     links: dict[str, str] = {}
     for record in sorted(records, key=lambda r: (r.ts_utc, r.event_id)):
@@ -508,7 +584,7 @@ def link_duplicates(
             if candidate.source == record.source or candidate.event_id == record.event_id:
                 continue
             if own is None:
-                own = shingles(normalize_for_dedup(record.title, record.content))
+                own = shingles(normalize_flash(record.title, record.content))
                 if len(own) < 8:
                     break
             other = candidate.grams()
@@ -522,7 +598,7 @@ def link_duplicates(
             continue
         position = bisect.bisect_right(pool_ts, record.ts_utc)
         pool_ts.insert(position, record.ts_utc)
-        candidate = _Candidate(record.ts_utc, record.event_id, record.source, lambda r=record: shingles(normalize_for_dedup(r.title, r.content)))
+        candidate = _Candidate(record.ts_utc, record.event_id, record.source, lambda r=record: shingles(normalize_flash(r.title, r.content)))
         candidate._shingles = own  # already built when another source was in the window
         pool.insert(position, candidate)
     return links
@@ -554,7 +630,7 @@ def store_news(
     links = link_duplicates(conn, new, window_min=dedup_window_min, threshold=dedup_threshold) if dedup else {}
     conn.executemany(
         "INSERT INTO events (event_id, content, star, source, source_id, title, published_at, ts_utc, tz_offset_min, "
-        "importance, subjects, url, primary_event_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        "importance, subjects, url, primary_event_id, stocks) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         [
             (
                 r.event_id,
@@ -570,6 +646,7 @@ def store_news(
                 json.dumps(r.subjects, ensure_ascii=False),
                 r.url,
                 links.get(r.event_id),
+                json.dumps(r.stocks, ensure_ascii=False) if r.stocks else None,
             )
             for r in new
         ],
@@ -698,6 +775,13 @@ def read_bars_file(
         raise FinqloraError(f"{file_path} has a header but no bars", hint="check that the export finished; nothing was stored")
     lines = np.array([lineno for lineno, _ in numbered], dtype=np.int64)
     ts = _parse_bar_times([row[index["time"]] for _, row in numbered], lines, zone, file_path)
+    out_of_range = (ts < MIN_TS) | (ts >= MAX_TS)
+    if out_of_range.any():
+        i = int(np.argmax(out_of_range))
+        raise FinqloraError(
+            f"{file_path}, line {lines[i]}: bar time {numbered[i][1][index['time']][:40]!r} is outside the years 1900-2199",
+            hint="times must be ISO-8601 or unix seconds/milliseconds; fix that line; nothing was stored",
+        )
     close = _float_column(numbered, index["close"], file_path)
     opn = _float_column(numbered, index["open"], file_path) if "open" in index else close.copy()
     high = _float_column(numbered, index["high"], file_path) if "high" in index else np.fmax(opn, close)
@@ -805,7 +889,20 @@ def _float_column(numbered: list[tuple[int, list[str]]], column: int, file_path:
 
 
 def store_bars(conn: sqlite3.Connection, ticker: str, bars: Bars) -> int:
-    """Insert bars that are not stored yet (inside the caller's transaction); returns how many."""
+    """Insert bars that are not stored yet (inside the caller's transaction); returns how many.
+
+    The time range of the new bars is logged in `price_batches`: impacts computed before them
+    are redone where their windows reach into it (see `impacts.compute_impacts`).
+    """
+    if len(bars):
+        lo, hi = int(bars.ts.min()), int(bars.ts.max())
+        stored = np.array([row[0] for row in conn.execute("SELECT ts FROM prices WHERE ticker = ? AND ts BETWEEN ? AND ?", (ticker, lo, hi))], dtype=np.int64)
+        new_ts = bars.ts[~np.isin(bars.ts, stored)]
+        if len(new_ts):
+            conn.execute(
+                "INSERT INTO price_batches (ticker, first_ts, last_ts, bars) VALUES (?, ?, ?, ?)",
+                (ticker, int(new_ts.min()), int(new_ts.max()), int(len(new_ts))),
+            )
     before = conn.total_changes
     volume = [None if math.isnan(v) else float(v) for v in bars.volume.tolist()]
     conn.executemany(

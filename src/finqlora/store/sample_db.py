@@ -88,159 +88,229 @@ def _pct(x: float) -> str:
 _RANDOM_KINDS = {"fed": 12, "geo": 9, "etf": 5, "earnings": 18, "oil": 5, "dollar": 5, "yield": 5, "bank_view": 6}
 
 
+# (title, body, gold_effect, subjects, level) of one synthetic event.
+_Drafted = tuple[str, str, float, list[str], str]
+
+
+def _fed_event(rng: random.Random, month: int, role: str, level: str) -> _Drafted:
+    hawkish = rng.random() < 0.5
+    if hawkish:
+        phrase = rng.choice(["通胀回落进程停滞 不急于降息", "可能需要更长时间维持高利率", "不排除进一步加息的可能", "劳动力市场依然强劲 降息应保持耐心"])
+        detail = rng.choice(["近期通胀数据令人失望，政策需要保持限制性", "目前没有理由调整利率路径，需要看到更多通胀降温的证据", "服务业价格粘性较强，过早放松政策的风险更大"])
+    else:
+        phrase = rng.choice(["年内降息仍是合适的", "劳动力市场降温 支持逐步放松政策", "通胀正朝着2%的目标迈进", "政策已具有足够限制性"])
+        detail = rng.choice(["若数据继续改善，今年晚些时候开始降息是合适的", "就业增长放缓，通胀压力已明显缓解", "当前利率水平足以压制需求，不需要进一步收紧"])
+    title = f"{role}：{phrase}"
+    body = f"{role}表示，{detail}。"
+    effect = (-1 if hawkish else 1) * rng.uniform(0.0010, 0.0030)
+    subjects = ["美联储动向", "环球市场情报"]
+    level = "B" if rng.random() < 0.35 else level
+    return title, body, effect, subjects, level
+
+
+def _cpi_event(rng: random.Random, month: int, role: str, level: str) -> _Drafted:
+    expected = round(rng.uniform(2.3, 3.4), 1)
+    actual = round(expected + rng.choice([-0.2, -0.1, 0.0, 0.1, 0.2]), 1)
+    core = round(actual + rng.uniform(0.1, 0.6), 1)
+    title = f"美国{month}月CPI同比上涨{_pct(actual)} 预期{_pct(expected)}"
+    body = f"美国{month}月CPI同比上涨{_pct(actual)}，预期{_pct(expected)}，前值{_pct(expected + rng.choice([-0.1, 0.1]))}；核心CPI同比上涨{_pct(core)}。"
+    effect = -(actual - expected) * 0.03 + rng.uniform(-0.0005, 0.0005)
+    subjects = ["美国经济数据", "环球市场情报"]
+    level = rng.choice(["A", "B"])
+    return title, body, effect, subjects, level
+
+
+def _nfp_event(rng: random.Random, month: int, role: str, level: str) -> _Drafted:
+    expected = rng.randint(10, 25)
+    actual = expected + rng.randint(-12, 12)
+    rate = round(rng.uniform(3.9, 4.5), 1)
+    title = f"美国{month}月非农就业人口增加{actual}万人 预期增加{expected}万人"
+    body = f"美国{month}月季调后非农就业人口增加{actual}万人，预期增加{expected}万人；失业率为{_pct(rate)}，预期{_pct(rate + rng.choice([-0.1, 0.0, 0.1]))}。"
+    effect = -(actual - expected) * 0.0004 + rng.uniform(-0.0005, 0.0005)
+    subjects = ["美国经济数据", "环球市场情报"]
+    level = rng.choice(["A", "B"])
+    return title, body, effect, subjects, level
+
+
+def _claims_event(rng: random.Random, month: int, role: str, level: str) -> _Drafted:
+    expected = rng.randint(210, 240)
+    actual = expected + rng.randint(-15, 15)
+    title = f"美国上周初请失业金人数为{actual / 10:.1f}万人 预期{expected / 10:.1f}万人"
+    body = f"美国上周初请失业金人数为{actual / 10:.1f}万人，预期{expected / 10:.1f}万人，前值{(expected + rng.randint(-6, 6)) / 10:.1f}万人。"
+    effect = (actual - expected) * 0.00008
+    subjects = ["美国经济数据"]
+    return title, body, effect, subjects, level
+
+
+def _geo_event(rng: random.Random, month: int, role: str, level: str) -> _Drafted:
+    region, side_a, side_b = rng.choice(_REGIONS)
+    escalation = rng.random() < 0.6
+    if escalation:
+        title = f"{region}局势升级：{side_a}称将对{side_b}采取进一步行动"
+        body = f"据媒体报道，{side_a}方面表示将对{side_b}采取进一步行动，地区紧张局势再度升温，市场避险情绪升温。"
+        effect = rng.uniform(0.0015, 0.0050)
+    else:
+        title = f"{side_a}与{side_b}同意举行新一轮谈判 {region}局势有所缓和"
+        body = f"据媒体报道，{side_a}与{side_b}同意于近日举行新一轮谈判，讨论停火及后续安排，{region}紧张局势有所缓和。"
+        effect = -rng.uniform(0.0010, 0.0035)
+    subjects = ["地缘政治", "环球市场情报"]
+    level = "B" if rng.random() < 0.4 else level
+    return title, body, effect, subjects, level
+
+
+def _reserves_event(rng: random.Random, month: int, role: str, level: str) -> _Drafted:
+    reserve = rng.randint(7300, 7500)
+    added = rng.randint(3, 16)
+    streak = rng.randint(6, 18)
+    title = f"中国央行{month}月末黄金储备报{reserve}万盎司 为连续第{streak}个月增持"
+    body = f"中国人民银行公布数据显示，{month}月末黄金储备报{reserve}万盎司，环比增加{added}万盎司，为连续第{streak}个月增持黄金。"
+    effect = rng.uniform(0.0008, 0.0020)
+    subjects = ["黄金", "央行动态"]
+    return title, body, effect, subjects, level
+
+
+def _etf_event(rng: random.Random, month: int, role: str, level: str) -> _Drafted:
+    delta = round(rng.uniform(-6.0, 8.0), 2)
+    holding = round(rng.uniform(880, 960), 2)
+    verb = "增加" if delta >= 0 else "减少"
+    title = f"全球最大黄金ETF持仓较上日{verb}{abs(delta):.2f}吨"
+    body = f"全球最大黄金ETF持仓较上日{verb}{abs(delta):.2f}吨，当前持仓量为{holding:.2f}吨。"
+    effect = delta * 0.0002
+    subjects = ["黄金", "ETF动态"]
+    return title, body, effect, subjects, level
+
+
+def _earnings_event(rng: random.Random, month: int, role: str, level: str) -> _Drafted:
+    company, industry = rng.choice(_COMPANIES)
+    revenue = round(rng.uniform(8, 380), 2)
+    revenue_growth = round(rng.uniform(-25, 60), 2)
+    profit = round(revenue * rng.uniform(0.03, 0.22), 2)
+    profit_growth = round(rng.uniform(-40, 90), 2)
+    eps = round(profit / rng.uniform(5, 60), 2)  # profit (亿元) / shares (亿股)
+    period = "2025年"  # annual reports come out in March and April
+    direction = "增长" if profit_growth >= 0 else "下降"
+    title = f"{company}：{period}净利润{profit}亿元 同比{direction}{abs(profit_growth):.2f}%"
+    body = (
+        f"{company}（{industry}）公告，公司{period}实现营业收入{revenue}亿元，同比{'增长' if revenue_growth >= 0 else '下降'}"
+        f"{abs(revenue_growth):.2f}%；归属于上市公司股东的净利润{profit}亿元，同比{direction}{abs(profit_growth):.2f}%；基本每股收益{eps}元。"
+    )
+    effect = 0.0
+    subjects = ["公司公告", "A股"]
+    level = "C"
+    return title, body, effect, subjects, level
+
+
+def _pboc_event(rng: random.Random, month: int, role: str, level: str) -> _Drafted:
+    cut = rng.choice([0.25, 0.5])
+    freed = rng.randint(5000, 12000)
+    title = f"中国人民银行：下调金融机构存款准备金率{cut}个百分点"
+    body = f"中国人民银行决定下调金融机构存款准备金率{cut}个百分点，此次下调后将释放长期流动性约{freed}亿元。"
+    effect = rng.uniform(0.0, 0.0008)
+    subjects = ["央行动态", "宏观经济"]
+    level = "A" if rng.random() < 0.3 else "B"
+    return title, body, effect, subjects, level
+
+
+def _omo_event(rng: random.Random, month: int, role: str, level: str) -> _Drafted:
+    amount = rng.randrange(500, 6000, 5)
+    maturing = rng.randrange(500, 6000, 5)
+    net = amount - maturing
+    title = f"央行今日开展{amount}亿元7天期逆回购操作"
+    body = (
+        f"人民银行公开市场今日进行{amount}亿元7天期逆回购，利率1.40%，较上次不变。"
+        f"今日有{maturing}亿元逆回购到期，实现净{'投放' if net >= 0 else '回笼'}{abs(net)}亿元。"
+    )
+    effect = 0.0
+    subjects = ["央行动态", "债市"]
+    level = "C"
+    return title, body, effect, subjects, level
+
+
+def _oil_event(rng: random.Random, month: int, role: str, level: str) -> _Drafted:
+    change = round(rng.uniform(0.8, 4.5), 2)
+    price = round(rng.uniform(62, 88), 2)
+    up = rng.random() < 0.5
+    title = f"WTI原油日内{'涨' if up else '跌'}{change}% 现报{price}美元/桶"
+    body = f"WTI原油期货日内{'涨' if up else '跌'}{change}%，现报{price}美元/桶；布伦特原油现报{price + rng.uniform(2, 5):.2f}美元/桶。"
+    effect = (1 if up else -1) * rng.uniform(0.0, 0.0006)
+    subjects = ["能源", "期货市场情报"]
+    return title, body, effect, subjects, level
+
+
+def _dollar_event(rng: random.Random, month: int, role: str, level: str) -> _Drafted:
+    change = round(rng.uniform(0.2, 0.9), 1)
+    index = round(rng.uniform(98, 106), 2)
+    up = rng.random() < 0.5
+    title = f"美元指数日内{'涨' if up else '跌'}{change}% 现报{index}"
+    body = f"美元指数日内{'涨' if up else '跌'}{change}%，现报{index}，非美货币普遍{'承压' if up else '走强'}。"
+    effect = (-1 if up else 1) * change * 0.002
+    subjects = ["外汇", "环球市场情报"]
+    return title, body, effect, subjects, level
+
+
+def _yield_event(rng: random.Random, month: int, role: str, level: str) -> _Drafted:
+    level_pct = round(rng.uniform(3.9, 4.8), 2)
+    bp = rng.randint(3, 14)
+    up = rng.random() < 0.5
+    title = f"美国10年期国债收益率日内{'上行' if up else '下行'}{bp}个基点 报{level_pct}%"
+    body = f"美国10年期国债收益率日内{'上行' if up else '下行'}{bp}个基点，报{level_pct}%；2年期国债收益率报{level_pct - rng.uniform(0.1, 0.5):.2f}%。"
+    effect = (-1 if up else 1) * bp * 0.00012
+    subjects = ["美债", "环球市场情报"]
+    return title, body, effect, subjects, level
+
+
+def _cn_macro_event(rng: random.Random, month: int, role: str, level: str) -> _Drafted:
+    cpi = round(rng.uniform(-0.5, 1.2), 1)
+    ppi = round(rng.uniform(-3.0, 0.5), 1)
+    title = f"国家统计局：{month}月CPI同比{'上涨' if cpi >= 0 else '下降'}{abs(cpi)}% PPI同比{'上涨' if ppi >= 0 else '下降'}{abs(ppi)}%"
+    body = f"国家统计局数据显示，{month}月份全国居民消费价格同比{'上涨' if cpi >= 0 else '下降'}{abs(cpi)}%；全国工业生产者出厂价格同比{'上涨' if ppi >= 0 else '下降'}{abs(ppi)}%。"
+    effect = 0.0
+    subjects = ["宏观经济", "中国经济数据"]
+    return title, body, effect, subjects, level
+
+
+def _bank_view_event(rng: random.Random, month: int, role: str, level: str) -> _Drafted:
+    bank = rng.choice(_OPINION_BANKS)
+    target = rng.randrange(4200, 5600, 50)
+    bullish = rng.random() < 0.65
+    title = f"{bank}{'上调' if bullish else '下调'}黄金目标价至{target}美元/盎司"
+    body = (
+        f"{bank}发布报告，将未来12个月黄金目标价{'上调' if bullish else '下调'}至{target}美元/盎司，"
+        f"理由是{'央行购金需求强劲、降息预期升温' if bullish else '实际利率维持高位、避险需求降温'}。"
+    )
+    effect = (1 if bullish else -1) * rng.uniform(0.0003, 0.0012)
+    subjects = ["黄金", "机构观点"]
+    return title, body, effect, subjects, level
+
+
+_EVENT_WRITERS = {
+    "fed": _fed_event,
+    "cpi": _cpi_event,
+    "nfp": _nfp_event,
+    "claims": _claims_event,
+    "geo": _geo_event,
+    "reserves": _reserves_event,
+    "etf": _etf_event,
+    "earnings": _earnings_event,
+    "pboc": _pboc_event,
+    "omo": _omo_event,
+    "oil": _oil_event,
+    "dollar": _dollar_event,
+    "yield": _yield_event,
+    "cn_macro": _cn_macro_event,
+    "bank_view": _bank_view_event,
+}
+
+
 def _templates(rng: random.Random, ts: int, kind: str | None = None) -> _Draft:
     """One event of `kind` (random if None) published at `ts`."""
     if kind is None:
         kind = rng.choices(list(_RANDOM_KINDS), weights=list(_RANDOM_KINDS.values()))[0]
+    # Drawn for every kind, in this order, so a seed gives the same database as before.
     role = rng.choice(_ROLES)
     level = rng.choices(["A", "B", "C"], weights=[1, 14, 85])[0]
     month = _month_cn(ts)
-    if kind == "fed":
-        hawkish = rng.random() < 0.5
-        if hawkish:
-            phrase = rng.choice(["通胀回落进程停滞 不急于降息", "可能需要更长时间维持高利率", "不排除进一步加息的可能", "劳动力市场依然强劲 降息应保持耐心"])
-            detail = rng.choice(["近期通胀数据令人失望，政策需要保持限制性", "目前没有理由调整利率路径，需要看到更多通胀降温的证据", "服务业价格粘性较强，过早放松政策的风险更大"])
-        else:
-            phrase = rng.choice(["年内降息仍是合适的", "劳动力市场降温 支持逐步放松政策", "通胀正朝着2%的目标迈进", "政策已具有足够限制性"])
-            detail = rng.choice(["若数据继续改善，今年晚些时候开始降息是合适的", "就业增长放缓，通胀压力已明显缓解", "当前利率水平足以压制需求，不需要进一步收紧"])
-        title = f"{role}：{phrase}"
-        body = f"{role}表示，{detail}。"
-        effect = (-1 if hawkish else 1) * rng.uniform(0.0010, 0.0030)
-        subjects = ["美联储动向", "环球市场情报"]
-        level = "B" if rng.random() < 0.35 else level
-    elif kind == "cpi":
-        expected = round(rng.uniform(2.3, 3.4), 1)
-        actual = round(expected + rng.choice([-0.2, -0.1, 0.0, 0.1, 0.2]), 1)
-        core = round(actual + rng.uniform(0.1, 0.6), 1)
-        title = f"美国{month}月CPI同比上涨{_pct(actual)} 预期{_pct(expected)}"
-        body = f"美国{month}月CPI同比上涨{_pct(actual)}，预期{_pct(expected)}，前值{_pct(expected + rng.choice([-0.1, 0.1]))}；核心CPI同比上涨{_pct(core)}。"
-        effect = -(actual - expected) * 0.03 + rng.uniform(-0.0005, 0.0005)
-        subjects = ["美国经济数据", "环球市场情报"]
-        level = rng.choice(["A", "B"])
-    elif kind == "nfp":
-        expected = rng.randint(10, 25)
-        actual = expected + rng.randint(-12, 12)
-        rate = round(rng.uniform(3.9, 4.5), 1)
-        title = f"美国{month}月非农就业人口增加{actual}万人 预期增加{expected}万人"
-        body = f"美国{month}月季调后非农就业人口增加{actual}万人，预期增加{expected}万人；失业率为{_pct(rate)}，预期{_pct(rate + rng.choice([-0.1, 0.0, 0.1]))}。"
-        effect = -(actual - expected) * 0.0004 + rng.uniform(-0.0005, 0.0005)
-        subjects = ["美国经济数据", "环球市场情报"]
-        level = rng.choice(["A", "B"])
-    elif kind == "claims":
-        expected = rng.randint(210, 240)
-        actual = expected + rng.randint(-15, 15)
-        title = f"美国上周初请失业金人数为{actual / 10:.1f}万人 预期{expected / 10:.1f}万人"
-        body = f"美国上周初请失业金人数为{actual / 10:.1f}万人，预期{expected / 10:.1f}万人，前值{(expected + rng.randint(-6, 6)) / 10:.1f}万人。"
-        effect = (actual - expected) * 0.00008
-        subjects = ["美国经济数据"]
-    elif kind == "geo":
-        region, side_a, side_b = rng.choice(_REGIONS)
-        escalation = rng.random() < 0.6
-        if escalation:
-            title = f"{region}局势升级：{side_a}称将对{side_b}采取进一步行动"
-            body = f"据媒体报道，{side_a}方面表示将对{side_b}采取进一步行动，地区紧张局势再度升温，市场避险情绪升温。"
-            effect = rng.uniform(0.0015, 0.0050)
-        else:
-            title = f"{side_a}与{side_b}同意举行新一轮谈判 {region}局势有所缓和"
-            body = f"据媒体报道，{side_a}与{side_b}同意于近日举行新一轮谈判，讨论停火及后续安排，{region}紧张局势有所缓和。"
-            effect = -rng.uniform(0.0010, 0.0035)
-        subjects = ["地缘政治", "环球市场情报"]
-        level = "B" if rng.random() < 0.4 else level
-    elif kind == "reserves":
-        reserve = rng.randint(7300, 7500)
-        added = rng.randint(3, 16)
-        streak = rng.randint(6, 18)
-        title = f"中国央行{month}月末黄金储备报{reserve}万盎司 为连续第{streak}个月增持"
-        body = f"中国人民银行公布数据显示，{month}月末黄金储备报{reserve}万盎司，环比增加{added}万盎司，为连续第{streak}个月增持黄金。"
-        effect = rng.uniform(0.0008, 0.0020)
-        subjects = ["黄金", "央行动态"]
-    elif kind == "etf":
-        delta = round(rng.uniform(-6.0, 8.0), 2)
-        holding = round(rng.uniform(880, 960), 2)
-        verb = "增加" if delta >= 0 else "减少"
-        title = f"全球最大黄金ETF持仓较上日{verb}{abs(delta):.2f}吨"
-        body = f"全球最大黄金ETF持仓较上日{verb}{abs(delta):.2f}吨，当前持仓量为{holding:.2f}吨。"
-        effect = delta * 0.0002
-        subjects = ["黄金", "ETF动态"]
-    elif kind == "earnings":
-        company, industry = rng.choice(_COMPANIES)
-        revenue = round(rng.uniform(8, 380), 2)
-        revenue_growth = round(rng.uniform(-25, 60), 2)
-        profit = round(revenue * rng.uniform(0.03, 0.22), 2)
-        profit_growth = round(rng.uniform(-40, 90), 2)
-        eps = round(profit / rng.uniform(5, 60), 2)  # profit (亿元) / shares (亿股)
-        period = "2025年"  # annual reports come out in March and April
-        direction = "增长" if profit_growth >= 0 else "下降"
-        title = f"{company}：{period}净利润{profit}亿元 同比{direction}{abs(profit_growth):.2f}%"
-        body = (
-            f"{company}（{industry}）公告，公司{period}实现营业收入{revenue}亿元，同比{'增长' if revenue_growth >= 0 else '下降'}"
-            f"{abs(revenue_growth):.2f}%；归属于上市公司股东的净利润{profit}亿元，同比{direction}{abs(profit_growth):.2f}%；基本每股收益{eps}元。"
-        )
-        effect = 0.0
-        subjects = ["公司公告", "A股"]
-        level = "C"
-    elif kind == "pboc":
-        cut = rng.choice([0.25, 0.5])
-        freed = rng.randint(5000, 12000)
-        title = f"中国人民银行：下调金融机构存款准备金率{cut}个百分点"
-        body = f"中国人民银行决定下调金融机构存款准备金率{cut}个百分点，此次下调后将释放长期流动性约{freed}亿元。"
-        effect = rng.uniform(0.0, 0.0008)
-        subjects = ["央行动态", "宏观经济"]
-        level = "A" if rng.random() < 0.3 else "B"
-    elif kind == "omo":
-        amount = rng.randrange(500, 6000, 5)
-        maturing = rng.randrange(500, 6000, 5)
-        net = amount - maturing
-        title = f"央行今日开展{amount}亿元7天期逆回购操作"
-        body = (
-            f"人民银行公开市场今日进行{amount}亿元7天期逆回购，利率1.40%，较上次不变。"
-            f"今日有{maturing}亿元逆回购到期，实现净{'投放' if net >= 0 else '回笼'}{abs(net)}亿元。"
-        )
-        effect = 0.0
-        subjects = ["央行动态", "债市"]
-        level = "C"
-    elif kind == "oil":
-        change = round(rng.uniform(0.8, 4.5), 2)
-        price = round(rng.uniform(62, 88), 2)
-        up = rng.random() < 0.5
-        title = f"WTI原油日内{'涨' if up else '跌'}{change}% 现报{price}美元/桶"
-        body = f"WTI原油期货日内{'涨' if up else '跌'}{change}%，现报{price}美元/桶；布伦特原油现报{price + rng.uniform(2, 5):.2f}美元/桶。"
-        effect = (1 if up else -1) * rng.uniform(0.0, 0.0006)
-        subjects = ["能源", "期货市场情报"]
-    elif kind == "dollar":
-        change = round(rng.uniform(0.2, 0.9), 1)
-        index = round(rng.uniform(98, 106), 2)
-        up = rng.random() < 0.5
-        title = f"美元指数日内{'涨' if up else '跌'}{change}% 现报{index}"
-        body = f"美元指数日内{'涨' if up else '跌'}{change}%，现报{index}，非美货币普遍{'承压' if up else '走强'}。"
-        effect = (-1 if up else 1) * change * 0.002
-        subjects = ["外汇", "环球市场情报"]
-    elif kind == "yield":
-        level_pct = round(rng.uniform(3.9, 4.8), 2)
-        bp = rng.randint(3, 14)
-        up = rng.random() < 0.5
-        title = f"美国10年期国债收益率日内{'上行' if up else '下行'}{bp}个基点 报{level_pct}%"
-        body = f"美国10年期国债收益率日内{'上行' if up else '下行'}{bp}个基点，报{level_pct}%；2年期国债收益率报{level_pct - rng.uniform(0.1, 0.5):.2f}%。"
-        effect = (-1 if up else 1) * bp * 0.00012
-        subjects = ["美债", "环球市场情报"]
-    elif kind == "cn_macro":
-        cpi = round(rng.uniform(-0.5, 1.2), 1)
-        ppi = round(rng.uniform(-3.0, 0.5), 1)
-        title = f"国家统计局：{month}月CPI同比{'上涨' if cpi >= 0 else '下降'}{abs(cpi)}% PPI同比{'上涨' if ppi >= 0 else '下降'}{abs(ppi)}%"
-        body = f"国家统计局数据显示，{month}月份全国居民消费价格同比{'上涨' if cpi >= 0 else '下降'}{abs(cpi)}%；全国工业生产者出厂价格同比{'上涨' if ppi >= 0 else '下降'}{abs(ppi)}%。"
-        effect = 0.0
-        subjects = ["宏观经济", "中国经济数据"]
-    else:  # bank_view
-        bank = rng.choice(_OPINION_BANKS)
-        target = rng.randrange(4200, 5600, 50)
-        bullish = rng.random() < 0.65
-        title = f"{bank}{'上调' if bullish else '下调'}黄金目标价至{target}美元/盎司"
-        body = (
-            f"{bank}发布报告，将未来12个月黄金目标价{'上调' if bullish else '下调'}至{target}美元/盎司，"
-            f"理由是{'央行购金需求强劲、降息预期升温' if bullish else '实际利率维持高位、避险需求降温'}。"
-        )
-        effect = (1 if bullish else -1) * rng.uniform(0.0003, 0.0012)
-        subjects = ["黄金", "机构观点"]
+    title, body, effect, subjects, level = _EVENT_WRITERS.get(kind, _bank_view_event)(rng, month, role, level)
     return _Draft(ts=ts, title=title, body=body, level=level, subjects=subjects, gold_effect=effect)
 
 

@@ -30,7 +30,12 @@ The levers (docs/performance.md has the measured effect of each):
   squared sample lengths instead of a full masked square per row;
 - bf16 autocast on CPUs with native bf16 matrix units (AMX / AVX512-BF16), with LoRA's updates
   added in fp32 (in bf16 they are rounded away early in training);
-- gradient checkpointing only when memory needs it, 4-bit only when memory needs it.
+- gradient checkpointing only when memory needs it, 4-bit only when memory needs it;
+- fused LoRA projections (`kernels.install_fused_lora`): one autograd function per adapted
+  layer instead of peft's and bitsandbytes' Python layers, LoRA dropout kept; and
+  checkpointing with the layer inputs offloaded to pinned CPU memory
+  (`kernels.install_offloaded_checkpointing`). Both keep the run config's batches, for the
+  small-batch steps that wait on the CPU.
 
 Explicit values in a run config win over a profile's; a profile field of `None` means "the run
 config decides" (the standard recipe), which is what the `default` profile does everywhere.
@@ -47,6 +52,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from finqlora.core.errors import FinqloraError
+from finqlora.core.hardware import cpu_has_fast_bf16
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,12 @@ class SpeedProfile:
     # relative), so the adapted blocks carry fp32 activations; the frozen products stay bf16.
     lora_update_in_fp32: bool = False
     torch_compile: bool = False
+    # Each adapted projection in one autograd function (frozen weight dequantized in place, LoRA
+    # product accumulated into the base output, dropout on the LoRA input kept): far less
+    # per-call CPU work than peft + bitsandbytes, which is what a small-batch step waits for.
+    fused_lora: bool = False
+    # Gradient checkpointing keeps each decoder layer's input in pinned CPU memory, not on the GPU.
+    offload_activations: bool = False
     # TrainingArguments.optim; None = the run config's (paged_adamw_8bit on CUDA).
     optimizer: str | None = None
     # Pad lengths to a multiple of this (tensor-core friendly shapes) in padded batches.
@@ -146,6 +158,34 @@ PROFILES: dict[str, SpeedProfile] = {
             varlen_attention=True,
         ),
         SpeedProfile(
+            name="fused",
+            description="the run config's batches (same samples per step as the standard recipe): 4-bit base, "
+            "fused LoRA projections (dropout kept), Liger kernels, answer-only fused cross-entropy, no fp32 upcast, "
+            "checkpointing with layer inputs offloaded to CPU memory",
+            answer_only_logits=True,
+            liger=True,
+            gradient_checkpointing=True,
+            load_in_4bit=True,
+            upcast_frozen_to_fp32=False,
+            avoid_cudnn_attention=True,
+            fused_lora=True,
+            offload_activations=True,
+        ),
+        SpeedProfile(
+            name="t4-fused",
+            description="fused for 16 GB GPUs (T4, sm75): the same levers in fp16, only kernels that run on sm75 "
+            "(no bf16, no flash varlen attention), the run config's batches",
+            answer_only_logits=True,
+            liger=True,
+            gradient_checkpointing=True,
+            load_in_4bit=True,
+            compute_dtype="fp16",
+            upcast_frozen_to_fp32=False,
+            avoid_cudnn_attention=True,
+            fused_lora=True,
+            offload_activations=True,
+        ),
+        SpeedProfile(
             name="cpu",
             description="CPU LoRA (no 4-bit): packed micro-batches without padding, answer-only logits, and bf16 "
             "products where the CPU has native bf16 matrix units (AMX / AVX512-BF16; LoRA updates added in fp32), "
@@ -162,25 +202,6 @@ PROFILES: dict[str, SpeedProfile] = {
         ),
     )
 }
-
-
-def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is emulated and slow.
-
-    Measured on a 2-core Xeon with AMX: a bf16 matmul ran 3.8x faster than fp32 (docs/performance.md).
-    """
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-                cpuinfo = handle.read(200_000)
-        except OSError:
-            return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[-1].split())
-            break
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 PROFILES["cpu"] = dataclasses.replace(PROFILES["cpu"], compute_dtype="bf16" if cpu_has_fast_bf16() else "fp32")
@@ -372,6 +393,14 @@ def apply_model_speedups(model: Any, profile: SpeedProfile) -> Any:
         _install_varlen_attention(lm)
     if profile.answer_only_logits:
         _install_answer_only_loss(lm, fused=profile.liger)
+    if profile.fused_lora:
+        from finqlora.train.kernels import install_fused_lora
+
+        install_fused_lora(lm)
+    if profile.offload_activations:
+        from finqlora.train.kernels import install_offloaded_checkpointing
+
+        install_offloaded_checkpointing(lm)
     if profile.torch_compile:
         return torch.compile(model)
     return model

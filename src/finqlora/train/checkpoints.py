@@ -1,0 +1,161 @@
+"""Checkpoints: the completion marker, its verification, and which checkpoint a run resumes from.
+
+Every `checkpoint-N` folder gets `finqlora_checkpoint.json` written last, listing each file with
+its size and SHA-256. A checkpoint counts only when the marker exists and every listed file is
+there with that size and that checksum, so a save that was interrupted, a truncated file and a
+file overwritten in place (same size, other bytes) are all told apart and named. `auto` resume
+takes the newest verified checkpoint; an explicit checkpoint path is verified the same way and
+refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from finqlora.core.config import TrainConfig
+from finqlora.core.errors import FinqloraError
+from finqlora.core.fileio import atomic_write_json, sha256_file
+from finqlora.train.distributed import is_main_process
+
+CHECKPOINT_MARKER = "finqlora_checkpoint.json"
+# 1: sizes only (finqlora before checksums); 2: size and SHA-256 of every file.
+MARKER_VERSION = 2
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_checkpoint_marker(folder: Path, step: int) -> None:
+    """Record every file of a finished checkpoint (size + SHA-256); written last, atomically."""
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != CHECKPOINT_MARKER
+    }
+    atomic_write_json(
+        folder / CHECKPOINT_MARKER, {"marker_version": MARKER_VERSION, "step": step, "files": files, "written_at": now_utc()}
+    )
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder, in one sentence; None when every file verifies."""
+    marker = folder / CHECKPOINT_MARKER
+    if not marker.is_file():
+        return f"it has no completion marker ({CHECKPOINT_MARKER}): its save was interrupted"
+    try:
+        listed = json.loads(marker.read_text(encoding="utf-8"))["files"]
+        if not isinstance(listed, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its completion marker {marker} is unreadable"
+    for name, recorded in listed.items():
+        if not isinstance(recorded, (int, dict)):
+            return f"its completion marker {marker} is unreadable"
+        problem = _file_problem(folder / name, recorded)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _file_problem(path: Path, recorded: Any) -> str | None:
+    # A version-1 marker records the size only (an int); version 2 records size and sha256.
+    size, digest = (recorded, None) if isinstance(recorded, int) else (recorded.get("size"), recorded.get("sha256"))
+    if not isinstance(size, int):
+        return f"its completion marker lists {path.name} without a size"
+    if not path.is_file():
+        return f"file {path.name} is missing"
+    actual = path.stat().st_size
+    if actual < size:
+        return f"file {path.name} is truncated: {actual} bytes, {size} when the checkpoint was saved"
+    if actual != size:
+        return f"file {path.name} has {actual} bytes, {size} when the checkpoint was saved"
+    if digest is not None and sha256_file(path) != digest:
+        return f"file {path.name} was changed after the save: same size ({size} bytes) but its SHA-256 differs from the recorded one"
+    return None
+
+
+def checkpoint_is_complete(folder: Path) -> bool:
+    """True when the marker exists and every file it lists has its recorded size and SHA-256."""
+    return checkpoint_problem(folder) is None
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def find_latest_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[Path]]:
+    """(newest verified checkpoint or None, the unverified checkpoint folders newer than it)."""
+    unverified: list[Path] = []
+    for _, folder in reversed(list_checkpoints(Path(output_dir))):
+        if checkpoint_is_complete(folder):
+            return folder, unverified
+        unverified.append(folder)
+    return None, unverified
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Raise FinqloraError saying what is wrong with an explicitly named checkpoint."""
+    if not (folder / "trainer_state.json").is_file():
+        raise FinqloraError(
+            f"{folder} is not a training checkpoint (no trainer_state.json)",
+            hint="pass a checkpoint-N folder of an earlier run, or 'auto' for the newest verified one",
+        )
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise FinqloraError(
+            f"cannot resume from {folder}: {problem}",
+            hint="resuming from it would train on broken weights; use --resume_from_checkpoint auto (the newest "
+            "verified checkpoint) or an older checkpoint-N folder",
+        )
+
+
+def resolve_resume(cfg: TrainConfig, output_dir: Path) -> Path | None:
+    """The verified checkpoint this run resumes from (None: start from scratch)."""
+    spec = cfg.resume_from_checkpoint
+    if spec is None:
+        return None
+    if spec != "auto":
+        folder = Path(spec)
+        verify_checkpoint(folder)
+        return folder
+    latest, unverified = find_latest_checkpoint(output_dir)
+    for folder in unverified if is_main_process() else ():  # one process cleans up, not all
+        problem = checkpoint_problem(folder)
+        if problem is not None and problem.startswith("it has no completion marker"):
+            # Interrupted mid-save: nothing in it can be trusted, and the step will be saved again.
+            print(f"skipping incomplete checkpoint {folder} ({problem}); removing it", file=sys.stderr)
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            print(f"skipping checkpoint {folder}: {problem}; left in place for inspection", file=sys.stderr)
+    if latest is None:
+        print(f"no verified checkpoint in {output_dir}: starting from scratch", file=sys.stderr)
+    return latest
+
+
+def check_free_space(folder: Path, needed_bytes: int) -> None:
+    """Refuse to start a save that cannot fit (a half-written checkpoint helps nobody)."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes:
+        raise FinqloraError(
+            f"not enough free disk space in {probe}: {free / 2**20:.0f} MiB free, a checkpoint needs about "
+            f"{needed_bytes / 2**20:.0f} MiB",
+            hint="free some space, point --output-dir at a larger disk, or lower train.keep_checkpoints",
+        )

@@ -1,0 +1,1 @@
+"""`finqlora ui`: a local web app to compare models, watch runs and rate answers blind."""
