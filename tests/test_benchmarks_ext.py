@@ -85,7 +85,7 @@ def test_label_map_parsing(tmp_path: Path) -> None:
 
 
 def test_cfbenchmark_datasets_folder(tmp_path: Path) -> None:
-    import datasets
+    datasets = pytest.importorskip("datasets", reason="CFBenchmark folders are read with the datasets package, not installed")
 
     rows = {
         "instruction": ["请判断以下新闻的情感倾向（积极、中性、消极）"] * 3,

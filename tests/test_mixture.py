@@ -106,6 +106,7 @@ def test_malformed_files_name_file_line_and_fix(fmt: str, content: str, line: in
 
 
 def test_cfbenchmark_that_is_not_a_folder(tmp_path: Path) -> None:
+    pytest.importorskip("datasets", reason="CFBenchmark folders are read with the datasets package, not installed")
     path = tmp_path / "file.json"
     path.write_text("[]", encoding="utf-8")
     with pytest.raises(FinqloraError, match="datasets folder"):
