@@ -16,6 +16,11 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
+try:
+    from playwright.sync_api import expect
+except ImportError:  # the browser fixture skips these tests with the reason
+    expect = None
+
 from finqlora.core.errors import FinqloraError
 from finqlora.evaluate import ratings as R
 from finqlora.evaluate.human_eval import LOSS, TIE, WIN, cohen_kappa, fleiss_kappa
@@ -31,6 +36,9 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 OWNER = "owner-token-for-tests-0123456789"
+# Waits use Playwright's locator assertions, which run no JavaScript from a string: the app's
+# Content-Security-Policy (script-src 'self') forbids eval, so wait_for_function could not poll.
+UI_TIMEOUT_MS = 30_000
 
 QUESTIONS = [
     "某公司宣布回购10亿元股份，股价可能如何反应？",
@@ -300,7 +308,7 @@ def test_runs_page_shows_loss_chart_and_metrics(browser, runs_app) -> None:
     assert "report of demo" in popup.value.content()
     # A run in the middle of training shows its stage, step and ETA.
     page.goto(f"{running.url}/runs/live")
-    page.wait_for_function("document.querySelector('#progress .label').textContent.includes('步 4/10')")
+    expect(page.locator("#progress .label")).to_contain_text("步 4/10", timeout=UI_TIMEOUT_MS)
     assert "训练" in page.locator("#progress .label").inner_text() and "预计剩余" in page.locator("#progress .label").inner_text()
     assert requests.foreign() == []
     context.close()
@@ -313,7 +321,7 @@ def rate_pairs(browser, link: str, picks: list[str], screenshot: Path | None = N
     requests = RequestLog(page)
     page.goto(link)
     for choice in picks:
-        page.wait_for_function("document.getElementById('question').textContent.length > 0")
+        expect(page.locator("#question")).not_to_have_text("", timeout=UI_TIMEOUT_MS)
         page.check(f"input[name=choice][value={choice}]")
         for side, values in (("A", (4, 3)), ("B", (3, 4))):
             page.check(f"input[name={side}-professional][value='{values[0]}']")
@@ -321,8 +329,12 @@ def rate_pairs(browser, link: str, picks: list[str], screenshot: Path | None = N
         if screenshot is not None:
             page.screenshot(path=str(screenshot), full_page=True)
             screenshot = None
-        with page.expect_response(lambda r: r.request.method == "POST" and "/api/rate/" in r.url):
+        with page.expect_response(lambda r: r.request.method == "POST" and "/api/rate/" in r.url) as response:
             page.click("#submit")
+        # The page shows the next pair only after it has read the reply; choosing before that
+        # would be undone when it renders, so wait for the saved count it prints last.
+        rated = response.value.json()["rated"]
+        expect(page.locator("#rate-status")).to_contain_text(f"({rated}/", timeout=UI_TIMEOUT_MS)
     assert requests.foreign() == []
     # The rater's own token does not open the owner's pages.
     for path in ("/rating", "/runs", "/compare"):
@@ -348,7 +360,7 @@ def test_two_raters_rate_and_the_owner_sees_win_rate_and_kappa(browser, runs_app
     # The second rater comes back later and resumes at the third pair.
     resume = browser.new_context(locale="zh-CN").new_page()
     resume.goto(links["王老师"])
-    resume.wait_for_function("document.getElementById('position').textContent.includes('3 / 3')")
+    expect(resume.locator("#position")).to_contain_text("3 / 3", timeout=UI_TIMEOUT_MS)
     assert resume.locator("#all-done").is_hidden()
     resume.context.close()
     rate_pairs(browser, links["王老师"], ["B"])
@@ -421,9 +433,11 @@ def test_compare_streams_base_and_finetuned_side_by_side(browser, compare_app) -
     page.click("details summary")
     # SmolLM2 repeats the question first: 40 tokens reach where the random adapter changes the text.
     page.fill("#max_tokens", "40" if take_screenshot else "24")
-    # Count how often each answer's text changes: streaming means many small updates.
+    # Count how often each answer's text changes: streaming means many small updates. Count the
+    # mutation records, not the observer's calls: pieces that arrive in one network read are
+    # appended in one task, and the observer reports them in one call.
     page.evaluate("""() => { window.updates = {}; for (const id of ['col-base', 'col-finetuned']) {
-        window.updates[id] = 0; new MutationObserver(() => window.updates[id]++)
+        window.updates[id] = 0; new MutationObserver((records) => { window.updates[id] += records.length; })
           .observe(document.querySelector('#' + id + ' .text'), {childList: true, characterData: true, subtree: true}); } }""")
     page.click("#send")
     page.wait_for_selector("#col-base[data-state=done]", timeout=50_000)
