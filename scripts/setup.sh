@@ -27,14 +27,15 @@ extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 "${PIP[@]}" install -q -e ".${extras}"
 
-# The report test renders report.html in headless Chromium (Debian's package); it is only
-# installed where it can be (root with apt), otherwise that one test skips with the reason.
-if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
+# The report and UI tests render pages in headless Chromium (Debian's package), with a small
+# CJK font so that Chinese text is drawn, not boxes. Installed only where it can be (root with
+# apt); otherwise those tests skip with the reason.
+if [ "${1:-}" = "--test" ] && { ! command -v chromium >/dev/null 2>&1 || ! fc-list :lang=zh 2>/dev/null | grep -q .; }; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
-      || echo "warning: could not install chromium; the report screenshot test will skip" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei) \
+      || echo "warning: could not install chromium; the browser tests will skip" >&2
   else
-    echo "note: chromium not installed (needs root + apt); the report screenshot test will skip" >&2
+    echo "note: chromium not installed (needs root + apt); the browser tests will skip" >&2
   fi
 fi
 

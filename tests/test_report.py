@@ -13,7 +13,7 @@ import pytest
 
 from finqlora.core.errors import FinqloraError
 from finqlora.evaluate.evaluation import compute_metrics
-from finqlora.report.report import build_report, select_examples
+from finqlora.report.report import NO_CAPABILITY_GAIN, build_report, select_examples
 
 DIRECTIONS = ["利好", "利空", "中性"]
 
@@ -221,3 +221,29 @@ def test_blind_rating_rounds_appear_in_the_report(tmp_path: Path) -> None:
         assert "人工盲评 / blind rating" in page and "r1" in page
         assert "100.0%" in page and f"{summary['win_ci_low'] * 100:.1f}%" in page
         assert "cohen_kappa" in page
+
+
+def test_the_summary_says_plainly_when_no_capability_metric_improved(report_dir: Path) -> None:
+    # The fixture's news accuracy rises 4/12 -> 9/12, but 7 wins against 1 loss is McNemar p = 0.07.
+    metrics = json.loads((report_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    assert not any("better" in row["verdict"] for row in metrics["table"] if row["test"] == "McNemar exact")
+    assert NO_CAPABILITY_GAIN in (report_dir / "report" / "report.md").read_text(encoding="utf-8")
+
+
+def test_the_summary_does_not_deny_a_significant_gain(tmp_path: Path) -> None:
+    eval_dir, _ = make_eval_dir(tmp_path)
+    # Two more copies of the news items make 21 wins against 3 losses: significant.
+    items = [json.loads(line) for line in (eval_dir / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+    news = [item for item in items if item["task"] == "news_impact"]
+    copies = [{**item, "id": f"{item['id']}-{n}"} for n in (1, 2) for item in news]
+    _jsonl(eval_dir / "items.jsonl", items + copies)
+    for variant in ("base", "finetuned"):
+        path = eval_dir / f"generations_{variant}.jsonl"
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        by_id = {row["id"]: row for row in rows}
+        _jsonl(path, rows + [{**by_id[c["id"].rsplit("-", 1)[0]], "id": c["id"]} for c in copies])
+    compute_metrics(eval_dir)
+    metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert any("better" in row["verdict"] for row in metrics["table"] if row["test"] == "McNemar exact")
+    paths = build_report(eval_dir, tmp_path / "report")
+    assert NO_CAPABILITY_GAIN not in paths.markdown.read_text(encoding="utf-8")

@@ -348,16 +348,26 @@ def _data_card(metrics: dict[str, Any], training_info: dict[str, Any] | None) ->
     return pairs
 
 
+NO_CAPABILITY_GAIN = (
+    "No closed-label capability metric (accuracy on a labelled task, McNemar exact) is significantly better "
+    "after fine-tuning in this evaluation. Overlap (ROUGE-L, BLEU) and reference perplexity measure closeness "
+    "to the wording of the training answers, not capability."
+)
+
+
 def _verdict_summary(metrics: dict[str, Any]) -> list[str]:
+    """One line per closed-label accuracy test, and a plain statement when none of them improved."""
     lines = []
-    for row in metrics.get("table", []):
-        if row.get("test") == "McNemar exact":
-            mc = row.get("mcnemar") or {}
-            lines.append(
-                f"{row['name']}: {format_value(row, row['base'])} -> {format_value(row, row['finetuned'])} "
-                f"({format_value(row, row['delta'], signed=True)}); McNemar exact p = {format_p(row.get('p_value'))} "
-                f"(base only right: {mc.get('base_only')}, fine-tuned only right: {mc.get('finetuned_only')}) -- {row['verdict']}."
-            )
+    closed_label = [row for row in metrics.get("table", []) if row.get("test") == "McNemar exact"]
+    for row in closed_label:
+        mc = row.get("mcnemar") or {}
+        lines.append(
+            f"{row['name']}: {format_value(row, row['base'])} -> {format_value(row, row['finetuned'])} "
+            f"({format_value(row, row['delta'], signed=True)}); McNemar exact p = {format_p(row.get('p_value'))} "
+            f"(base only right: {mc.get('base_only')}, fine-tuned only right: {mc.get('finetuned_only')}) -- {row['verdict']}."
+        )
+    if closed_label and not any("better" in row["verdict"] for row in closed_label):
+        lines.append(NO_CAPABILITY_GAIN)
     return lines
 
 

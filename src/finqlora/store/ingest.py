@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -467,10 +468,10 @@ def read_news_file(
             return
         raise FinqloraError(message, hint=hint) from exc
 
-    if fmt == "cls":
-        for lineno, obj in _parse_jsonl(file_path, skip_bad=skip_bad, skipped=skipped):
+    def collect(rows: Iterable[tuple[int, Any]], make_record: Callable[[Any], NewsRecord | None]) -> tuple[list[NewsRecord], list[SkippedRow]]:
+        for lineno, row in rows:
             try:
-                record = _cls_record(obj, tz=zone)
+                record = make_record(row)
             except (ValueError, TypeError, OverflowError) as exc:
                 fail(lineno, exc)
                 continue
@@ -479,6 +480,9 @@ def read_news_file(
             else:
                 records.append(record)
         return records, skipped
+
+    if fmt == "cls":
+        return collect(_parse_jsonl(file_path, skip_bad=skip_bad, skipped=skipped), lambda obj: _cls_record(obj, tz=zone))
 
     if fmt == "jsonl":
         rows = list(_parse_jsonl(file_path, skip_bad=skip_bad, skipped=skipped))
@@ -502,17 +506,7 @@ def read_news_file(
             f"{file_path}: no source column and no --source",
             hint="pass --source NAME (e.g. --source mywire) or --map source=COLUMN; event ids are SOURCE:ID",
         )
-    for lineno, row in rows:
-        try:
-            record = _generic_record(row, columns, source=source, tz=zone)
-        except (ValueError, TypeError, OverflowError) as exc:
-            fail(lineno, exc)
-            continue
-        if record is None:
-            skipped.append(SkippedRow(str(file_path), lineno, "no content"))
-        else:
-            records.append(record)
-    return records, skipped
+    return collect(rows, lambda row: _generic_record(row, columns, source=source, tz=zone))
 
 
 # ---------------------------------------------------------------------------------------
