@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,14 @@ def test_cfbenchmark_that_is_not_a_folder(tmp_path: Path) -> None:
     path.write_text("[]", encoding="utf-8")
     with pytest.raises(FinqloraError, match="datasets folder"):
         load_source(AddSource(path, "cfbenchmark"), seed=0)
+
+
+def test_cfbenchmark_without_the_datasets_package_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    (tmp_path / "cfb").mkdir()
+    with pytest.raises(FinqloraError, match="needs the datasets package") as caught:
+        load_source(AddSource(tmp_path / "cfb", "cfbenchmark"), seed=0)
+    assert "finqlora[cfbenchmark]" in caught.value.hint
 
 
 def test_sampling_is_seeded_and_bounded(tmp_path: Path) -> None:

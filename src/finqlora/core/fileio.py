@@ -101,3 +101,23 @@ def iter_jsonl(
 def read_jsonl(path: str | os.PathLike[str], **options: Any) -> list[dict[str, Any]]:
     """All objects of a JSONL file (see `iter_jsonl` for the options and the errors)."""
     return [row for _number, row in iter_jsonl(path, **options)]
+
+
+def load_datasets_folder(path: Path, option: str) -> Any:
+    """A Hugging Face `datasets` folder written by `save_to_disk`: a Dataset, or a DatasetDict
+    (a dict of splits). `option` names the flag that took the path, for the hint."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise FinqloraError(
+            f"{path}: reading a Hugging Face datasets folder needs the datasets package, which is not installed",
+            hint='pip install "finqlora[cfbenchmark]" (or pip install datasets)',
+        ) from exc
+    if not path.is_dir():
+        raise FinqloraError(f"{path}: a CFBenchmark set is a Hugging Face datasets folder (written by save_to_disk)",
+                            hint=f"pass {option} the folder, not a file")
+    try:
+        return datasets.load_from_disk(str(path))
+    except FileNotFoundError as exc:
+        raise FinqloraError(f"{path}: not a Hugging Face datasets folder ({exc})",
+                            hint=f"point {option} at the folder that holds dataset_info.json/state.json (or dataset_dict.json)") from exc

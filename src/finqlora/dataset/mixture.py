@@ -34,7 +34,7 @@ from typing import Any
 
 from finqlora.core import textdedup
 from finqlora.core.errors import FinqloraError
-from finqlora.core.fileio import iter_jsonl
+from finqlora.core.fileio import iter_jsonl, load_datasets_folder
 
 FORMATS = ("finfe", "cfbenchmark", "fpb", "disc", "alpaca")
 FINFE_WORDS = {0: "消极", 1: "中性", 2: "积极"}
@@ -158,15 +158,8 @@ def _alpaca(path: Path) -> Iterator[MixItem]:
 
 
 def _cfbenchmark(path: Path) -> Iterator[MixItem]:
-    import datasets
-
-    if not path.is_dir():
-        raise _bad(path, None, "a CFBenchmark set is a Hugging Face datasets folder (save_to_disk)", "pass the folder, not a file")
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except FileNotFoundError as exc:
-        raise _bad(path, None, f"not a Hugging Face datasets folder ({exc})", "pass the folder with dataset_info.json/state.json") from exc
-    if isinstance(loaded, datasets.DatasetDict):
+    loaded = load_datasets_folder(path, "--add-dataset")
+    if isinstance(loaded, dict):  # a DatasetDict of splits
         if "train" not in loaded and len(loaded) != 1:
             raise _bad(path, None, f"several splits ({', '.join(loaded)}) and none is train", "pass the folder of one split")
         loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))

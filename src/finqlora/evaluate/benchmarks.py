@@ -27,7 +27,7 @@ from typing import Any
 from finqlora.dataset.answer_parser import DIRECTIONS, NEGATIVE, NEUTRAL, POSITIVE
 from finqlora.core.config import BENCHMARK_FORMATS
 from finqlora.core.errors import FinqloraError
-from finqlora.core.fileio import iter_jsonl
+from finqlora.core.fileio import iter_jsonl, load_datasets_folder
 
 FORMATS = BENCHMARK_FORMATS  # written once, in the run config's schema
 
@@ -139,18 +139,8 @@ def _load_finfe(path: Path, mapping: dict[str, str]) -> list[BenchmarkItem]:
 
 
 def _load_cfbenchmark(path: Path, mapping: dict[str, str], split: str | None) -> list[BenchmarkItem]:
-    import datasets
-
-    if not path.is_dir():
-        raise FinqloraError(f"{path}: a CFBenchmark set is a Hugging Face datasets folder (written by save_to_disk)")
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except FileNotFoundError as exc:
-        raise FinqloraError(
-            f"{path}: not a Hugging Face datasets folder ({exc})",
-            hint="point --benchmark at the folder that holds dataset_info.json/state.json (or dataset_dict.json)",
-        ) from exc
-    if isinstance(loaded, datasets.DatasetDict):
+    loaded = load_datasets_folder(path, "--benchmark")
+    if isinstance(loaded, dict):  # a DatasetDict of splits
         names = list(loaded)
         chosen = split or ("test" if "test" in loaded else names[0] if len(names) == 1 else None)
         if chosen not in loaded:
