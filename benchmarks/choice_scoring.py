@@ -38,7 +38,7 @@ def naive_scores(model, tokenizer, questions) -> list[int]:
             ids = tokenizer.encode(option, add_special_tokens=False)
             with torch.no_grad():
                 logprobs = torch.log_softmax(model(input_ids=torch.tensor([prompt + ids])).logits[0].float(), dim=-1)
-            scores.append(normalised_score([float(logprobs[len(prompt) - 1 + t, token]) for t, token in enumerate(ids)]))
+            scores.append(normalised_score([float(logprobs[len(prompt) - 1 + t, token]) for t, token in enumerate(ids)], option))
         choices.append(pick(scores))
     return choices
 

@@ -1,5 +1,5 @@
 """Choice scoring: the cached, batched scores equal a plain forward pass; a model taught to
-prefer an option picks it; the mean per token is the length normalisation."""
+prefer an option picks it; the log-probability per character is the length normalisation."""
 
 from __future__ import annotations
 
@@ -38,14 +38,20 @@ def tiny(tiny_model_dir: Path):
     return load_model(str(tiny_model_dir), device="cpu", progress=False)
 
 
-def test_length_normalisation_is_the_mean_per_token() -> None:
-    assert normalised_score([-1.0, -2.0, -3.0]) == pytest.approx(-2.0)
-    short, long = [-1.0], [-0.5, -0.5, -0.5]  # sums -1.0 vs -1.5; means -1.0 vs -0.5
-    assert pick([sum(short), sum(long)]) == 0  # the sum favours the shorter option...
-    assert pick([normalised_score(short), normalised_score(long)]) == 1  # ...the mean per token does not
+def test_length_normalisation_is_per_character_of_the_option() -> None:
+    assert normalised_score([-1.0, -2.0, -3.0], "利好黄金") == pytest.approx(-1.5)
+    # A one-character option at -1.0 against a four-character one at -3.0 in all:
+    short, long = ([-1.0], "涨"), ([-2.0, -0.5, -0.5], "利好黄金")
+    assert pick([sum(short[0]), sum(long[0])]) == 0  # the sum favours the shorter option...
+    assert pick([normalised_score(*short), normalised_score(*long)]) == 1  # ...per character it does not (-1.0 vs -0.75)
+    # Two options of equal text length rank as their probabilities do, however they tokenize:
+    # per token, the two-token option's near-certain second token would halve its cost.
+    one_token, two_tokens = ([-1.0], "积极"), ([-1.5, -0.01], "中性")
+    assert pick([normalised_score(*one_token), normalised_score(*two_tokens)]) == 0
+    assert pick([sum(v) / len(v) for v, _ in (one_token, two_tokens)]) == 1  # what the per-token mean picked
     assert pick([-1.0, -1.0, -2.0]) == 0  # a tie goes to the first listed option
     with pytest.raises(ValueError):
-        normalised_score([])
+        normalised_score([], "积极")
 
 
 def test_cached_batched_scores_equal_a_plain_forward_pass(tiny) -> None:
@@ -61,7 +67,7 @@ def test_cached_batched_scores_equal_a_plain_forward_pass(tiny) -> None:
         assert [len(v) for v in result.token_logprobs] == [len(tiny.tokenizer.encode(o, add_special_tokens=False)) for o in options]
         for got, want in zip(result.token_logprobs, expected):
             assert got == pytest.approx(want, abs=1e-4)
-        assert result.scores == pytest.approx([sum(v) / len(v) for v in expected], abs=1e-4)
+        assert result.scores == pytest.approx([sum(v) / len(o) for v, o in zip(expected, options)], abs=1e-4)
         assert result.choice == pick(result.scores)
     # One question alone (no shared prefix with others) gives the same scores.
     alone = score_choices(tiny.model, tiny.tokenizer, questions[1:2])

@@ -224,7 +224,7 @@ def test_choice_only_metrics_need_no_generations(tmp_path: Path) -> None:
     assert (accuracy["mcnemar"]["base_only"], accuracy["mcnemar"]["finetuned_only"]) == (0, 3) and accuracy["test"] == "McNemar exact"
     block = metrics["tasks"]["choice"]["news_impact"]
     assert block["baselines"]["majority"]["accuracy"] == pytest.approx(1 / 3) and block["baselines"]["random"]["accuracy"] == pytest.approx(1 / 3)
-    assert "mean log-probability per option token" in block["normalisation"]
+    assert "log-probability per character of the option" in block["normalisation"]
     per_item = [json.loads(line) for line in (tmp_path / "per_item.jsonl").read_text(encoding="utf-8").splitlines()]
     assert per_item[5]["finetuned"] == {"choice": "利好", "choice_correct": False}
 

@@ -336,14 +336,14 @@ def _score_variant(loaded: Any, items: list[dict[str, Any]], variant: str, model
             loaded, to_generate, variant, model_key, settings, output / f"generations_{variant}.jsonl", options.batch_size, progress)
     closed = [item for item in items if "choice" in item] if options.scoring != "generate" else []
     if closed:
-        from finqlora.evaluate.choice import score_choices
+        from finqlora.evaluate.choice import NORMALISATION, score_choices
 
         def choices(todo: list[dict[str, Any]], advance: Callable[[int], None]) -> list[dict[str, Any]]:
             results = score_choices(loaded.model, loaded.tokenizer, [(item["messages"], item["choice"]["options"]) for item in todo],
                                     batch_size=options.batch_size, max_prompt_tokens=options.max_length, progress=advance)
             return [{"choice": r.choice, "scores": r.scores, "token_logprobs": r.token_logprobs} for r in results]
 
-        keys = {item["id"]: _sha([item["messages"], item["choice"]["options"], model_key, options.max_length]) for item in closed}
+        keys = {item["id"]: _sha([item["messages"], item["choice"]["options"], model_key, options.max_length, NORMALISATION]) for item in closed}
         timings[f"choice_{variant}"] = _timed_scores(f"choice scoring ({variant})", progress, choices, closed, keys, output / f"choice_{variant}.jsonl")
     if options.perplexity:
         scored = [item for item in items if item["task"] != "benchmark" and item["reference"]]

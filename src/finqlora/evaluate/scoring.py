@@ -23,6 +23,7 @@ from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, atomic_write_jsonl, read_jsonl
 from finqlora.dataset.answer_parser import DIRECTIONS, parse_direction, parse_number
 from finqlora.evaluate import metrics as M
+from finqlora.evaluate.choice import NORMALISATION
 
 VARIANTS = ("base", "finetuned")
 SCORING_MODES = ("choice", "generate", "both")
@@ -203,7 +204,7 @@ class _Context:
         labels = _present(labels, truth, preds) if only_present else labels
         block, rows = _classification_block(self.scorer, f"{key}.choice_", f"{title} (choice)", truth, preds, labels, parse_rate=False)
         block["options"] = items[0]["choice"]["options"]
-        block["normalisation"] = "mean log-probability per option token (finqlora.evaluate.choice)"
+        block["normalisation"] = f"{NORMALISATION} (finqlora.evaluate.choice)"
         self.tasks.setdefault("choice", {})[key] = block
         self.table.extend(rows)
 
