@@ -2,7 +2,8 @@
 
 The browser tests drive Debian's /usr/bin/chromium through Python Playwright (no browser is
 downloaded) and skip with a reason when either is missing. They take the screenshots of
-docs/images/ui-*.png (written there only with FINQLORA_UPDATE_SCREENSHOTS=1). All text in the fixture folders is written for these tests.
+docs/images/ui-*.png (written there only with FINQLORA_UPDATE_SCREENSHOTS=1). All text in the
+fixture folders is written for these tests.
 """
 
 from __future__ import annotations
