@@ -119,6 +119,7 @@ def variants() -> dict[str, Variant]:
     fast = resolved(get_profile("fast"))
     fused = resolved(get_profile("fused"))
     t4_fused = resolved(get_profile("t4-fused"))
+    compiled = resolved(get_profile("compiled"))
     rows = [
         Variant("baseline", "plain Trainer + peft + bnb NF4 (the standard recipe)", base),
         Variant("fp16-standard", "the standard recipe in fp16 (a T4's precision)", replace(base, compute_dtype="fp16")),
@@ -126,10 +127,17 @@ def variants() -> dict[str, Variant]:
         Variant("fused", "--profile fused: fused LoRA (dropout kept), Liger, answer-only fused CE, no upcast, "
                 "offloaded checkpointing", fused),
         Variant("t4-fused", "--profile t4-fused: the same in fp16, sm75 kernels only", t4_fused),
+        Variant("compiled", "--profile compiled: decoder layers compiled (NF4 + LoRA with dropout, norms, RoPE, "
+                "SwiGLU fused), answer-only fused CE, no upcast, offloaded checkpointing", compiled),
+        Variant("t4-compiled", "--profile t4-compiled: the same in fp16, sm75 kernels only (no flash attention)",
+                resolved(get_profile("t4-compiled"))),
+        Variant("compiled-no-offload", "compiled with checkpointed layer inputs kept on the GPU",
+                replace(compiled, offload_activations=False)),
         Variant("fused-no-offload", "fused with checkpointed layer inputs kept on the GPU",
                 replace(fused, offload_activations=False)),
         # Each lever alone on top of the baseline.
         Variant("+fused-lora", "baseline + fused LoRA projections", replace(base, fused_lora=True)),
+        Variant("+compiled-layers", "baseline + compiled decoder layers only", replace(base, compiled_layers=True)),
         Variant("+offload", "baseline + checkpointing with layer inputs in CPU memory",
                 replace(base, offload_activations=True)),
         Variant("+answer-only", "baseline + answer-only logits (torch CE)", replace(base, answer_only_logits=True)),
@@ -144,6 +152,7 @@ def variants() -> dict[str, Variant]:
         Variant("t4", "--profile t4 (fp16, 4-bit, checkpointing, 4 packed rows of 4x512 tokens)", t4),
         Variant("fast", "--profile fast (4-bit, checkpointing, varlen attention, 8x4x512-token micro-batches)", fast),
         Variant("fast-fused", "fast + fused LoRA projections", replace(fast, fused_lora=True)),
+        Variant("fast-compiled", "fast + compiled decoder layers", replace(fast, compiled_layers=True)),
         Variant("fast-masked", "fast with sdpa and block-diagonal masks in 8 rows instead of varlen attention",
                 replace(fast, varlen_attention=False)),
         Variant("fast-bf16", "--profile fast-bf16 (like fast, no quantization)", resolved(get_profile("fast-bf16"))),
@@ -174,13 +183,13 @@ def variants() -> dict[str, Variant]:
 # Named sets for `run --variants` (what docs/benchmarks.md reports).
 VARIANT_SETS = {
     # The recipe's 4 samples per step: baseline, stock Unsloth, our profiles and each lever alone.
-    "small-batch": ("baseline", "unsloth-d05", "fused", "t4-fused", "fp16-standard", "fused-no-offload",
-                    "+fused-lora", "+offload", "unsloth-d0"),
+    "small-batch": ("baseline", "unsloth-d05", "compiled", "t4-compiled", "fp16-standard", "fused",
+                    "+compiled-layers", "compiled-no-offload", "unsloth-d0"),
     # Packed micro-batches (more samples per step), against Unsloth on the same packs.
-    "packed": ("baseline", "fast", "fast-fused", "t4", "unsloth-packs-varlen-d05", "unsloth-packs-d05",
+    "packed": ("baseline", "fast", "fast-compiled", "t4", "unsloth-packs-varlen-d05", "unsloth-packs-d05",
                "unsloth-packs-varlen-d0"),
     # The loss after the same 100 batches, each profile against the recipe in its precision.
-    "quality": ("baseline", "fused", "+fused-lora", "fp16-standard", "t4-fused"),
+    "quality": ("baseline", "compiled", "fused", "fp16-standard", "t4-compiled", "t4-fused"),
 }
 # Which standard row a row's loss is compared with (`--quality`): the recipe in the same precision.
 QUALITY_REFERENCE = {"bf16": "baseline", "fp16": "fp16-standard"}
@@ -572,6 +581,11 @@ def train_session(variant: Variant, samples: list[dict], *, arch: dict, device: 
         result["paged_optimizer_gib"] = paged_state_gib(trainer.optimizer)
     if variant.varlen_shim:
         result["varlen_shim_calls"] = VARLEN_SHIM_CALLS[0]
+    if variant.profile.compiled_layers:  # one graph for all layers expected, and no breaks inside a layer
+        from torch._dynamo.utils import counters
+
+        result["compiled_graphs"] = counters["stats"].get("unique_graphs", 0)
+        result["graph_breaks"] = sum(counters["graph_break"].values())
     return result, trainer.model
 
 

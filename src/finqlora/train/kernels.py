@@ -152,7 +152,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     """Runs `run(hidden)` without keeping activations; `hidden` waits in pinned host memory."""
 
     @staticmethod
-    def forward(ctx: Any, run: Callable, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, run: Callable, hidden: torch.Tensor, grad_mode_forward: bool) -> torch.Tensor:
         device = hidden.device
         ctx.run, ctx.device = run, device
         ctx.cpu_rng = torch.get_rng_state()
@@ -164,8 +164,14 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             ctx.host = host
         else:
             ctx.host = hidden.detach()
-        with torch.no_grad():
-            out = run(hidden)
+        if grad_mode_forward:
+            # The same (compiled) graph as the recomputation, so its random ops draw the same
+            # numbers; what it would keep for a backward pass is dropped as soon as it is saved.
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop_saved, _never_unpacked):
+                out = run(hidden.detach().requires_grad_(True)).detach()
+        else:
+            with torch.no_grad():
+                out = run(hidden)
         return out
 
     @staticmethod
@@ -181,7 +187,15 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 out = ctx.run(hidden)
         torch.autograd.backward(out, grad_out)
         ctx.host = None
-        return None, hidden.grad
+        return None, hidden.grad, None
+
+
+def _drop_saved(tensor: torch.Tensor) -> None:
+    return None
+
+
+def _never_unpacked(packed: None) -> torch.Tensor:
+    raise RuntimeError("the offloaded checkpoint's first forward pass has no backward pass")
 
 
 def offloaded_checkpoint(run: Callable, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -191,6 +205,20 @@ def offloaded_checkpoint(run: Callable, hidden: torch.Tensor, *args: Any, **kwar
     `run`), so one positional tensor is all there is; anything else takes torch's checkpoint.
     A layer that returns a 1-tuple (some transformers versions) gets a 1-tuple back.
     """
+    return _offloaded(run, hidden, args, kwargs, grad_mode_forward=False)
+
+
+def offloaded_checkpoint_for_compiled(run: Callable, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """`offloaded_checkpoint` whose first forward pass runs in grad mode, for compiled layers.
+
+    A compiled layer has one graph for grad mode and another without; their random ops (LoRA
+    dropout) need not draw the same numbers for the same generator state, and the recomputation
+    must repeat the forward pass's masks.
+    """
+    return _offloaded(run, hidden, args, kwargs, grad_mode_forward=True)
+
+
+def _offloaded(run: Callable, hidden: torch.Tensor, args: tuple, kwargs: dict, *, grad_mode_forward: bool) -> Any:
     if args or kwargs or not isinstance(hidden, torch.Tensor) or not hidden.requires_grad:
         from torch.utils.checkpoint import checkpoint
 
@@ -206,25 +234,27 @@ def offloaded_checkpoint(run: Callable, hidden: torch.Tensor, *args: Any, **kwar
             return out[0]
         return out
 
-    out = _OffloadedCheckpoint.apply(tensor_out, hidden)
+    out = _OffloadedCheckpoint.apply(tensor_out, hidden, grad_mode_forward)
     return (out,) if shape["tuple"] else out
 
 
-def install_offloaded_checkpointing(model: torch.nn.Module) -> int:
-    """Switch every checkpointed decoder layer of `model` to `offloaded_checkpoint`; returns how many.
+def install_offloaded_checkpointing(model: torch.nn.Module, *, compiled_layers: bool = False) -> int:
+    """Switch every checkpointed decoder layer of `model` to offloaded checkpointing; returns how many.
 
-    The transformers Trainer enables checkpointing again when training starts, which would put
+    `compiled_layers`: the layers are compiled (see `offloaded_checkpoint_for_compiled`). The
+    transformers Trainer enables checkpointing again when training starts, which would put
     torch's checkpoint back; the model's enable methods are wrapped so offloading follows them.
     """
-    switched = _set_offloaded_checkpointing(model)
+    function = offloaded_checkpoint_for_compiled if compiled_layers else offloaded_checkpoint
+    switched = _set_offloaded_checkpointing(model, function)
     for name in ("gradient_checkpointing_enable", "activation_checkpointing_enable"):
         method = getattr(model, name, None)
         if callable(method) and not getattr(method, "_finqlora_offload", False):
-            setattr(model, name, _reinstalling(model, method))
+            setattr(model, name, _reinstalling(model, method, function))
     return switched
 
 
-def _set_offloaded_checkpointing(model: torch.nn.Module) -> int:
+def _set_offloaded_checkpointing(model: torch.nn.Module, function: Callable) -> int:
     from transformers import PreTrainedModel
 
     switched = 0
@@ -232,15 +262,15 @@ def _set_offloaded_checkpointing(model: torch.nn.Module) -> int:
         if isinstance(module, PreTrainedModel):  # the model's own flag, not a checkpointed layer
             continue
         if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
-            module._gradient_checkpointing_func = offloaded_checkpoint
+            module._gradient_checkpointing_func = function
             switched += 1
     return switched
 
 
-def _reinstalling(model: torch.nn.Module, method: Callable) -> Callable:
+def _reinstalling(model: torch.nn.Module, method: Callable, function: Callable) -> Callable:
     def enable(*args: Any, **kwargs: Any) -> Any:
         result = method(*args, **kwargs)
-        _set_offloaded_checkpointing(model)
+        _set_offloaded_checkpointing(model, function)
         return result
 
     enable._finqlora_offload = True  # type: ignore[attr-defined]

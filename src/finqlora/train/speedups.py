@@ -91,7 +91,16 @@ class SpeedProfile:
     # is added (in bf16 that small update is rounded to the base output's precision, 2^-8
     # relative), so the adapted blocks carry fp32 activations; the frozen products stay bf16.
     lora_update_in_fp32: bool = False
-    torch_compile: bool = False
+    # Each decoder layer compiled as one region (finqlora.train.compiled): adapted projections in
+    # plain operations (NF4 dequantized in torch ops), norms, RoPE, SwiGLU, dropout and the LoRA add
+    # fused by the compiler. Liger is then used for the fused linear cross-entropy only.
+    compiled_layers: bool = False
+    # CUDA memory in expandable segments (what Unsloth sets when imported): with a new sequence
+    # length every step, reserved memory then stays close to what is allocated.
+    expandable_segments: bool = False
+    # A T4 (sm75) has no flash attention: T4 profiles use the memory-efficient kernel everywhere,
+    # so a benchmark on a newer GPU runs what a T4 runs.
+    avoid_flash_attention: bool = False
     # Each adapted projection in one autograd function (frozen weight dequantized in place, LoRA
     # product accumulated into the base output, dropout on the LoRA input kept): far less
     # per-call CPU work than peft + bitsandbytes, which is what a small-batch step waits for.
@@ -180,10 +189,43 @@ PROFILES: dict[str, SpeedProfile] = {
             gradient_checkpointing=True,
             load_in_4bit=True,
             compute_dtype="fp16",
+            avoid_flash_attention=True,
             upcast_frozen_to_fp32=False,
             avoid_cudnn_attention=True,
             fused_lora=True,
             offload_activations=True,
+        ),
+        SpeedProfile(
+            name="compiled",
+            description="the run config's batches (same samples per step as the standard recipe): 4-bit base, "
+            "each decoder layer compiled as one region (NF4 dequantization, LoRA with dropout, norms, RoPE and "
+            "SwiGLU fused), answer-only fused cross-entropy, no fp32 upcast, checkpointing with layer inputs "
+            "offloaded to CPU memory",
+            answer_only_logits=True,
+            liger=True,
+            gradient_checkpointing=True,
+            load_in_4bit=True,
+            upcast_frozen_to_fp32=False,
+            avoid_cudnn_attention=True,
+            compiled_layers=True,
+            offload_activations=True,
+            expandable_segments=True,
+        ),
+        SpeedProfile(
+            name="t4-compiled",
+            description="compiled for 16 GB GPUs (T4, sm75): the same levers in fp16 with kernels that run on sm75 "
+            "(no bf16, no flash attention), the run config's batches",
+            answer_only_logits=True,
+            liger=True,
+            gradient_checkpointing=True,
+            load_in_4bit=True,
+            compute_dtype="fp16",
+            upcast_frozen_to_fp32=False,
+            avoid_cudnn_attention=True,
+            avoid_flash_attention=True,
+            compiled_layers=True,
+            offload_activations=True,
+            expandable_segments=True,
         ),
         SpeedProfile(
             name="cpu",
@@ -370,7 +412,7 @@ def _causal_lm(model: Any) -> Any:
 def apply_model_speedups(model: Any, profile: SpeedProfile) -> Any:
     """Apply the profile's model-side levers in place (call after peft wraps the model).
 
-    Returns the model (wrapped by torch.compile when the profile asks for it).
+    Returns the model.
     """
     import torch
 
@@ -379,6 +421,10 @@ def apply_model_speedups(model: Any, profile: SpeedProfile) -> Any:
     if profile.avoid_cudnn_attention and device.type == "cuda":
         # Process-wide: the training process is the only user of attention here.
         torch.backends.cuda.enable_cudnn_sdp(False)
+    if profile.expandable_segments and device.type == "cuda":
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    if profile.avoid_flash_attention and device.type == "cuda":
+        torch.backends.cuda.enable_flash_sdp(False)
     if profile.liger:
         if device.type != "cuda":
             raise FinqloraError(
@@ -386,7 +432,8 @@ def apply_model_speedups(model: Any, profile: SpeedProfile) -> Any:
                 f"this model is on {device.type}",
                 hint="use --set train.profile=cpu on the CPU",
             )
-        _apply_liger(lm)
+        if not profile.compiled_layers:  # the compiler fuses norms, RoPE and SwiGLU itself
+            _apply_liger(lm)
     if profile.lora_update_in_fp32 and next(lm.parameters()).dtype == torch.bfloat16:
         _add_lora_updates_in_fp32(lm)
     if profile.varlen_attention and packed_varlen_available(device):
@@ -400,9 +447,11 @@ def apply_model_speedups(model: Any, profile: SpeedProfile) -> Any:
     if profile.offload_activations:
         from finqlora.train.kernels import install_offloaded_checkpointing
 
-        install_offloaded_checkpointing(lm)
-    if profile.torch_compile:
-        return torch.compile(model)
+        install_offloaded_checkpointing(lm, compiled_layers=profile.compiled_layers)
+    if profile.compiled_layers:
+        from finqlora.train.compiled import compile_decoder_layers
+
+        compile_decoder_layers(lm)
     return model
 
 

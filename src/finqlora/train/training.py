@@ -185,9 +185,8 @@ def _fit(trainer: Any, facts: RunFacts, stop: StopRequest, progress_cb: RichProg
     import torch
 
     resume_from = facts.resume_from
-    # A compiled model would break its graph at every hook; it keeps the stop at step ends.
-    compiled = bool(getattr(facts.profile, "torch_compile", False))
-    hooks = install_block_stop_hooks(trainer.model, stop) if trainer.abandon_within_steps and not compiled else []
+    # Compiled profiles compile each layer's forward, not its module call: these hooks stay eager.
+    hooks = install_block_stop_hooks(trainer.model, stop) if trainer.abandon_within_steps else []
     started = time.perf_counter()
     try:
         with signals_handled(stop):
