@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--format", default="finfe")
     parser.add_argument("--items", type=int, default=100)
     parser.add_argument("--baseline-items", type=int, default=10, help="the slow baseline runs on this many of the same items")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not args.benchmark.exists():

@@ -64,7 +64,8 @@ def eval_main(
     temperature: float = typer.Option(_default("temperature"), help="0 = greedy decoding (deterministic, recommended for evaluation)."),
     top_p: float = typer.Option(_default("top_p"), help="Nucleus sampling (only with temperature > 0)."),
     repetition_penalty: float = typer.Option(_default("repetition_penalty"), help="1.0 = off."),
-    batch_size: int = typer.Option(_default("batch_size"), min=1, help="Prompts generated (or choice-scored) together."),
+    batch_size: int = typer.Option(_default("batch_size"), min=1, help="Prompts generated (or perplexity-scored) together."),
+    choice_batch_size: int = typer.Option(_default("choice_batch_size"), min=1, help="Closed-option items choice-scored together."),
     device: str = typer.Option(_default("device"), help="auto | cpu | cuda | cuda:N | mps"),
     dtype: str = typer.Option(_default("dtype"), help="auto | float32 | bfloat16 | float16"),
     load_in_4bit: Optional[bool] = typer.Option(_default("load_in_4bit"), "--load-in-4bit/--no-load-in-4bit", help="Default: 4-bit on CUDA, full precision elsewhere."),
@@ -97,7 +98,7 @@ def eval_main(
     options = EvalOptions(
         output=output, model=model, adapter=str(adapter) if adapter else None, data=data, split=split, max_samples=max_samples,
         benchmarks=specs, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
-        seed=seed, batch_size=batch_size, device=device, dtype=dtype, load_in_4bit=load_in_4bit, chat_template=chat_template,
+        seed=seed, batch_size=batch_size, choice_batch_size=choice_batch_size, device=device, dtype=dtype, load_in_4bit=load_in_4bit, chat_template=chat_template,
         perplexity=perplexity, forgetting=forgetting, bootstrap_resamples=bootstrap, scoring=scoring, merge_adapter=merge_adapter,
         variants=("base",) if base_only else VARIANTS,
     )

@@ -180,6 +180,7 @@ class EvalConfig(_Section):
     max_prompts: int = Field(50, ge=1, description="test-split prompts evaluated (a seeded sample, stratified by record type)")
     max_new_tokens: int = Field(256, ge=1)
     batch_size: int = Field(8, ge=1)
+    choice_batch_size: int = Field(16, ge=1, description="closed-option items scored together (choice scoring)")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
     benchmarks: list[BenchmarkConfig] = Field(default_factory=list, description="external benchmarks scored in the eval stages")
     scoring: Literal["choice", "generate", "both"] = Field(
