@@ -91,13 +91,12 @@ def test_nf4_dequantize_is_bit_identical_to_bitsandbytes():
         assert torch.equal(ours, bnbf.dequantize_4bit(packed, state)), shape
 
 
-@pytest.mark.parametrize("quantize,dropout,checkpointing", [(False, 0.0, False), (True, 0.1, True)],
-                         ids=["dense-base", "nf4-base+dropout+offload"])
-def test_compiled_layers_match_peft_loss_and_grads(quantize, dropout, checkpointing):
+def test_compiled_layers_match_peft_loss_and_grads():
+    """NF4 base, LoRA dropout 0.1, offloaded checkpointing: every lever of the compiled profiles."""
     from torch._dynamo.utils import counters
 
-    reference = _lora(_tiny_llama(quantize=quantize), dropout, checkpointing)
-    candidate = _lora(_tiny_llama(quantize=quantize), dropout, checkpointing, compiled_layers=True)
+    reference = _lora(_tiny_llama(quantize=True), 0.1, True)
+    candidate = _lora(_tiny_llama(quantize=True), 0.1, True, compiled_layers=True)
     torch._dynamo.reset()
     counters.clear()
     assert compiled.compile_decoder_layers(candidate.get_base_model(), backend="aot_eager") == 3
