@@ -212,22 +212,6 @@ PROFILES: dict[str, SpeedProfile] = {
             expandable_segments=True,
         ),
         SpeedProfile(
-            name="t4-compiled",
-            description="compiled for 16 GB GPUs (T4, sm75): the same levers in fp16 with kernels that run on sm75 "
-            "(no bf16, no flash attention), the run config's batches",
-            answer_only_logits=True,
-            liger=True,
-            gradient_checkpointing=True,
-            load_in_4bit=True,
-            compute_dtype="fp16",
-            upcast_frozen_to_fp32=False,
-            avoid_cudnn_attention=True,
-            avoid_flash_attention=True,
-            compiled_layers=True,
-            offload_activations=True,
-            expandable_segments=True,
-        ),
-        SpeedProfile(
             name="cpu",
             description="CPU LoRA (no 4-bit): packed micro-batches without padding, answer-only logits, and bf16 "
             "products where the CPU has native bf16 matrix units (AMX / AVX512-BF16; LoRA updates added in fp32), "
@@ -247,6 +231,14 @@ PROFILES: dict[str, SpeedProfile] = {
 
 
 PROFILES["cpu"] = dataclasses.replace(PROFILES["cpu"], compute_dtype="bf16" if cpu_has_fast_bf16() else "fp32")
+PROFILES["t4-compiled"] = dataclasses.replace(
+    PROFILES["compiled"],
+    name="t4-compiled",
+    description="compiled for 16 GB GPUs (T4, sm75): the same levers in fp16 with kernels that run on sm75 "
+    "(no bf16, no flash attention), the run config's batches",
+    compute_dtype="fp16",
+    avoid_flash_attention=True,
+)
 
 
 def get_profile(name: str) -> SpeedProfile:
