@@ -256,11 +256,11 @@ def test_builtin_smollm2_loads_with_its_chat_template():
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
-@pytest.mark.slow
-def test_a_gguf_file_is_converted_once_and_cached(tmp_path, monkeypatch):
-    from conftest import smollm2_gguf_path
+def test_a_gguf_file_is_converted_once_and_cached(tmp_path, monkeypatch, tiny_model_dir):
+    from finqlora.export.gguf import export_gguf
 
-    gguf = smollm2_gguf_path()
+    # A tiny GGUF with SmolLM2's tokenizer and chat template (the built-in's logic, in seconds).
+    gguf = export_gguf(tiny_model_dir, tmp_path / "tiny-f16.gguf", outtype="f16", progress=False).gguf_path
     monkeypatch.setenv("FINQLORA_HOME", str(tmp_path / "home"))
     resolved = resolve_model(str(gguf))
     assert resolved.kind == "gguf" and resolved.base_id == str(gguf.resolve())
