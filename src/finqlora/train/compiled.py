@@ -191,6 +191,6 @@ def compile_decoder_layers(model: torch.nn.Module, *, backend: str = "inductor")
     install_traced_lora(model)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     for layer in layers:
-        if type(layer) not in {klass for klass in _COMPILED_LAYER_CLASSES.values()}:
+        if type(layer) not in _COMPILED_LAYER_CLASSES.values():
             layer.__class__ = _compiled_layer_class(type(layer), backend)
     return len(layers)
