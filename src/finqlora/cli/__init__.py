@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except FinqloraError as exc:
-        err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        # soft_wrap: no line breaks inserted, so a long file path in the message stays one piece
+        # (copyable, and findable by scripts) however narrow the terminal.
+        err.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
         if exc.hint:
-            err.print(f"[yellow]hint:[/] {exc.hint}", highlight=False)
+            err.print(f"[yellow]hint:[/] {exc.hint}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.table import Column
 from rich.table import Table
 
 from finqlora.core.errors import FinqloraError
@@ -248,7 +249,8 @@ def list_models() -> None:
     """List the built-in models: installed? converted? where?"""
     from finqlora.models.builtin import BUILTINS, builtin_status
 
-    table = Table("model", "language", "package", "converted", "cache folder")
+    # The model id is what users copy into --model: never wrapped, whatever the terminal width.
+    table = Table(Column("model", no_wrap=True), "language", "package", "converted", "cache folder")
     for builtin in BUILTINS.values():
         status = builtin_status(builtin)
         table.add_row(
