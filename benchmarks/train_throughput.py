@@ -137,7 +137,6 @@ def variants() -> dict[str, Variant]:
                 replace(fused, offload_activations=False)),
         # Each lever alone on top of the baseline.
         Variant("+fused-lora", "baseline + fused LoRA projections", replace(base, fused_lora=True)),
-        Variant("+compiled-layers", "baseline + compiled decoder layers only", replace(base, compiled_layers=True)),
         Variant("+offload", "baseline + checkpointing with layer inputs in CPU memory",
                 replace(base, offload_activations=True)),
         Variant("+answer-only", "baseline + answer-only logits (torch CE)", replace(base, answer_only_logits=True)),
@@ -184,7 +183,7 @@ def variants() -> dict[str, Variant]:
 VARIANT_SETS = {
     # The recipe's 4 samples per step: baseline, stock Unsloth, our profiles and each lever alone.
     "small-batch": ("baseline", "unsloth-d05", "compiled", "t4-compiled", "fp16-standard", "fused",
-                    "+compiled-layers", "compiled-no-offload", "unsloth-d0"),
+                    "compiled-no-offload", "unsloth-d0"),
     # Packed micro-batches (more samples per step), against Unsloth on the same packs.
     "packed": ("baseline", "fast", "fast-compiled", "t4", "unsloth-packs-varlen-d05", "unsloth-packs-d05",
                "unsloth-packs-varlen-d0"),

@@ -196,22 +196,6 @@ PROFILES: dict[str, SpeedProfile] = {
             offload_activations=True,
         ),
         SpeedProfile(
-            name="compiled",
-            description="the run config's batches (same samples per step as the standard recipe): 4-bit base, "
-            "each decoder layer compiled as one region (NF4 dequantization, LoRA with dropout, norms, RoPE and "
-            "SwiGLU fused), answer-only fused cross-entropy, no fp32 upcast, checkpointing with layer inputs "
-            "offloaded to CPU memory",
-            answer_only_logits=True,
-            liger=True,
-            gradient_checkpointing=True,
-            load_in_4bit=True,
-            upcast_frozen_to_fp32=False,
-            avoid_cudnn_attention=True,
-            compiled_layers=True,
-            offload_activations=True,
-            expandable_segments=True,
-        ),
-        SpeedProfile(
             name="cpu",
             description="CPU LoRA (no 4-bit): packed micro-batches without padding, answer-only logits, and bf16 "
             "products where the CPU has native bf16 matrix units (AMX / AVX512-BF16; LoRA updates added in fp32), "
@@ -231,6 +215,18 @@ PROFILES: dict[str, SpeedProfile] = {
 
 
 PROFILES["cpu"] = dataclasses.replace(PROFILES["cpu"], compute_dtype="bf16" if cpu_has_fast_bf16() else "fp32")
+# The compiled profiles are the fused ones with the whole layer compiled instead of each projection fused.
+PROFILES["compiled"] = dataclasses.replace(
+    PROFILES["fused"],
+    name="compiled",
+    description="the run config's batches (same samples per step as the standard recipe): 4-bit base, "
+    "each decoder layer compiled as one region (NF4 dequantization, LoRA with dropout, norms, RoPE and "
+    "SwiGLU fused), answer-only fused cross-entropy, no fp32 upcast, checkpointing with layer inputs "
+    "offloaded to CPU memory",
+    fused_lora=False,
+    compiled_layers=True,
+    expandable_segments=True,
+)
 PROFILES["t4-compiled"] = dataclasses.replace(
     PROFILES["compiled"],
     name="t4-compiled",
