@@ -120,6 +120,9 @@ def variants() -> dict[str, Variant]:
     fused = resolved(get_profile("fused"))
     t4_fused = resolved(get_profile("t4-fused"))
     compiled = resolved(get_profile("compiled"))
+    layers_only = replace(compiled, drop_right_padding_mask=False, offload_input_embeddings=False,
+                          recompute_dequantized_weights=True, compile_cpp_wrapper=False,
+                          optimizer=STANDARD["optimizer"])
     rows = [
         Variant("baseline", "plain Trainer + peft + bnb NF4 (the standard recipe)", base),
         Variant("fp16-standard", "the standard recipe in fp16 (a T4's precision)", replace(base, compute_dtype="fp16")),
@@ -128,9 +131,25 @@ def variants() -> dict[str, Variant]:
                 "offloaded checkpointing", fused),
         Variant("t4-fused", "--profile t4-fused: the same in fp16, sm75 kernels only", t4_fused),
         Variant("compiled", "--profile compiled: decoder layers compiled (NF4 + LoRA with dropout, norms, RoPE, "
-                "SwiGLU fused), answer-only fused CE, no upcast, offloaded checkpointing", compiled),
+                "SwiGLU fused; C++ launcher, dense weights kept for backward), answer-only fused CE, no upcast, "
+                "offloaded checkpointing, embedding table on the host, no padding mask, fused AdamW", compiled),
         Variant("t4-compiled", "--profile t4-compiled: the same in fp16, sm75 kernels only (no flash attention)",
                 resolved(get_profile("t4-compiled"))),
+        # The compiled layers alone (the profile as first measured), then each later lever on top of
+        # them (issue 17: measure each lever alone and together).
+        Variant("compiled-layers", "compiled decoder layers (dense weights recomputed, Python launcher), "
+                "answer-only fused CE, no upcast, offloaded checkpointing, paged 8-bit AdamW", layers_only),
+        Variant("compiled-layers+no-pad-mask", "compiled-layers, right-padded batches without a padding mask",
+                replace(layers_only, drop_right_padding_mask=True)),
+        Variant("compiled-layers+fused-adamw", "compiled-layers with torch's fused AdamW (fp32 state)",
+                replace(layers_only, optimizer="adamw_torch_fused")),
+        Variant("compiled-layers+host-embed", "compiled-layers, input embedding table in pinned host memory",
+                replace(layers_only, offload_input_embeddings=True)),
+        Variant("compiled-layers+host-embed+keep-weights", "compiled-layers, embedding table on the host, dense "
+                "weights kept for the backward pass",
+                replace(layers_only, offload_input_embeddings=True, recompute_dequantized_weights=False)),
+        Variant("compiled-layers+cpp-wrapper", "compiled-layers with inductor's C++ launcher",
+                replace(layers_only, compile_cpp_wrapper=True)),
         Variant("compiled-no-offload", "compiled with checkpointed layer inputs kept on the GPU",
                 replace(compiled, offload_activations=False)),
         Variant("fused-no-offload", "fused with checkpointed layer inputs kept on the GPU",
@@ -184,6 +203,10 @@ VARIANT_SETS = {
     # The recipe's 4 samples per step: baseline, stock Unsloth, our profiles and each lever alone.
     "small-batch": ("baseline", "unsloth-d05", "compiled", "t4-compiled", "fp16-standard", "fused",
                     "compiled-no-offload", "unsloth-d0"),
+    # The compiled profile's levers, each alone on the compiled layers and all together.
+    "levers": ("unsloth-d05", "compiled-layers", "compiled-layers+no-pad-mask", "compiled-layers+fused-adamw",
+               "compiled-layers+host-embed", "compiled-layers+host-embed+keep-weights", "compiled-layers+cpp-wrapper",
+               "compiled"),
     # Packed micro-batches (more samples per step), against Unsloth on the same packs.
     "packed": ("baseline", "fast", "fast-compiled", "t4", "unsloth-packs-varlen-d05", "unsloth-packs-d05",
                "unsloth-packs-varlen-d0"),
@@ -531,7 +554,8 @@ def training_arguments(variant: Variant, per_device: int, total_steps: int, seed
 def train_session(variant: Variant, samples: list[dict], *, arch: dict, device: str, plan: Plan, total_steps: int,
                   on_block: Callable[[dict], None] | None = None, ready: Callable[[dict], None] | None = None,
                   seed: int = 0, build: Any = None, max_length: int = MAX_LENGTH, flops_arch: Any = None,
-                  lora_layers: int | None = None, checkpoint: str | None = None, trace_steps: int = 0) -> tuple[dict, Any]:
+                  lora_layers: int | None = None, checkpoint: str | None = None, trace_steps: int = 0,
+                  trace_from: int = 1) -> tuple[dict, Any]:
     """Build the variant's model once, then train the blocks `plan` hands out; returns (result, model)."""
     import torch
     from transformers import PrinterCallback, Trainer
@@ -562,11 +586,14 @@ def train_session(variant: Variant, samples: list[dict], *, arch: dict, device: 
 
     def done(block: dict) -> None:
         blocks.append(block_result(clock.marks, block, counted, dims))
+        if cuda:  # the run's peak so far: shows whether it came in the warm-up or in steady steps
+            blocks[-1]["peak_gib_so_far"] = [round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                                             round(torch.cuda.max_memory_reserved() / 2**30, 3)]
         if on_block is not None:
             on_block(blocks[-1])
 
     clock = BlockClock(plan, done, cuda)
-    callbacks: list[Any] = [clock] + ([ProfileSteps(1, trace_steps)] if trace_steps else [])
+    callbacks: list[Any] = [clock] + ([ProfileSteps(trace_from, trace_steps)] if trace_steps else [])
     trainer = Trainer(model=model, args=training_arguments(variant, per_device, total_steps, seed, cuda),
                       train_dataset=train, data_collator=counting_collate, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # per-step log dicts would drown the table
@@ -733,6 +760,7 @@ class ProfileSteps:
                         activities.append(torch.profiler.ProfilerActivity.CUDA)
                     self.prof = torch.profiler.profile(activities=activities)
                     self.prof.__enter__()
+                    self.began = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
                 if self.prof is not None and state.global_step == start + count:
@@ -743,8 +771,12 @@ class ProfileSteps:
                     print(averages.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60), file=sys.stderr)
                     print(averages.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60), file=sys.stderr)
                     if torch.cuda.is_available():
-                        print(averages.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60),
+                        print(averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=80),
                               file=sys.stderr)
+                        wall_ms = (time.perf_counter() - self.began) * 1e3
+                        busy_ms = sum(e.self_device_time_total for e in averages) / 1e3
+                        print(f"profiled {count} steps: {wall_ms:.0f} ms wall, {busy_ms:.0f} ms of GPU kernels "
+                              f"({busy_ms / wall_ms:.0%} busy)", file=sys.stderr)
                     self.prof = None
 
         return _Profile()
@@ -970,6 +1002,8 @@ def worker_command(name: str, args: argparse.Namespace, total_steps: int, checkp
         cmd += ["--arch-json", args.arch_json]
     if checkpoint is not None:
         cmd += ["--checkpoint", str(checkpoint)]
+    if args.trace_steps:
+        cmd += ["--trace-steps", str(args.trace_steps), "--trace-from", str(args.trace_from)]
     return cmd
 
 
@@ -1003,15 +1037,20 @@ def _slug(name: str) -> str:
 
 
 def drive(workers: dict[str, WorkerProcess], args: argparse.Namespace, save: Callable[[], None]) -> None:
-    """Ready, warm-up, then `repeats` rounds of one block per worker (order reversed every other round)."""
+    """Ready, warm-up (all workers at once), then `repeats` rounds of one block per worker (order reversed
+    every other round)."""
     for worker in workers.values():
         worker.ready = worker.receive(args.ready_timeout) or {}
     live = [w for w in workers.values() if w.error is None]
     print("ready: " + ", ".join(f"{w.name} ({w.ready.get('load_s')}s)" for w in live), flush=True)
     if args.warmup:
+        # All at once: nothing is timed here, and compiling variants then compile side by side.
+        started = time.perf_counter()
         for worker in live:
             worker.send({"cmd": "block", "untimed": args.warmup, "timed": 0})
+        for worker in live:
             worker.receive(args.block_timeout)
+        print(f"warm-up: {time.perf_counter() - started:.0f}s", flush=True)
     for round_index in range(args.repeats):
         for worker in live if round_index % 2 == 0 else live[::-1]:
             worker.send({"cmd": "block", "untimed": args.untimed, "timed": args.steps})
@@ -1109,7 +1148,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     result, model = train_session(variant, train, arch=arch, device=device, plan=plan, total_steps=args.total_steps,
                                   on_block=lambda block: send({"event": "block", **block}),
                                   ready=lambda info: send({"event": "ready", **info}), checkpoint=args.checkpoint,
-                                  trace_steps=args.trace_steps)
+                                  trace_steps=args.trace_steps, trace_from=args.trace_from)
     if held_out:
         result["val_loss"] = val_loss(model, held_out, variant.profile, device)
     send({"event": "finished", **result})
@@ -1152,6 +1191,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--quality", action="store_true", help="also print the loss table (use with --val-samples)")
     r.add_argument("--ready-timeout", type=int, default=480)
     r.add_argument("--block-timeout", type=int, default=240)
+    r.add_argument("--trace-steps", type=int, default=0,
+                   help="profile this many steps in every worker (tables in the worker logs)")
+    r.add_argument("--trace-from", type=int, default=1, help="the first profiled optimizer step")
     r.add_argument("--work", default=os.environ.get("TMPDIR", "/tmp") + "/train_throughput")
     r.add_argument("--out", default="runs/train_throughput")
     r.set_defaults(func=cmd_run)
@@ -1163,7 +1205,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--layers", type=int, default=0)
     w.add_argument("--arch-json", default="")
     w.add_argument("--checkpoint", default=None)
-    w.add_argument("--trace-steps", type=int, default=0, help="profile this many steps after the first (stderr)")
+    w.add_argument("--trace-steps", type=int, default=0, help="profile this many steps (tables on stderr)")
+    w.add_argument("--trace-from", type=int, default=1, help="the first profiled optimizer step")
     w.set_defaults(func=cmd_worker)
     m = sub.add_parser("make-checkpoint", help="save a random bf16 checkpoint of the architecture (Unsloth rows)")
     m.add_argument("--path", required=True)

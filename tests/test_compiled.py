@@ -164,8 +164,10 @@ def test_inductor_dropout_masks_repeat_in_the_offloaded_recomputation():
     """
     plain = _lora(_tiny_llama(dtype=torch.bfloat16, quantize=True, device="cuda"), 0.1, False)
     offloaded = _lora(_tiny_llama(dtype=torch.bfloat16, quantize=True, device="cuda"), 0.1, True, compiled_layers=True)
+    profile = speedups.get_profile("compiled")  # what the profile compiles: C++ launcher, dense weights kept
     for model in (plain, offloaded):
-        compiled.compile_decoder_layers(model.get_base_model())
+        compiled.compile_decoder_layers(model.get_base_model(), cpp_wrapper=profile.compile_cpp_wrapper,
+                                        recompute_weights=profile.recompute_dequantized_weights)
     batch = _batch(33, "cuda")
     loss_plain, grads_plain = _loss_and_grads(plain, batch, seed=7)
     loss_offloaded, grads_offloaded = _loss_and_grads(offloaded, batch, seed=7)
@@ -181,7 +183,9 @@ def test_inductor_compiled_layers_match_the_fused_path_on_cuda():
     reference = _lora(_tiny_llama(dtype=torch.bfloat16, quantize=True, device="cuda"), 0.0, True)
     kernels.install_fused_lora(reference)
     candidate = _lora(_tiny_llama(dtype=torch.bfloat16, quantize=True, device="cuda"), 0.0, True, compiled_layers=True)
-    compiled.compile_decoder_layers(candidate.get_base_model())
+    profile = speedups.get_profile("compiled")
+    compiled.compile_decoder_layers(candidate.get_base_model(), cpp_wrapper=profile.compile_cpp_wrapper,
+                                    recompute_weights=profile.recompute_dequantized_weights)
     for length in (40, 57):
         loss_ref, grads_ref = _loss_and_grads(reference, _batch(length, "cuda"))
         loss_new, grads_new = _loss_and_grads(candidate, _batch(length, "cuda"))
@@ -189,3 +193,15 @@ def test_inductor_compiled_layers_match_the_fused_path_on_cuda():
         for name, grad in grads_ref.items():
             cosine = torch.nn.functional.cosine_similarity(grad.float().flatten(), grads_new[name].float().flatten(), 0)
             assert cosine > 0.99, (name, cosine)
+
+
+def test_compiled_layers_keeping_the_dense_weights_compute_the_same():
+    reference = _lora(_tiny_llama(quantize=True), 0.1, True)
+    candidate = _lora(_tiny_llama(quantize=True), 0.1, True, compiled_layers=True)
+    torch._dynamo.reset()
+    compiled.compile_decoder_layers(candidate.get_base_model(), backend="aot_eager", recompute_weights=False)
+    loss_ref, grads_ref = _loss_and_grads(reference, _batch(13))
+    loss_new, grads_new = _loss_and_grads(candidate, _batch(13))
+    assert torch.allclose(loss_ref, loss_new, rtol=1e-6), (loss_ref, loss_new)
+    for name, grad in grads_ref.items():
+        assert torch.allclose(grad, grads_new[name], rtol=1e-4, atol=1e-7), name

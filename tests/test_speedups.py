@@ -309,7 +309,10 @@ def test_varlen_attention_matches_masked_packing_on_cuda():
             for name, param in model.named_parameters():
                 if "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
-        profile = dataclasses.replace(speedups.get_profile("cpu"), compute_dtype="bf16", varlen_attention=varlen)
+        # Only the attention differs between the two runs: the cpu profile's fp32 LoRA updates (added to
+        # it after this test was written) would run the masked path's attention in fp32.
+        profile = dataclasses.replace(speedups.get_profile("cpu"), compute_dtype="bf16", varlen_attention=varlen,
+                                      lora_update_in_fp32=False)
         speedups.apply_model_speedups(model, profile)
         assert (speedups.attention_implementation(model) == speedups.VARLEN_ATTENTION) is varlen
         collate = speedups.make_data_collator(None, profile, attn_implementation=speedups.attention_implementation(model))
@@ -650,3 +653,93 @@ def test_fused_profiles_keep_the_run_configs_batches():
         assert not profile.packing and profile.budget_scale == 1, "same samples per optimizer step as the recipe"
         assert profile.fused_lora and profile.offload_activations and not profile.varlen_attention
     assert speedups.get_profile("t4-fused").compute_dtype == "fp16"
+
+
+def test_right_padded_batches_lose_only_a_mask_that_changes_nothing(tiny, samples):
+    """Without the mask, labelled positions of a right-padded batch get the same loss (causal)."""
+    model, tokenizer = tiny
+    profile = speedups.SpeedProfile(name="x", description="x", drop_right_padding_mask=True)
+    collate = speedups.make_data_collator(tokenizer, profile)
+    batch = collate([dict(s) for s in samples])
+    assert "attention_mask" not in batch and (batch["labels"] == -100).any()  # padded, mask dropped
+    masked = speedups.make_data_collator(tokenizer, speedups.get_profile("default"))([dict(s) for s in samples])
+    assert torch.equal(masked["input_ids"], batch["input_ids"]) and "attention_mask" in masked
+    with torch.no_grad():
+        loss_without = model(**batch).loss
+        loss_with = model(**masked).loss
+    assert torch.allclose(loss_without, loss_with, rtol=1e-6), (loss_without, loss_with)
+    total, count = _per_sample_reference(model, samples)
+    assert loss_without.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_masks_that_matter_are_kept():
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    labels = torch.tensor([[5, 6, 7, -100], [1, 2, 3, 4]])
+    assert speedups.right_padded_without_labels(right, labels)
+    assert not speedups.right_padded_without_labels(torch.tensor([[0, 1, 1, 1]]), torch.tensor([[-100, 1, 2, 3]]))
+    assert not speedups.right_padded_without_labels(torch.tensor([[1, 0, 1, 0]]), torch.tensor([[1, -100, 2, -100]]))
+    assert not speedups.right_padded_without_labels(right, torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]]))  # a labelled pad
+    assert not speedups.right_padded_without_labels(None, labels)
+
+
+def test_input_embedding_table_in_host_memory_gives_the_same_model(tiny_model_dir, samples):
+    from finqlora.train import kernels
+
+    plain = _lora_model(tiny_model_dir, dropout=0.0, checkpointing=True)
+    hosted = _lora_model(tiny_model_dir, dropout=0.0, checkpointing=True)
+    for model in (plain, hosted):  # the tiny model ties its head to the embedding; a 7B model does not
+        head = model.get_base_model().lm_head
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    lm = hosted.get_base_model()
+    table_bytes = lm.get_input_embeddings().weight.nbytes
+    before = sum(p.nbytes for p in lm.parameters())
+    assert kernels.offload_input_embeddings(lm)
+    assert isinstance(lm.get_input_embeddings(), kernels.HostEmbedding)
+    assert sum(p.nbytes for p in lm.parameters()) == before - table_bytes  # no longer model state to move
+    batch = _padded_batch(samples)
+    loss_ref, grads_ref = _loss_and_lora_grads(plain, batch)
+    loss_new, grads_new = _loss_and_lora_grads(hosted, batch)
+    assert torch.equal(loss_ref, loss_new)
+    for name, grad in grads_ref.items():
+        assert torch.equal(grad, grads_new[name]), name
+    # The hook that makes the embedding output require grad (checkpointing needs it) came along,
+    # and handles remove hooks from both alike.
+    assert lm.get_input_embeddings()(batch["input_ids"]).requires_grad
+    lm.disable_input_require_grads()
+    plain.get_base_model().disable_input_require_grads()
+    hooks_left = [len(model.get_base_model().get_input_embeddings()._forward_hooks) for model in (plain, hosted)]
+    assert hooks_left[0] == hooks_left[1]
+
+
+def test_tied_or_trainable_embeddings_stay_on_the_device(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from finqlora.train import kernels
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert not kernels.offload_input_embeddings(model)  # trainable (no peft freezing here)
+    model.requires_grad_(False)
+    model.get_output_embeddings().weight = model.get_input_embeddings().weight  # tied
+    assert not kernels.offload_input_embeddings(model)
+    assert type(model.get_input_embeddings()) is torch.nn.Embedding
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned host table, copy to the GPU)")
+def test_input_embedding_table_in_host_memory_on_cuda():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finqlora.train import kernels
+
+    config = LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).requires_grad_(False)
+    ids = torch.randint(0, 500, (3, 21), device="cuda")
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        before = torch.cuda.memory_allocated()
+        assert kernels.offload_input_embeddings(model)
+        table = model.get_input_embeddings().weight
+        assert table.device.type == "cpu" and table.is_pinned()
+        assert torch.cuda.memory_allocated() <= before - table.nbytes  # the GPU copy is gone
+        assert torch.equal(model(input_ids=ids).logits, expected)

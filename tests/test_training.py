@@ -145,6 +145,20 @@ def test_4bit_training_on_cpu_is_refused() -> None:
         resolve_plan(TrainConfig(device="cpu", optim="paged_adamw_8bit"))
 
 
+def test_optimizer_auto_takes_the_speed_profiles_choice_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    from finqlora.core.config import load_config
+    from finqlora.train.speedups import get_profile
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the plan only; nothing runs on a GPU
+    for config in ("deepseek-7b-qlora.yaml", "deepseek-7b-qlora-t4.yaml"):
+        cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / config).train
+        assert resolve_plan(cfg, get_profile("default")).optim == "paged_adamw_8bit"
+        assert resolve_plan(cfg, get_profile("compiled")).optim == "adamw_torch_fused"
+        assert resolve_plan(cfg, get_profile("t4-compiled")).optim == "adamw_torch_fused"
+        explicit = cfg.model_copy(update={"optim": "paged_adamw_8bit"})
+        assert resolve_plan(explicit, get_profile("compiled")).optim == "paged_adamw_8bit"
+
+
 def test_free_space_check(tmp_path: Path) -> None:
     check_free_space(tmp_path / "not" / "yet" / "made", 1024)
     with pytest.raises(FinqloraError, match="free disk space"):

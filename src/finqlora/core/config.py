@@ -101,8 +101,9 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="fraction of steps spent warming up")
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
-    optim: Literal["auto", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adafactor"] = Field(
-        "auto", description="auto = paged_adamw_8bit on CUDA, adamw_torch on CPU"
+    optim: Literal["auto", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused",
+                   "adafactor"] = Field(
+        "auto", description="auto = the speed profile's choice, else paged_adamw_8bit on CUDA, adamw_torch on CPU"
     )
     max_length: int = Field(512, ge=32, description="tokens per sample; longer prompts are cut in the middle")
     seed: int = 0

@@ -85,6 +85,8 @@ def frozen_weight(layer: Any) -> torch.Tensor:
         return layer.get_base_layer().weight
     blocksize, absmax_blocksize, shape, dtype = layer._finqlora_nf4_layout
     tensors = [getattr(layer, f"_finqlora_nf4_{name}") for name in _NF4_BUFFERS]
+    if not layer._finqlora_nf4_recompute:
+        return nf4_dequantize(*tensors, blocksize, absmax_blocksize, shape, dtype)
     # Checkpointed: the backward pass dequantizes again. Otherwise the compiler's partitioner
     # keeps each dense weight for the backward pass (7 per layer, 0.4 GB in a 7B model's layer).
     return torch.utils.checkpoint.checkpoint(nf4_dequantize, *tensors, blocksize, absmax_blocksize, shape, dtype,
@@ -125,8 +127,12 @@ def _traced_class(cls: type) -> type:
     return _TRACED_CLASSES[cls]
 
 
-def install_traced_lora(model: torch.nn.Module) -> int:
-    """Give every peft LoRA Linear of `model` the plain-operation forward; returns how many."""
+def install_traced_lora(model: torch.nn.Module, *, recompute_weights: bool = True) -> int:
+    """Give every peft LoRA Linear of `model` the plain-operation forward; returns how many.
+
+    `recompute_weights`: a 4-bit weight is dequantized again for the backward pass (False: the
+    dense weights of a layer are kept from its forward to its backward pass).
+    """
     from peft.tuners.lora import LoraLayer
 
     switched = 0
@@ -137,6 +143,7 @@ def install_traced_lora(model: torch.nn.Module) -> int:
         if weight is None or weight.dim() != 2:
             continue
         _attach_frozen_weight(module)
+        module._finqlora_nf4_recompute = recompute_weights
         module.__class__ = _traced_class(type(module))
         switched += 1
     return switched
@@ -153,10 +160,10 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
 
 
-_COMPILED_LAYER_CLASSES: dict[tuple[type, str], type] = {}
+_COMPILED_LAYER_CLASSES: dict[tuple[type, str, bool], type] = {}
 
 
-def _compiled_layer_class(cls: type, backend: str) -> type:
+def _compiled_layer_class(cls: type, backend: str, cpp_wrapper: bool) -> type:
     """A subclass of the decoder layer class whose forward is compiled, below the checkpointing.
 
     Newer transformers checkpoint inside the layer's `forward` (a `forward_with_checkpointing`
@@ -164,21 +171,25 @@ def _compiled_layer_class(cls: type, backend: str) -> type:
     is the layer's own forward, so checkpointing (ours, with its host copies and RNG state) and
     module hooks stay eager around it.
     """
-    key = (cls, backend)
+    key = (cls, backend, cpp_wrapper)
     if key not in _COMPILED_LAYER_CLASSES:
         forward = cls.forward
         if getattr(getattr(forward, "__code__", None), "co_name", "") == "forward_with_checkpointing":
             forward = forward.__wrapped__
+        options = {"cpp_wrapper": True} if cpp_wrapper and backend == "inductor" else None
         _COMPILED_LAYER_CLASSES[key] = type(f"Compiled{cls.__name__}", (cls,), {
-            "forward": torch.compile(forward, backend=backend, dynamic=True), "__module__": __name__})
+            "forward": torch.compile(forward, backend=backend, dynamic=True, options=options), "__module__": __name__})
     return _COMPILED_LAYER_CLASSES[key]
 
 
-def compile_decoder_layers(model: torch.nn.Module, *, backend: str = "inductor") -> int:
+def compile_decoder_layers(model: torch.nn.Module, *, backend: str = "inductor", recompute_weights: bool = True,
+                           cpp_wrapper: bool = False) -> int:
     """Route every adapted projection through plain operations, then compile each decoder layer's forward.
 
     All layers of a class share one compiled function (one graph per grad mode, whatever the
-    sequence length); returns how many layers now run it.
+    sequence length); returns how many layers now run it. `recompute_weights`: see
+    `install_traced_lora`. `cpp_wrapper`: inductor calls the layer's kernels from generated C++
+    instead of Python, less CPU time per launch (it needs the C++ compiler that Triton needs too).
     """
     from finqlora.core.errors import FinqloraError
 
@@ -188,9 +199,9 @@ def compile_decoder_layers(model: torch.nn.Module, *, backend: str = "inductor")
             f"{type(model).__name__} has no transformers decoder layers to compile",
             hint="use --profile fused for this model",
         )
-    install_traced_lora(model)
+    install_traced_lora(model, recompute_weights=recompute_weights)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     for layer in layers:
         if type(layer) not in _COMPILED_LAYER_CLASSES.values():
-            layer.__class__ = _compiled_layer_class(type(layer), backend)
+            layer.__class__ = _compiled_layer_class(type(layer), backend, cpp_wrapper)
     return len(layers)

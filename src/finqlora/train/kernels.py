@@ -275,3 +275,62 @@ def _reinstalling(model: torch.nn.Module, method: Callable, function: Callable) 
 
     enable._finqlora_offload = True  # type: ignore[attr-defined]
     return enable
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen input embedding in host memory
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+
+
+class HostEmbedding(torch.nn.Module):
+    """A frozen input embedding whose table stays in (pinned) host memory.
+
+    A step reads only the rows of its batch's token ids (a few thousand of a vocabulary of
+    ~100,000): they are gathered on the host and copied to `device`. The table is neither a
+    parameter nor a buffer, so moving the model, DDP and the model's `device` leave it alone;
+    training saves only the adapter, never the base weights. `weight` returns it.
+    """
+
+    def __init__(self, embedding: torch.nn.Embedding, device: torch.device) -> None:
+        super().__init__()
+        table = embedding.weight.detach().to("cpu")
+        self._table = table.pin_memory() if device.type == "cuda" else table
+        self.padding_idx = embedding.padding_idx
+        self.num_embeddings, self.embedding_dim = table.shape
+        self.output_device = device
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._table
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = torch.nn.functional.embedding(input_ids.to("cpu"), self._table, self.padding_idx)
+        if self.output_device.type == "cuda":
+            rows = rows.pin_memory()
+        return rows.to(self.output_device, non_blocking=True)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, table on the host, output on {self.output_device}"
+
+
+def offload_input_embeddings(lm: Any) -> bool:
+    """Put `lm`'s frozen input embedding table in host memory (HostEmbedding); returns whether it did.
+
+    Left alone: a trainable embedding, one tied to the output layer (the head needs it on the
+    GPU), and embedding subclasses with their own forward (scaled embeddings). Hooks already on
+    the embedding (the one that makes its output require grad for checkpointing) carry over,
+    and their handles still remove them.
+    """
+    embedding = lm.get_input_embeddings()
+    output = lm.get_output_embeddings()
+    if type(embedding) is not torch.nn.Embedding or embedding.weight.requires_grad:
+        return False
+    if output is not None and getattr(output, "weight", None) is embedding.weight:
+        return False
+    host = HostEmbedding(embedding, embedding.weight.device)
+    for name in _HOOK_DICTS:
+        setattr(host, name, getattr(embedding, name))
+    lm.set_input_embeddings(host)
+    return True

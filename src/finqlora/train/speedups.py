@@ -111,6 +111,19 @@ class SpeedProfile:
     optimizer: str | None = None
     # Pad lengths to a multiple of this (tensor-core friendly shapes) in padded batches.
     pad_to_multiple_of: int | None = None
+    # Right-padded batches go to the model without a padding mask: in a causal model no real token
+    # attends to a pad that follows it, so the outputs at labelled positions are the same, and sdpa
+    # can take flash attention instead of the masked memory-efficient kernel.
+    drop_right_padding_mask: bool = False
+    # The frozen input embedding table (0.78 GiB in a 7B model) stays in pinned host memory: a step
+    # reads only its batch's rows (single-process CUDA runs with untied embeddings; see kernels).
+    offload_input_embeddings: bool = False
+    # Compiled layers dequantize each NF4 weight again in the backward pass instead of keeping the
+    # dense weights of a layer between its forward and backward passes (less memory, more work).
+    recompute_dequantized_weights: bool = True
+    # Compiled layers launch their kernels from generated C++ instead of Python (small-batch steps
+    # wait on the CPU; costs a longer first compilation).
+    compile_cpp_wrapper: bool = False
 
 
 PROFILES: dict[str, SpeedProfile] = {
@@ -221,11 +234,21 @@ PROFILES["compiled"] = dataclasses.replace(
     name="compiled",
     description="the run config's batches (same samples per step as the standard recipe): 4-bit base, "
     "each decoder layer compiled as one region (NF4 dequantization, LoRA with dropout, norms, RoPE and "
-    "SwiGLU fused), answer-only fused cross-entropy, no fp32 upcast, checkpointing with layer inputs "
-    "offloaded to CPU memory",
+    "SwiGLU fused; C++ launcher), answer-only fused cross-entropy, no fp32 upcast, checkpointing with "
+    "layer inputs offloaded to CPU memory, input embedding table in host memory, right-padded batches "
+    "without a padding mask, fused AdamW",
     fused_lora=False,
     compiled_layers=True,
     expandable_segments=True,
+    drop_right_padding_mask=True,
+    offload_input_embeddings=True,
+    # The 0.78 GiB the embedding table leaves free pays for keeping each layer's dense weights
+    # between its forward and backward passes (+0.29 GiB at the peak in a 7B model).
+    recompute_dequantized_weights=False,
+    compile_cpp_wrapper=True,
+    # LoRA's optimizer state is small (150 MB in fp32 for a 7B model at r=8); paged 8-bit AdamW
+    # spends CPU time in one launch per tensor each step, the fused kernel in a few for all.
+    optimizer="adamw_torch_fused",
 )
 PROFILES["t4-compiled"] = dataclasses.replace(
     PROFILES["compiled"],
@@ -378,13 +401,42 @@ def make_data_collator(tokenizer: Any, profile: SpeedProfile, *, attn_implementa
             f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no pad token, so batches cannot be padded",
             hint="set tokenizer.pad_token = tokenizer.eos_token before building the collator, or use a packing profile",
         )
-    return DataCollatorForSeq2Seq(
+    collate = DataCollatorForSeq2Seq(
         tokenizer,
         padding=True,
         label_pad_token_id=-100,
         pad_to_multiple_of=profile.pad_to_multiple_of,
         return_tensors="pt",
     )
+    return RightPaddingWithoutMask(collate) if profile.drop_right_padding_mask else collate
+
+
+class RightPaddingWithoutMask:
+    """Drops the attention mask of batches whose padding is all on the right, with unlabelled pads.
+
+    A causal model's real tokens then see exactly what they saw with the mask (every pad comes
+    after them), positions are the same (0, 1, ... per row either way), and the pads' own outputs
+    carry no label. Without a mask, sdpa runs flash attention (causal) where the GPU has it, and
+    transformers builds no 4-D mask. Any other batch keeps its mask.
+    """
+
+    def __init__(self, collate: Callable) -> None:
+        self.collate = collate
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        batch = self.collate(features)
+        if right_padded_without_labels(batch.get("attention_mask"), batch.get("labels")):
+            del batch["attention_mask"]
+        return batch
+
+
+def right_padded_without_labels(mask: Any, labels: Any) -> bool:
+    """Every row is real tokens then pads (mask 1...1 0...0) and no pad has a label."""
+    if mask is None or labels is None or mask.dim() != 2 or labels.shape != mask.shape:
+        return False
+    starts_real = bool((mask[:, 0] == 1).all())
+    never_returns = bool((mask[:, 1:] <= mask[:, :-1]).all())
+    return starts_real and never_returns and bool((labels[mask == 0] == -100).all())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,10 +488,15 @@ def apply_model_speedups(model: Any, profile: SpeedProfile) -> Any:
         from finqlora.train.kernels import install_offloaded_checkpointing
 
         install_offloaded_checkpointing(lm, compiled_layers=profile.compiled_layers)
+    if profile.offload_input_embeddings and device.type == "cuda":
+        from finqlora.train.kernels import offload_input_embeddings
+
+        offload_input_embeddings(lm)
     if profile.compiled_layers:
         from finqlora.train.compiled import compile_decoder_layers
 
-        compile_decoder_layers(lm)
+        compile_decoder_layers(lm, recompute_weights=profile.recompute_dequantized_weights,
+                               cpp_wrapper=profile.compile_cpp_wrapper)
     return model
 
 
