@@ -760,7 +760,6 @@ class ProfileSteps:
                         activities.append(torch.profiler.ProfilerActivity.CUDA)
                     self.prof = torch.profiler.profile(activities=activities)
                     self.prof.__enter__()
-                    self.began = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
                 if self.prof is not None and state.global_step == start + count:
@@ -773,10 +772,6 @@ class ProfileSteps:
                     if torch.cuda.is_available():
                         print(averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=80),
                               file=sys.stderr)
-                        wall_ms = (time.perf_counter() - self.began) * 1e3
-                        busy_ms = sum(e.self_device_time_total for e in averages) / 1e3
-                        print(f"profiled {count} steps: {wall_ms:.0f} ms wall, {busy_ms:.0f} ms of GPU kernels "
-                              f"({busy_ms / wall_ms:.0%} busy)", file=sys.stderr)
                     self.prof = None
 
         return _Profile()

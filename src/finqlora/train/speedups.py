@@ -116,7 +116,7 @@ class SpeedProfile:
     # can take flash attention instead of the masked memory-efficient kernel.
     drop_right_padding_mask: bool = False
     # The frozen input embedding table (0.78 GiB in a 7B model) stays in pinned host memory: a step
-    # reads only its batch's rows (single-process CUDA runs with untied embeddings; see kernels).
+    # reads only its batch's rows (CUDA, frozen embeddings not tied to the head; kernels.HostEmbedding).
     offload_input_embeddings: bool = False
     # Compiled layers dequantize each NF4 weight again in the backward pass instead of keeping the
     # dense weights of a layer between its forward and backward passes (less memory, more work).
