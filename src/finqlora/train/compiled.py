@@ -11,7 +11,7 @@ What makes the layer compilable: every adapted projection computes its frozen we
 tensors (`nf4_dequantize`, the bitsandbytes NF4 + double-quantization layout written in torch
 operations, bit-identical to `bitsandbytes.functional.dequantize_4bit`) instead of calling into
 bitsandbytes, and the LoRA update is written as ordinary operations, so the compiler derives the
-backward pass (and recomputes the dequantization there instead of keeping the weight). The
+backward pass (keeping each dense weight for it, or dequantizing again there: `recompute_weights`). The
 projections stay peft LoRA layers (same parameters, same state dict, same adapter files); only
 their forward changes, and anything unusual (disabled or merged adapters, several active
 adapters, DoRA) takes peft's own forward.
