@@ -28,8 +28,9 @@ A row reports:
 
 - effective tokens/s (tokens trained, prompt and answer, padding excluded) as the median over
   its timed blocks, with the range;
-- ratios against the baseline row and the matched stock-Unsloth row as the median of per-round
-  ratios (each block against the other row's block of the same round);
+- ratios against the baseline row (`--baseline`: the recipe, or the profile a lever is added to)
+  and the matched stock-Unsloth row as the median of per-round ratios (each block against the
+  other row's block of the same round);
 - peak GPU memory after the model is built: torch's allocated and reserved peaks, plus the
   paged 8-bit optimizer state (CUDA managed memory, which torch's counters do not see);
 - samples per optimizer step: a row whose micro-batches hold more samples than the baseline's
@@ -69,6 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from finqlora.train.speedups import SpeedProfile, get_profile  # noqa: E402
+from finqlora.train.recompute import memory_sizing_of  # noqa: E402
 
 DEEPSEEK_7B = dict(
     vocab_size=102400,
@@ -104,6 +106,7 @@ class Variant:
     engine: str = "finqlora"  # "finqlora" (peft + the profile's levers) or "unsloth" (stock FastLanguageModel)
     lora_dropout: float = 0.05
     varlen_shim: bool = False  # Unsloth rows: torch's varlen kernel for packed rows (not stock)
+    unsloth_checkpointing: str | bool = "unsloth"  # Unsloth rows: its use_gradient_checkpointing
 
 
 def resolved(profile: SpeedProfile, **changes: Any) -> SpeedProfile:
@@ -117,6 +120,7 @@ def variants() -> dict[str, Variant]:
     base = resolved(get_profile("default"))
     t4 = resolved(get_profile("t4"))
     fast = resolved(get_profile("fast"))
+    fast_compiled = resolved(get_profile("fast-compiled"))
     fused = resolved(get_profile("fused"))
     t4_fused = resolved(get_profile("t4-fused"))
     compiled = resolved(get_profile("compiled"))
@@ -168,9 +172,14 @@ def variants() -> dict[str, Variant]:
         Variant("no-checkpointing", "baseline without gradient checkpointing", replace(base, gradient_checkpointing=False)),
         # Packed profiles: more samples per optimizer step than the recipe's 4.
         Variant("t4", "--profile t4 (fp16, 4-bit, checkpointing, 4 packed rows of 4x512 tokens)", t4),
-        Variant("fast", "--profile fast (4-bit, checkpointing, varlen attention, 8x4x512-token micro-batches)", fast),
+        Variant("fast", "--profile fast (4-bit, varlen attention, 8x4x512-token micro-batches, checkpointing on "
+                "only as many layers as free memory requires)", fast),
+        Variant("fast-checkpoint-all", "fast with every layer checkpointed (the profile before memory sizing)",
+                replace(fast, memory_sized_checkpointing=False)),
         Variant("fast-fused", "fast + fused LoRA projections", replace(fast, fused_lora=True)),
-        Variant("fast-compiled", "fast + compiled decoder layers", replace(fast, compiled_layers=True)),
+        Variant("fast-compiled", "--profile fast-compiled: fast + compiled decoder layers", fast_compiled),
+        Variant("fast-compiled-checkpoint-all", "fast-compiled with every layer checkpointed",
+                replace(fast_compiled, memory_sized_checkpointing=False)),
         Variant("fast-masked", "fast with sdpa and block-diagonal masks in 8 rows instead of varlen attention",
                 replace(fast, varlen_attention=False)),
         Variant("fast-bf16", "--profile fast-bf16 (like fast, no quantization)", resolved(get_profile("fast-bf16"))),
@@ -187,6 +196,9 @@ def variants() -> dict[str, Variant]:
                 engine="unsloth"),
         Variant("unsloth-packs-varlen-d05", "Unsloth on fast's micro-batches with a varlen-attention shim (NOT stock)",
                 fast, engine="unsloth", varlen_shim=True),
+        Variant("unsloth-packs-varlen-d05-no-checkpointing", "unsloth-packs-varlen-d05 with Unsloth's checkpointing "
+                "off (use_gradient_checkpointing=False; NOT stock: the shim)", fast, engine="unsloth", varlen_shim=True,
+                unsloth_checkpointing=False),
         Variant("unsloth-packs-varlen-d0", "as unsloth-packs-varlen-d05 with lora_dropout 0 (NOT stock)", fast,
                 engine="unsloth", lora_dropout=0.0, varlen_shim=True),
         # Issue 5: the two GPU configs (and the T4 profile) on one repeated batch.
@@ -208,8 +220,12 @@ VARIANT_SETS = {
                "compiled-layers+host-embed", "compiled-layers+host-embed+keep-weights", "compiled-layers+cpp-wrapper",
                "compiled"),
     # Packed micro-batches (more samples per step), against Unsloth on the same packs.
-    "packed": ("baseline", "fast", "fast-compiled", "t4", "unsloth-packs-varlen-d05", "unsloth-packs-d05",
-               "unsloth-packs-varlen-d0"),
+    # The memory-sized profiles size themselves from what the GPU has free: run one of them per run
+    # (or cap each worker with --gpu-memory-gib), or the first to start takes the memory.
+    "packed": ("fast-compiled", "unsloth-packs-varlen-d05"),
+    # The packed levers alone and together, each memory-sized worker capped (--gpu-memory-gib).
+    "packed-levers": ("fast-checkpoint-all", "fast", "fast-compiled-checkpoint-all", "fast-compiled",
+                      "unsloth-packs-varlen-d05"),
     # The loss after the same 100 batches, each profile against the recipe in its precision.
     "quality": ("baseline", "compiled", "fused", "fp16-standard", "t4-compiled", "t4-fused"),
 }
@@ -607,6 +623,9 @@ def train_session(variant: Variant, samples: list[dict], *, arch: dict, device: 
         result["paged_optimizer_gib"] = paged_state_gib(trainer.optimizer)
     if variant.varlen_shim:
         result["varlen_shim_calls"] = VARLEN_SHIM_CALLS[0]
+    sizing = memory_sizing_of(trainer.model)
+    if sizing is not None:  # how many layers kept their activations, per micro-batch
+        result["memory_sized_checkpointing"] = sizing.summary()
     if variant.profile.compiled_layers:  # one graph for all layers expected, and no breaks inside a layer
         from torch._dynamo.utils import counters
 
@@ -688,7 +707,7 @@ def unsloth_model(variant: Variant, checkpoint: str | None) -> tuple[Any, Any]:
                                                  load_in_4bit=True, local_files_only=True, fix_tokenizer=False)
     model = FastLanguageModel.get_peft_model(model, r=LORA_R, lora_alpha=16, lora_dropout=variant.lora_dropout,
                                              target_modules=LORA_TARGETS, bias="none",
-                                             use_gradient_checkpointing="unsloth", random_state=0,
+                                             use_gradient_checkpointing=variant.unsloth_checkpointing, random_state=0,
                                              max_seq_length=MAX_LENGTH)
     if variant.varlen_shim:
         install_unsloth_varlen_shim()
@@ -871,8 +890,8 @@ def summarize(rows: list[dict], peak_tflops: float | None, *, baseline: str = "b
         packed = bool(r.get("profile", {}).get("packing"))
         r["unsloth_row"] = unsloth_packed if packed else unsloth_padded
         r["vs_unsloth"] = paired_ratio(r, by_name.get(r["unsloth_row"]))
-        if base is not None and "samples_per_step" in base:
-            r["changes_samples_per_step"] = abs(r["samples_per_step"] - base["samples_per_step"]) > 0.05
+        # Against the recipe's batch, whichever row the ratios divide by.
+        r["changes_samples_per_step"] = abs(r["samples_per_step"] - BATCH_SIZE) > 0.05
     return rows
 
 
@@ -999,6 +1018,8 @@ def worker_command(name: str, args: argparse.Namespace, total_steps: int, checkp
         cmd += ["--checkpoint", str(checkpoint)]
     if args.trace_steps:
         cmd += ["--trace-steps", str(args.trace_steps), "--trace-from", str(args.trace_from)]
+    if args.gpu_memory_gib:
+        cmd += ["--gpu-memory-gib", str(args.gpu_memory_gib)]
     return cmd
 
 
@@ -1094,7 +1115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def rows() -> list[dict]:
         return summarize([{"profile": dataclasses.asdict(known[n].profile), **w.row(known[n].what)}
-                          for n, w in workers.items()], peak)
+                          for n, w in workers.items()], peak, baseline=args.baseline)
 
     def save() -> None:
         (out / "train_throughput.json").write_text(json.dumps(
@@ -1140,6 +1161,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.layers:
         arch["num_hidden_layers"] = args.layers
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.gpu_memory_gib and device == "cuda":  # what a GPU of that size would leave this worker
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_gib * 2**30 / total), 0)
     result, model = train_session(variant, train, arch=arch, device=device, plan=plan, total_steps=args.total_steps,
                                   on_block=lambda block: send({"event": "block", **block}),
                                   ready=lambda info: send({"event": "ready", **info}), checkpoint=args.checkpoint,
@@ -1176,6 +1200,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--tokens", default=".bench/train_tokens.npz")
     r.add_argument("--variants", default="small-batch",
                    help="comma-separated names or sets (" + ", ".join(VARIANT_SETS) + "); known: " + ", ".join(variants()))
+    r.add_argument("--baseline", default="baseline",
+                   help="the row the 'x baseline' column divides by (a lever's ratio to the profile without it)")
     r.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before the first round")
     r.add_argument("--repeats", type=int, default=3, help="rounds; each variant trains one timed block per round")
     r.add_argument("--steps", type=int, default=8, help="timed optimizer steps per block")
@@ -1189,6 +1215,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--trace-steps", type=int, default=0,
                    help="profile this many steps in every worker (tables in the worker logs)")
     r.add_argument("--trace-from", type=int, default=1, help="the first profiled optimizer step")
+    r.add_argument("--gpu-memory-gib", type=float, default=0,
+                   help="cap each worker's GPU memory (several memory-sized profiles in one run)")
     r.add_argument("--work", default=os.environ.get("TMPDIR", "/tmp") + "/train_throughput")
     r.add_argument("--out", default="runs/train_throughput")
     r.set_defaults(func=cmd_run)
@@ -1202,6 +1230,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--checkpoint", default=None)
     w.add_argument("--trace-steps", type=int, default=0, help="profile this many steps (tables on stderr)")
     w.add_argument("--trace-from", type=int, default=1, help="the first profiled optimizer step")
+    w.add_argument("--gpu-memory-gib", type=float, default=0)
     w.set_defaults(func=cmd_worker)
     m = sub.add_parser("make-checkpoint", help="save a random bf16 checkpoint of the architecture (Unsloth rows)")
     m.add_argument("--path", required=True)

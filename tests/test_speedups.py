@@ -440,7 +440,7 @@ def test_gpu_benchmark_alternates_workers_and_reports_medians(tmp_path):
     out = tmp_path / "out"
     code = tt.main(["run", "--tokens", str(tokens), "--variants", "baseline,+fused-lora", "--arch-json",
                     json.dumps(TINY_ARCH), "--warmup", "1", "--repeats", "2", "--steps", "2", "--val-samples", "8",
-                    "--quality", "--out", str(out), "--work", str(tmp_path / "work")])
+                    "--quality", "--baseline", "+fused-lora", "--out", str(out), "--work", str(tmp_path / "work")])
     assert code == 0
     rows = {r["variant"]: r for r in json.loads((out / "train_throughput.json").read_text())["results"]}
     assert set(rows) == {"baseline", "+fused-lora"}
@@ -451,7 +451,8 @@ def test_gpu_benchmark_alternates_workers_and_reports_medians(tmp_path):
         low, high = row["tokens_per_s_range"]
         assert low <= row["tokens_per_s"] <= high
         assert len(row["losses"]) == 1 + 2 * (1 + 2) and row["val_loss"] > 0
-    assert rows["baseline"]["speedup"] == 1.0 and rows["+fused-lora"]["speedup"] > 0
+    # --baseline: ratios against the row a lever is added to (here the candidate, for the test).
+    assert rows["+fused-lora"]["speedup"] == 1.0 and rows["baseline"]["speedup"] > 0
     # Same batches in the same order: both rows trained the same tokens in every block.
     assert [b["tokens"] for b in rows["baseline"]["blocks"]] == [b["tokens"] for b in rows["+fused-lora"]["blocks"]]
     text = (out / "train_throughput.md").read_text()

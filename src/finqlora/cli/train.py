@@ -32,6 +32,10 @@ def _summary(result, console: Console) -> None:
     tps = info["throughput"]["tokens_per_second"]
     table.add_row("throughput", f"{tps:,.0f} tokens/s" if tps else "-")
     table.add_row("peak memory", ", ".join(f"{k.replace('_gib', '')} {v:.2f} GiB" for k, v in info["memory"].items()))
+    sizing = info.get("memory_sized_checkpointing")
+    if sizing and sizing["micro_batches_by_layers_kept"]:
+        counts = ", ".join(f"{k} in {n}" for k, n in sizing["micro_batches_by_layers_kept"].items())
+        table.add_row("layers not recomputed", f"{counts} micro-batches (of {sizing['decoder_layers']} layers)")
     table.add_row("device", info["device"])
     table.add_row("output", str(result.output_dir))
     console.print(table)

@@ -54,6 +54,8 @@ class RunFacts:
     status: str = "completed"
     interrupted_by: str | None = None
     interrupted_checkpoint: Path | None = None
+    # Memory-sized checkpointing (fast profiles on CUDA): how many layers kept their activations.
+    checkpointing_sizing: dict[str, Any] | None = None
 
 
 def loss_points(state: Any) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
@@ -120,6 +122,7 @@ def run_info(facts: RunFacts, args: Any, state: Any, log_cb: Any, nonfinite: Any
             "non_padding_tokens_seen": int(state.num_input_tokens_seen),
         },
         "memory": peak_memory(plan.device),
+        "memory_sized_checkpointing": facts.checkpointing_sizing,
         "global_step": state.global_step,
         "max_steps": state.max_steps,
         "epochs_completed": round(state.epoch or 0.0, 4),
@@ -189,8 +192,12 @@ def peak_memory(device: str) -> dict[str, float]:
     return memory
 
 
-def oom_error(cfg: TrainConfig, plan: Plan) -> FinqloraError:
-    advice = [f"lower train.batch_size (now {cfg.batch_size}) and raise train.gradient_accumulation_steps to keep the effective batch"]
+def oom_error(cfg: TrainConfig, plan: Plan, profile: Any | None = None) -> FinqloraError:
+    advice = []
+    if profile is not None and profile.memory_sized_checkpointing:
+        # The sizing reads free memory as each micro-batch starts; it cannot see a later claim.
+        advice.append(f"profile {profile.name} fills the GPU memory it finds free: run it alone on the GPU")
+    advice.append(f"lower train.batch_size (now {cfg.batch_size}) and raise train.gradient_accumulation_steps to keep the effective batch")
     advice.append(f"lower train.max_length (now {cfg.max_length})")
     if not plan.gradient_checkpointing:
         advice.append("turn on train.gradient_checkpointing: true")

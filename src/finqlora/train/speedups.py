@@ -124,6 +124,10 @@ class SpeedProfile:
     # Compiled layers launch their kernels from generated C++ instead of Python (small-batch steps
     # wait on the CPU; costs a longer first compilation).
     compile_cpp_wrapper: bool = False
+    # Gradient checkpointing on only as many decoder layers as free GPU memory requires, sized for
+    # each micro-batch; the other layers keep their activations and skip the recomputation
+    # (finqlora.train.recompute). CUDA only; with checkpointing off it does nothing.
+    memory_sized_checkpointing: bool = False
 
 
 PROFILES: dict[str, SpeedProfile] = {
@@ -150,8 +154,9 @@ PROFILES: dict[str, SpeedProfile] = {
         ),
         SpeedProfile(
             name="fast",
-            description="GPUs with memory to spare (24 GB+): 4-bit base, gradient checkpointing, micro-batches "
-            "of 8 x batch_size x max_length packed tokens, varlen attention, answer-only logits, Liger kernels",
+            description="GPUs with memory to spare (24 GB+): 4-bit base, micro-batches of 8 x batch_size x "
+            "max_length packed tokens, varlen attention, answer-only logits, Liger kernels, gradient checkpointing "
+            "on only as many layers as free memory requires",
             packing=True,
             budget_scale=8,
             pack_rows=8,
@@ -162,6 +167,7 @@ PROFILES: dict[str, SpeedProfile] = {
             upcast_frozen_to_fp32=False,
             avoid_cudnn_attention=True,
             varlen_attention=True,
+            memory_sized_checkpointing=True,
         ),
         SpeedProfile(
             name="fast-bf16",
@@ -178,6 +184,7 @@ PROFILES: dict[str, SpeedProfile] = {
             upcast_frozen_to_fp32=False,
             avoid_cudnn_attention=True,
             varlen_attention=True,
+            memory_sized_checkpointing=True,
         ),
         SpeedProfile(
             name="fused",
@@ -249,6 +256,14 @@ PROFILES["compiled"] = dataclasses.replace(
     # LoRA's optimizer state is small (150 MB in fp32 for a 7B model at r=8); paged 8-bit AdamW
     # spends CPU time in one launch per tensor each step, the fused kernel in a few for all.
     optimizer="adamw_torch_fused",
+)
+# Packed micro-batches keep the GPU busy, so compiling pays in fused elementwise work, not in launches.
+PROFILES["fast-compiled"] = dataclasses.replace(
+    PROFILES["fast"],
+    name="fast-compiled",
+    description="fast with each decoder layer compiled as one region (NF4 dequantization, LoRA with dropout, "
+    "norms, RoPE and SwiGLU fused); the first steps wait a minute or two for the compiler",
+    compiled_layers=True,
 )
 PROFILES["t4-compiled"] = dataclasses.replace(
     PROFILES["compiled"],
@@ -497,6 +512,10 @@ def apply_model_speedups(model: Any, profile: SpeedProfile) -> Any:
 
         compile_decoder_layers(lm, recompute_weights=profile.recompute_dequantized_weights,
                                cpp_wrapper=profile.compile_cpp_wrapper)
+    if profile.memory_sized_checkpointing and device.type == "cuda":
+        from finqlora.train.recompute import install_memory_sized_checkpointing
+
+        install_memory_sized_checkpointing(lm)
     return model
 
 

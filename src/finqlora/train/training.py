@@ -184,6 +184,8 @@ def _fit(trainer: Any, facts: RunFacts, stop: StopRequest, progress_cb: RichProg
     """Train (with validation) until done or stopped; a stop inside a step checkpoints the last complete one."""
     import torch
 
+    from finqlora.train.recompute import memory_sizing_of
+
     resume_from = facts.resume_from
     # Compiled profiles compile each layer's forward, not its module call: these hooks stay eager.
     hooks = install_block_stop_hooks(trainer.model, stop) if trainer.abandon_within_steps else []
@@ -199,11 +201,13 @@ def _fit(trainer: Any, facts: RunFacts, stop: StopRequest, progress_cb: RichProg
                 if stop.signal_name is not None:
                     facts.interrupted_checkpoint = trainer.checkpoint_folder()
     except torch.OutOfMemoryError:
-        raise oom_error(facts.run.train, facts.plan) from None
+        raise oom_error(facts.run.train, facts.plan, facts.profile) from None
     finally:
         for hook in hooks:
             hook.remove()
         progress_cb.close()
     facts.train_seconds = time.perf_counter() - started
+    sizing = memory_sizing_of(trainer.model)
+    facts.checkpointing_sizing = sizing.summary() if sizing is not None else None
     if stop.signal_name is not None:
         facts.status, facts.interrupted_by = "interrupted", stop.signal_name
