@@ -7,6 +7,8 @@ two cores). The tests marked cuda run the real inductor/Triton path on a GPU.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -44,7 +46,9 @@ def _quantize_nf4(model, dtype, device):
                     setattr(parent, name, q)
 
 
-def _lora(model, dropout, checkpointing, compiled_layers=False):
+def _lora(model, dropout, checkpointing, compiled_layers=False, offload=True):
+    """`checkpointing`: every layer checkpointed, offloaded as the compiled profiles do (`offload`) or
+    torch's own (the fast profiles)."""
     from peft import LoraConfig, get_peft_model
 
     if checkpointing:
@@ -56,7 +60,7 @@ def _lora(model, dropout, checkpointing, compiled_layers=False):
     for name, param in model.named_parameters():
         if "lora_B" in name:  # non-zero B: every LoRA gradient is non-zero
             param.data = (torch.randn(param.shape, generator=generator) * 0.05).to(param.device, param.dtype)
-    if checkpointing:
+    if checkpointing and offload:
         kernels.install_offloaded_checkpointing(model, compiled_layers=compiled_layers)
     return model.train()
 
@@ -68,6 +72,19 @@ def _batch(length, device="cpu"):
     mask[1, -3:] = 0  # a padded row
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
             "labels": ids.masked_fill(mask == 0, -100).to(device)}
+
+
+@contextlib.contextmanager
+def _counting_saved_bytes():
+    """Bytes the autograd graph saves outside checkpointed regions (a list of one number)."""
+    total = [0]
+
+    def pack(tensor):
+        total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield total
 
 
 def _loss_and_grads(model, batch, seed=5):
@@ -110,6 +127,37 @@ def test_compiled_layers_match_peft_loss_and_grads():
             assert torch.allclose(grad, grads_new[name], rtol=1e-4, atol=1e-7), name
     assert not counters["graph_break"], dict(counters["graph_break"])
     # One graph per grad mode for all three layers and every length: no per-layer recompiles.
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+def test_compiled_layers_beside_layers_that_keep_their_activations_compute_the_same():
+    """fast-compiled: memory-sized checkpointing leaves the last layers unchecked, the rest checkpointed."""
+    from torch._dynamo.utils import counters
+
+    from finqlora.train.recompute import MemorySizedCheckpointing
+
+    reference = _lora(_tiny_llama(quantize=True), 0.1, True, offload=False)
+    candidate = _lora(_tiny_llama(quantize=True), 0.1, True, offload=False)
+    torch._dynamo.reset()
+    counters.clear()
+    lm = candidate.get_base_model()
+    assert compiled.compile_decoder_layers(lm, backend="aot_eager") == 3
+    sizing = MemorySizedCheckpointing(lm, compiled.decoder_layers(lm))
+    sizing.remove()  # sizing reads CUDA memory: set the split by hand
+    saved = {}
+    for keep in (2, 0, 3):
+        sizing.keep_activations(keep)
+        loss_ref, grads_ref = _loss_and_grads(reference, _batch(9))
+        with _counting_saved_bytes() as saved[keep]:
+            loss_new, grads_new = _loss_and_grads(candidate, _batch(9))
+        assert torch.allclose(loss_ref, loss_new, rtol=1e-6), (keep, loss_ref, loss_new)
+        assert grads_ref.keys() == grads_new.keys() and len(grads_ref) == 3 * 7 * 2
+        for name, grad in grads_ref.items():
+            assert torch.allclose(grad, grads_new[name], rtol=1e-4, atol=1e-7), (keep, name)
+    # A kept layer saves its activations for the backward pass; a checkpointed one only its input.
+    assert saved[0][0] < saved[2][0] < saved[3][0], saved
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # Checkpointed or not, the layers run the same compiled graph (checkpointing stays outside it).
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
 
 
