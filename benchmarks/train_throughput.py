@@ -33,8 +33,9 @@ A row reports:
   other row's block of the same round);
 - peak GPU memory after the model is built: torch's allocated and reserved peaks, plus the
   paged 8-bit optimizer state (CUDA managed memory, which torch's counters do not see);
-- samples per optimizer step: a row whose micro-batches hold more samples than the baseline's
-  (the packed profiles) trains a different batch size, and the table says so.
+- samples per optimizer step: a row whose micro-batches hold more samples than the recipe's 4
+  (the packed profiles) trains a different batch size, and the table says so, whichever row is
+  the baseline.
 
 Baseline: plain transformers Trainer + peft + bitsandbytes NF4 double quant, batch 4, max length
 512, dynamic padding, gradient checkpointing, paged 8-bit AdamW, all-linear LoRA r=8 (alpha 16,
