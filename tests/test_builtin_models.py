@@ -158,19 +158,22 @@ def test_two_processes_preparing_at_once_convert_once(private_home):
     assert messages == []
 
 
-def test_cli_models_list_info_and_verify():
+def test_cli_models_list_info_and_verify(monkeypatch):
     from typer.testing import CliRunner
 
-    from finqlora.cli import app
+    from finqlora.cli import app, models
 
     _require(SMOL)
+    # Rich fixes the width when COLUMNS is set at import (pytest-xdist workers set 80): a wide
+    # console keeps each hash on one line whatever launched the tests.
+    monkeypatch.setattr(models.console, "width", 200)
     runner = CliRunner()
-    listed = runner.invoke(app, ["models", "list"], env={"COLUMNS": "200"})
+    listed = runner.invoke(app, ["models", "list"])
     assert listed.exit_code == 0 and "builtin:smollm2-135m-instruct" in listed.stdout
-    info = runner.invoke(app, ["models", "info", "builtin:smollm2-135m-instruct"], env={"COLUMNS": "200"})
+    info = runner.invoke(app, ["models", "info", "builtin:smollm2-135m-instruct"])
     assert info.exit_code == 0, info.output
     assert "LlamaForCausalLM" in info.stdout and "<|im_end|>" in info.stdout and SMOL.sha256 in info.stdout
-    verified = runner.invoke(app, ["models", "verify", "smollm2-135m-instruct"], env={"COLUMNS": "200"})
+    verified = runner.invoke(app, ["models", "verify", "smollm2-135m-instruct"])
     assert verified.exit_code == 0 and f"sha256 OK ({SMOL.sha256})" in verified.stdout
     unknown = runner.invoke(app, ["models", "prepare", "nope"])
     assert isinstance(unknown.exception, FinqloraError)

@@ -18,6 +18,7 @@ import torch
 
 from finqlora.core.errors import FinqloraError
 from finqlora.export.gguf import _LLAMA3_SPLIT, _QWEN2_SPLIT, detect_pre_tokenizer, export_gguf
+from finqlora.models.builtin import gguf_parsed_once
 
 TOKEN_IDS = torch.tensor([[1, 100, 2000, 300, 45, 9000, 12, 7, 31, 4242, 2]])
 
@@ -58,7 +59,8 @@ def _logits_of(model_dir: Path, gguf_file: str | None = None) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
+    with gguf_parsed_once():  # transformers' config and weight loads share one parse of the file
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
     model.eval()
     with torch.no_grad():
         return model(TOKEN_IDS).logits
@@ -77,7 +79,8 @@ def test_llama_f16_round_trip_through_transformers_gguf_loader(tiny_model_dir: P
     from transformers import AutoTokenizer
 
     original = AutoTokenizer.from_pretrained(tiny_model_dir)
-    restored = AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny-f16.gguf")
+    with gguf_parsed_once():
+        restored = AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny-f16.gguf")
     text = "Fed raises rates by 25bp <|im_start|>user\nhello 12345<|im_end|>"
     assert restored(text)["input_ids"] == original(text)["input_ids"]
     assert restored.chat_template == original.chat_template
@@ -189,7 +192,9 @@ def test_builtin_smollm2_round_trip(tmp_path: Path) -> None:
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()(ids).logits
-        exported = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=result.gguf_path.name, dtype=torch.float32).eval()(ids).logits
+        with gguf_parsed_once():
+            exported = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=result.gguf_path.name, dtype=torch.float32)
+        exported = exported.eval()(ids).logits
     assert (reference - exported).abs().max().item() <= 0.2
     assert (reference.argmax(-1) == exported.argmax(-1)).float().mean().item() >= 0.97
 

@@ -302,7 +302,7 @@ def verify(name: Annotated[str, typer.Argument(help="Built-in name.")]) -> None:
 
     builtin = get_builtin(name)
     verify_builtin(builtin)
-    console.print(f"{builtin.spec}: sha256 OK ({builtin.sha256})", highlight=False)
+    console.print(f"{builtin.spec}: sha256 OK ({builtin.sha256})", highlight=False, soft_wrap=True)
 
 
 @models_app.command("info")
@@ -321,7 +321,8 @@ def info(
     facts["eos_token"] = tokenizer.eos_token
     facts["end_of_turn"] = assistant_turn_suffix(tokenizer)
     facts["stop_token_ids"] = stop_token_ids(tokenizer)
-    table = Table("field", "value", show_header=False)
+    # Hashes and paths are copied from here: wrap them, never cut them short with an ellipsis.
+    table = Table("field", Column("value", overflow="fold"), show_header=False)
     for key, value in facts.items():
         table.add_row(key, str(value))
     console.print(table)

@@ -19,6 +19,7 @@ lock serializes them, the conversion happens in a temporary folder, and a rename
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -28,7 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,6 +221,33 @@ def _is_complete(folder: Path, source_sha256: str) -> bool:
     return bool(marker) and marker.get("source_sha256") == source_sha256 and marker.get("format") == CACHE_FORMAT
 
 
+@contextlib.contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """Within the block, every GGUF file is parsed at most once.
+
+    transformers parses the file again for the tokenizer, the configuration and the weights, and
+    gguf-py builds each field element by element: ~11 s per parse of SmolLM2's 49k-token
+    vocabulary on a 2-core CPU. transformers imports `gguf.GGUFReader` when it loads, so a
+    caching stand-in there serves all three loads from one reader.
+    """
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], object] = {}
+
+    def cached_reader(path: os.PathLike | str, mode: str = "r") -> object:
+        key = (os.path.abspath(os.fspath(path)), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = cached_reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def convert_gguf_to_folder(gguf_path: Path, out_dir: Path, *, info: dict) -> None:
     """Dequantize a GGUF into a transformers folder: safetensors weights, config, tokenizer.
 
@@ -232,10 +260,11 @@ def convert_gguf_to_folder(gguf_path: Path, out_dir: Path, *, info: dict) -> Non
 
     from finqlora.core.chat_format import ensure_chat_template
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    # Refuse early (before the slow part) if the GGUF carries no chat template.
-    ensure_chat_template(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    with gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # Refuse early (before the slow part) if the GGUF carries no chat template.
+        ensure_chat_template(tokenizer)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     if getattr(model, "hf_quantizer", None) is not None:
         # The weights are plain float32 now; the GGUF "quantization" must not be recorded.
         model.hf_quantizer.remove_quantization_config(model)
