@@ -262,7 +262,20 @@ def test_a_gguf_file_is_converted_once_and_cached(tmp_path, monkeypatch, tiny_mo
     # A tiny GGUF with SmolLM2's tokenizer and chat template (the built-in's logic, in seconds).
     gguf = export_gguf(tiny_model_dir, tmp_path / "tiny-f16.gguf", outtype="f16", progress=False).gguf_path
     monkeypatch.setenv("FINQLORA_HOME", str(tmp_path / "home"))
+    import gguf as gguf_lib
+
+    parses = []
+
+    class CountingReader(gguf_lib.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            parses.append(path)
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf_lib, "GGUFReader", CountingReader)
     resolved = resolve_model(str(gguf))
+    # transformers reads the file for the tokenizer, the configuration and the weights: one parse.
+    assert len(parses) == 1, parses
+    assert gguf_lib.GGUFReader is CountingReader  # the caching stand-in is gone again
     assert resolved.kind == "gguf" and resolved.base_id == str(gguf.resolve())
     folder = Path(resolved.path)
     assert folder.parent == tmp_path / "home" / "models" and (folder / "model.safetensors").is_file()

@@ -28,6 +28,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -221,6 +222,9 @@ def _is_complete(folder: Path, source_sha256: str) -> bool:
     return bool(marker) and marker.get("source_sha256") == source_sha256 and marker.get("format") == CACHE_FORMAT
 
 
+_GGUF_PARSE_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def gguf_parsed_once() -> Iterator[None]:
     """Within the block, every GGUF file is parsed at most once.
@@ -228,24 +232,26 @@ def gguf_parsed_once() -> Iterator[None]:
     transformers parses the file again for the tokenizer, the configuration and the weights, and
     gguf-py builds each field element by element: ~11 s per parse of SmolLM2's 49k-token
     vocabulary on a 2-core CPU. transformers imports `gguf.GGUFReader` when it loads, so a
-    caching stand-in there serves all three loads from one reader.
+    caching stand-in there serves all three loads from one reader. One block at a time per
+    process: overlapping blocks in two threads would each restore the other's stand-in.
     """
     import gguf
 
-    original = gguf.GGUFReader
-    readers: dict[tuple[str, str], object] = {}
+    with _GGUF_PARSE_LOCK:
+        original = gguf.GGUFReader
+        readers: dict[tuple[str, str], object] = {}
 
-    def cached_reader(path: os.PathLike | str, mode: str = "r") -> object:
-        key = (os.path.abspath(os.fspath(path)), mode)
-        if key not in readers:
-            readers[key] = original(path, mode)
-        return readers[key]
+        def cached_reader(path: os.PathLike | str, mode: str = "r") -> object:
+            key = (os.path.abspath(os.fspath(path)), mode)
+            if key not in readers:
+                readers[key] = original(path, mode)
+            return readers[key]
 
-    gguf.GGUFReader = cached_reader
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = original
+        gguf.GGUFReader = cached_reader
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = original
 
 
 def convert_gguf_to_folder(gguf_path: Path, out_dir: Path, *, info: dict) -> None:
