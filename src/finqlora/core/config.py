@@ -126,6 +126,12 @@ class TrainConfig(_Section):
     early_stopping_patience: int | None = Field(None, ge=1, description="stop after N validations without improvement")
     early_stopping_threshold: float = Field(0.0, ge=0.0)
     logging_steps: int = Field(1, ge=1)
+    report_to: Literal["auto", "none", "tensorboard", "swanlab", "wandb"] | list[Literal["tensorboard", "swanlab", "wandb"]] = Field(
+        "auto",
+        description="experiment trackers that get the logged losses (TrainingArguments.report_to): 'auto' = "
+        "tensorboard when the tensorboard (or tensorboardX) package is installed, else none; or tensorboard, "
+        "swanlab, wandb, none, or a list of trackers; event files go to <output_dir>/runs/",
+    )
     save_adapter_bin: bool = Field(False, description="also write adapter_model.bin (for tools that need it)")
     chat_template: str | None = Field(None, description="'chatml' fallback for models without a chat template")
     trust_remote_code: bool = False

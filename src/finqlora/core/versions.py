@@ -1,9 +1,12 @@
 """Known-good version sets and supported version ranges: the ONE place they are written down.
 
 `finqlora doctor` checks the installed packages against `SUPPORTED`, docs/installation.md
-shows `KNOWN_GOOD` as its install matrix, and the Colab notebook installs
-`KNOWN_GOOD["t4-colab"]` with `pip_command("t4-colab")`. When a version moves, change it here
-(and the same range in pyproject.toml: a test keeps both ends of each in step with `SUPPORTED`).
+shows `KNOWN_GOOD` as its install matrix, and `torch_cuda_statement()` is the one sentence on
+the supported torch/CUDA sets that README.md, README.zh-CN.md, docs/installation.md and the
+Colab notebook show (a test checks that each carries it verbatim). The Colab notebook keeps
+Colab's preinstalled torch (`KNOWN_GOOD["t4-colab"]` names no torch to install). When a version
+moves, change it here (and the same range in pyproject.toml: a test keeps both ends of each in
+step with `SUPPORTED`).
 
 Each known-good set says where it was verified, so nobody mistakes a plan for a measurement:
 `verified` names the machine and date, or says "not verified in this repository".
@@ -54,6 +57,10 @@ MIN_LINUX_DRIVER_FOR_CUDA: dict[str, str] = {
 }
 
 PYTORCH_WHEEL_INDEX = "https://download.pytorch.org/whl/{tag}"
+# The PyTorch wheel build for a driver by the major CUDA version it supports: CUDA's minor-version
+# compatibility lets any 12.x driver >= 525 run every cu12x wheel, so the major version decides.
+# cu128 is the 12.x build of the `cuda12` set below (torch 2.11 ships cu126, cu128 and cu130).
+TORCH_INDEX_FOR_DRIVER_CUDA: dict[int, str] = {13: "cu130", 12: "cu128", 11: "cu118"}
 
 
 @dataclass(frozen=True)
@@ -63,20 +70,29 @@ class VersionSet:
     name: str
     title: str
     python: str
-    torch: str  # pip requirement for torch, e.g. "torch==2.8.0"
-    torch_index: str | None  # wheel index tag ("cu126", "cpu"), None = PyPI default
+    torch: str  # pip requirement for torch, e.g. "torch==2.11.0"; "" = keep the preinstalled torch
+    torch_index: str | None  # wheel index tag ("cu128", "cpu"), None = PyPI default
     packages: dict[str, str]  # other pinned packages: name -> version
     compute_dtype: str  # what training should compute in on this machine
     verified: str
     notes: str = ""
 
     def pip_commands(self, python: str = "python") -> list[str]:
-        """The pip commands that install this set (torch first, from its wheel index)."""
+        """The pip commands that install this set (torch first, from its wheel index, unless it is kept)."""
+        pinned = " ".join(f"{name}=={version}" for name, version in self.packages.items())
+        if not self.torch:
+            return [f"{python} -m pip install {pinned}"]
         torch_cmd = f"{python} -m pip install {self.torch}"
         if self.torch_index:
             torch_cmd += f" --index-url {PYTORCH_WHEEL_INDEX.format(tag=self.torch_index)}"
-        pinned = " ".join(f"{name}=={version}" for name, version in self.packages.items())
         return [torch_cmd, f"{python} -m pip install {pinned}"]
+
+    @property
+    def torch_text(self) -> str:
+        """torch of this set in words: '2.11.0 (cu128)', or the preinstalled one that is kept."""
+        if not self.torch:
+            return "preinstalled, kept"
+        return self.torch.split("==")[1] + (f" ({self.torch_index})" if self.torch_index else "")
 
 
 # The library releases this repository's test suite runs on; the GPU sets reuse them (only
@@ -108,14 +124,17 @@ KNOWN_GOOD: dict[str, VersionSet] = {
             name="t4-colab",
             title="Google Colab free tier, NVIDIA T4 16 GB (CUDA 12.x driver; no bf16: fp16 compute)",
             python="3.12 (Colab default)",
-            torch="torch==2.8.0",
-            torch_index="cu126",
+            # Colab ships torch built for its CUDA and moves it several times a year; reinstalling
+            # another one downloads ~900 MB and leaves torchvision/torchaudio mismatched.
+            torch="",
+            torch_index=None,
             packages=_TESTED_LIBRARIES,
             compute_dtype="float16",
-            verified="not verified on a T4 in this repository (its CI has no T4): torch is Colab's "
-            "preinstalled 2.8.0+cu126, the libraries are the ones CI tests -- the notebook runs "
-            "`finqlora doctor` first, which checks the GPU kernels",
-            notes="T4 (compute capability 7.5) has no bf16: finqlora computes in fp16 with 4-bit NF4 weights.",
+            verified="not verified on a T4 in this repository (its CI has no T4): torch is whatever Colab "
+            "preinstalls (kept; it must be in the supported range), the libraries are the ones CI tests -- the "
+            "notebook runs `finqlora doctor` first, which checks torch, CUDA and the GPU kernels",
+            notes="T4 (compute capability 7.5) has no bf16: finqlora computes in fp16 with 4-bit NF4 weights. "
+            "The notebook installs finqlora with pip constrained to the installed torch, torchvision and torchaudio.",
         ),
         VersionSet(
             name="cuda12",
@@ -191,6 +210,23 @@ def pip_command(name: str, python: str = "python") -> str:
     return " && ".join(get_version_set(name).pip_commands(python))
 
 
+def torch_cuda_statement() -> str:
+    """The one sentence on the supported torch/CUDA sets (README, README.zh-CN, docs, notebook)."""
+    drivers = "; ".join(
+        f"a CUDA {major}.x driver >= {MIN_LINUX_DRIVER_FOR_CUDA[f'{tag[2:-1]}.{tag[-1]}']}: {tag} wheels"
+        for major, tag in sorted(TORCH_INDEX_FOR_DRIVER_CUDA.items(), reverse=True)
+        if major >= 12
+    )
+    sets = ", ".join(f"{vs.name} torch {vs.torch_text}" for vs in KNOWN_GOOD.values())
+    return (
+        f"Supported torch/CUDA: torch {SUPPORTED['torch']}, built for your driver's CUDA ({drivers}; no GPU: cpu "
+        f"wheels); on Colab the preinstalled torch is kept. Known-good sets: {sets}."
+    )
+
+
+SUPPORTED_TORCH_STATEMENT = torch_cuda_statement()
+
+
 def markdown_matrix() -> str:
     """The install matrix of docs/installation.md, generated from `KNOWN_GOOD` and `SUPPORTED`."""
     names = list(KNOWN_GOOD)
@@ -202,7 +238,7 @@ def markdown_matrix() -> str:
             if package == "python":
                 cells.append(vs.python)
             elif package == "torch":
-                cells.append(vs.torch.split("==")[1] + (f" ({vs.torch_index})" if vs.torch_index else ""))
+                cells.append(vs.torch_text)
             else:
                 cells.append(vs.packages.get(package, "-"))
         lines.append(f"| {package} | `{SUPPORTED.get(package, '')}` | " + " | ".join(cells) + " |")

@@ -168,18 +168,17 @@ def _hub_reachable(endpoint: str, timeout: float) -> tuple[bool, str]:
 def torch_index_for_driver(cuda_version: str | None) -> str | None:
     """The PyTorch wheel index tag a driver supporting `cuda_version` can run (None: too old).
 
-    CUDA's minor-version compatibility lets any 12.x driver run every cu12x wheel, so the
-    driver's major version decides; cu126 is the 12.x build Colab uses.
+    The driver's major version decides (versions.TORCH_INDEX_FOR_DRIVER_CUDA says why).
     """
     if not cuda_version:
         return None
     major = int(cuda_version.split(".")[0])
-    return {13: "cu130", 12: "cu126", 11: "cu118"}.get(min(major, 13))
+    return versions.TORCH_INDEX_FOR_DRIVER_CUDA.get(min(major, max(versions.TORCH_INDEX_FOR_DRIVER_CUDA)))
 
 
 def _torch_install_fix(tag: str | None) -> str:
     if tag is None:
-        return "update the NVIDIA driver (CUDA 12.x needs driver >= 525), then: pip install torch --index-url https://download.pytorch.org/whl/cu126"
+        return "update the NVIDIA driver (CUDA 12.x needs driver >= 525), then: pip install torch --index-url " + versions.PYTORCH_WHEEL_INDEX.format(tag=versions.TORCH_INDEX_FOR_DRIVER_CUDA[12])
     return f"pip install --force-reinstall torch --index-url {versions.PYTORCH_WHEEL_INDEX.format(tag=tag)}"
 
 

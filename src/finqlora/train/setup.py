@@ -238,6 +238,31 @@ def prepare_model_and_data(model: Any, tokenizer: Any, splits: DatasetSplits, cf
     return model, prepared
 
 
+# The package each tracker of train.report_to needs (what transformers' integration imports).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "swanlab": "swanlab", "wandb": "wandb"}
+
+
+def report_targets(report_to: str | list[str]) -> list[str]:
+    """TrainingArguments.report_to for `train.report_to`: 'auto' = tensorboard when installed, else none.
+
+    An explicitly named tracker that is not installed is an error here, before the model loads,
+    rather than a traceback from transformers at the first step.
+    """
+    from transformers.integrations import is_tensorboard_available
+
+    if report_to == "auto":
+        return ["tensorboard"] if is_tensorboard_available() else []
+    targets = [] if report_to == "none" else [report_to] if isinstance(report_to, str) else list(report_to)
+    for target in targets:
+        installed = is_tensorboard_available() if target == "tensorboard" else importlib.util.find_spec(target) is not None
+        if not installed:
+            raise FinqloraError(
+                f"train.report_to names {target}, but the {TRACKER_PACKAGES[target]} package is not installed",
+                hint=f"pip install {TRACKER_PACKAGES[target]}, or set train.report_to: none",
+            )
+    return targets
+
+
 def training_arguments(cfg: TrainConfig, plan: Plan, data: PreparedData, output_dir: Path, *, resuming: bool) -> Any:
     """transformers' TrainingArguments for this run."""
     from transformers import TrainingArguments
@@ -274,7 +299,7 @@ def training_arguments(cfg: TrainConfig, plan: Plan, data: PreparedData, output_
         include_num_input_tokens_seen="all" if data.packing else "non_padding",
         seed=cfg.seed,
         data_seed=cfg.seed,
-        report_to="none",
+        report_to=report_targets(cfg.report_to) or "none",
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,

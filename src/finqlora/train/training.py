@@ -33,7 +33,7 @@ from typing import Any
 
 from finqlora.core.config import RunConfig, TrainConfig
 from finqlora.core.errors import FinqloraError
-from finqlora.train.callbacks import JsonlLog, RichProgress, RunControl
+from finqlora.train.callbacks import JsonlLog, LiveLossPlot, RichProgress, RunControl
 from finqlora.train.checkpoints import (
     CHECKPOINT_MARKER,
     check_free_space,
@@ -114,7 +114,7 @@ def train(
     progress_cb = RichProgress(log_cb, enabled=progress)
     args = training_arguments(cfg, facts.plan, facts.data, output_dir, resuming=facts.resume_from is not None)
     # Extra callbacks run first, so one that raises a signal at step N is seen at that same step.
-    trainer_callbacks = [*callbacks, control_cb, log_cb, progress_cb]
+    trainer_callbacks = [*callbacks, control_cb, log_cb, progress_cb, LiveLossPlot(output_dir, f"{run.name}: loss")]
     if cfg.early_stopping_patience is not None:
         from transformers import EarlyStoppingCallback
 
