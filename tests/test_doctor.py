@@ -150,7 +150,7 @@ def test_gpu_present_but_torch_is_cpu_build(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(torch.version, "cuda", None)
     check = doctor.check_gpu()
     assert check.status == "fail" and "CPU-only build" in check.summary and "Tesla T4" in check.summary
-    assert "https://download.pytorch.org/whl/cu126" in check.fix
+    assert "https://download.pytorch.org/whl/cu128" in check.fix
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="simulates a GPU that torch cannot use")
@@ -159,7 +159,7 @@ def test_driver_older_than_torch_cuda_build(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     check = doctor.check_gpu()
     assert check.status == "fail" and "supports CUDA 12.2 but torch was built for CUDA 13.0" in check.summary
-    assert "whl/cu126" in check.fix and ">= 580.65.06" in check.fix
+    assert "whl/cu128" in check.fix and ">= 580.65.06" in check.fix
 
 
 def test_t4_is_reported_as_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -175,7 +175,7 @@ def test_t4_is_reported_as_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_driver_to_wheel_index() -> None:
-    assert doctor.torch_index_for_driver("12.2") == "cu126"
+    assert doctor.torch_index_for_driver("12.2") == "cu128"  # versions.TORCH_INDEX_FOR_DRIVER_CUDA
     assert doctor.torch_index_for_driver("13.1") == "cu130"
     assert doctor.torch_index_for_driver("11.4") == "cu118"
     assert doctor.torch_index_for_driver("10.2") is None

@@ -160,9 +160,9 @@ class RichProgress(TrainerCallback):
             return
         from rich.console import Console
 
-        if not Console().is_terminal:
-            # A pipe (a notebook cell reading the command's output, a log file): rich would draw the
-            # bar once, at the end, so each logged step is printed as a line of its own instead.
+        if not Console().is_interactive:
+            # A pipe (a notebook cell reading the command's output, a log file; TTY_INTERACTIVE=0):
+            # rich would draw the bar once, at the end, so each logged step is a line of its own.
             self.lines = True
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
