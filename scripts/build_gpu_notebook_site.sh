@@ -19,11 +19,11 @@ PIPDL="python3 -m pip download -q --only-binary=:all: --python-version 3.12 --im
 $PIPDL --no-deps bitsandbytes==0.50.2 liger-kernel==0.8.5
 # The rest with their requirements, at the versions CI runs (`pip list` of the test environment).
 $PIPDL pydantic==2.14.4 fastapi==0.165.0 uvicorn==0.55.0 gguf==0.19.0 openai==3.63.0 \
-  nbclient==0.11.0 nbformat==5.11.1 ipykernel==7.4.0 jupyter-client==8.10.0 ipython==9.19.1 typing-extensions==4.16.0
+  nbclient==0.11.0 nbformat==5.11.1 ipykernel==7.4.0 jupyter-client==8.10.0 ipython==9.19.1 typing-extensions==4.16.0 typer==0.29.2
 # Already in the GPU machine's image (a newer or older copy here would only shadow it).
 ( cd "$DL" && for pattern in numpy requests urllib3 idna certifi charset_normalizer tqdm pyyaml PyYAML packaging \
     anyio h11 click httpx httpcore attrs psutil pygments markupsafe MarkupSafe jinja2 rich markdown_it_py mdurl \
-    python_dateutil six filelock debugpy; do rm -f ${pattern}-*.whl; done )
+    python_dateutil six filelock debugpy shellingham; do rm -f ${pattern}-*.whl; done )
 ls "$DL"
 ( cd "$SITE" && for w in "$DL"/*.whl; do unzip -q -o "$w"; done
   for f in bitsandbytes/libbitsandbytes_*.so; do case $f in *cuda130.so|*cpu.so) ;; *) rm "$f";; esac; done

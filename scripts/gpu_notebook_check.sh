@@ -27,10 +27,12 @@ ls -la "$RUN" "$RUN/report" > "$OUT/run_folder.txt" 2>&1
 python3 - "$RUN" <<'PY' | tee "$OUT/training_facts.txt"
 import json, sys
 info = json.load(open(sys.argv[1] + "/training_info.json"))
-plan = info.get("plan", {})
-keys = ("status", "global_step", "device", "compute_dtype", "load_in_4bit", "profile", "resumed_from", "train_seconds")
-print(json.dumps({k: info.get(k, plan.get(k)) for k in keys}, default=str))
-print(json.dumps({k: v for k, v in info.items() if k in ("plan", "speed_profile", "hardware", "software")}, default=str)[:3000])
+hp = info["hyperparameters"]
+print(json.dumps({"status": info["status"], "global_step": info["global_step"], "resumed_from": info["resumed_from"],
+                  "device": info["device"], "libraries": info["libraries"], "timing": info["timing"],
+                  "throughput": info["throughput"], "memory": info["memory"]}, default=str))
+print(json.dumps({k: v for k, v in hp.items() if not isinstance(v, (dict, list))}, default=str))
 PY
-cp "$RUN/report/report.md" "$OUT/" 2>/dev/null
+cp "$RUN/report/report.md" "$RUN/report/report.html" "$RUN/loss.png" "$OUT/" 2>/dev/null
+cp -r "$RUN/runs" "$OUT/tensorboard" 2>/dev/null
 exit $status
