@@ -283,3 +283,32 @@ def test_a_crashing_check_becomes_a_red_line(monkeypatch: pytest.MonkeyPatch, tm
     assert check.status == "fail" and "half-installed" in check.summary
     assert "torch" in _by_name(report)  # the other checks still ran
     assert report.exit_code == 1
+
+
+def _fake_dists(monkeypatch: pytest.MonkeyPatch, installed: dict[str, str], requires: dict[str, list[str]]) -> None:
+    monkeypatch.setattr(doctor, "_installed_version", installed.get)
+    monkeypatch.setattr(doctor, "_requirements", lambda name: requires.get(name, []))
+
+
+def test_torch_companions_match_on_this_machine() -> None:
+    check = doctor.check_torch_companions(cuda_available=torch.cuda.is_available())
+    assert check.status == "ok", check
+
+
+def test_triton_that_torch_was_not_built_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a Colab user gets after `pip install triton` next to Colab's torch.
+    _fake_dists(monkeypatch, {"torch": "2.8.0+cu126", "triton": "3.6.0"},
+                {"torch": ['triton==3.4.0; platform_system == "Linux" and platform_machine == "x86_64"', "filelock"]})
+    check = doctor.check_torch_companions(cuda_available=True)
+    assert check.status == "fail" and "triton 3.6.0" in check.summary and "triton==3.4.0" in check.summary
+    assert check.fix == 'pip install "triton==3.4.0"'
+    assert doctor.check_torch_companions(cuda_available=False).status == "warn"
+
+
+def test_torchvision_built_for_another_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a torch reinstall from another index leaves behind.
+    _fake_dists(monkeypatch, {"torch": "2.8.0+cu126", "torchvision": "0.26.0+cu130", "torchaudio": "2.8.0+cu126"},
+                {"torchvision": ["numpy", "torch==2.11.0", "pillow!=8.3.*,>=5.3.0"], "torchaudio": ["torch==2.8.0"]})
+    check = doctor.check_torch_companions(cuda_available=True)
+    assert check.status == "warn" and "torchvision 0.26.0+cu130 needs torch==2.11.0" in check.summary
+    assert "torchaudio" not in check.summary and check.fix.startswith("pip uninstall -y torchvision")

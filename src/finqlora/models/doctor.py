@@ -346,6 +346,62 @@ def check_triton(cuda_available: bool) -> Check:
     return Check("triton", "ok", f"triton {version}")
 
 
+def _requirements(distribution: str) -> list[str]:
+    """The Requires-Dist lines of an installed distribution ([] when it is not installed)."""
+    try:
+        return importlib.metadata.requires(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        return []
+
+
+def check_torch_companions(cuda_available: bool) -> Check:
+    """triton as torch's build names it, and torchvision / torchaudio built for the installed torch.
+
+    Reinstalling torch (or installing one of these on its own) leaves the others built for
+    another torch: the compiled speed profiles then fail in triton, and transformers can fail to
+    import a mismatched torchvision. finqlora uses neither torchvision nor torchaudio.
+    """
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    torch_version = _installed_version("torch")
+    if torch_version is None:
+        return Check("torch-companions", "info", "not checked: torch is not installed")
+    public = torch_version.split("+")[0]
+    problems: list[str] = []
+    fixes: list[str] = []
+    triton_broken = False
+    for line in _requirements("torch"):
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:
+            continue
+        installed = _installed_version("triton")
+        if requirement.name != "triton" or installed is None or not requirement.specifier:
+            continue
+        if (requirement.marker is None or requirement.marker.evaluate({"extra": ""})) and not requirement.specifier.contains(
+            installed, prereleases=True
+        ):
+            problems.append(f"triton {installed} is installed, torch {torch_version} was built with triton{requirement.specifier}")
+            fixes.append(f'pip install "triton{requirement.specifier}"')
+            triton_broken = True
+    for companion in ("torchvision", "torchaudio"):
+        installed = _installed_version(companion)
+        if installed is None:
+            continue
+        for line in _requirements(companion):
+            try:
+                requirement = Requirement(line)
+            except InvalidRequirement:
+                continue
+            if requirement.name == "torch" and requirement.specifier and not requirement.specifier.contains(public, prereleases=True):
+                problems.append(f"{companion} {installed} needs torch{requirement.specifier}, torch is {torch_version}")
+                fixes.append(f"pip uninstall -y {companion}   # finqlora does not use it; or install the {companion} release built for torch {public}")
+    if not problems:
+        return Check("torch-companions", "ok", f"triton / torchvision / torchaudio match torch {torch_version} (where installed)")
+    status: Status = "fail" if triton_broken and cuda_available else "warn"
+    return Check("torch-companions", status, "; ".join(problems), fix=" && ".join(fixes))
+
+
 def check_package(distribution: str) -> Check:
     spec = versions.SUPPORTED[distribution]
     required = distribution in versions.REQUIRED_FOR_TRAINING
@@ -448,7 +504,7 @@ def run_doctor(output_dir: str | os.PathLike[str] = ".", *, check_network: bool 
     checks.append(gpu)
     cuda = "compute_dtype" in gpu.details  # set only when torch can use the GPU
     bnb = _guarded("bitsandbytes", check_bitsandbytes, cuda)
-    checks += [bnb, _guarded("triton", check_triton, cuda)]
+    checks += [bnb, _guarded("triton", check_triton, cuda), _guarded("torch-companions", check_torch_companions, cuda)]
     packages = ("transformers", "peft", "accelerate", "safetensors", "gguf", *versions.REQUIRED_FOR_SERVING)
     checks += [_guarded(name, check_package, name) for name in packages]
     checks += [
