@@ -12,7 +12,8 @@
 # (/work/.library/device/KINDS.md, "Python packages already there"); those wheels are dropped.
 # typer and setuptools travel anyway, since the image's versions are not known here: finqlora
 # needs typer >= 0.16, and the notebook builds finqlora with the installed setuptools only when
-# it is >= 77 (else pip would fetch one, and that machine has no network).
+# it is >= 77 (else pip would fetch one, and that machine has no network). It stays below 82:
+# torch 2.11 requires setuptools<82, and pip refuses a newer one beside it.
 set -eu
 DL=$(mktemp -d); SITE=$(mktemp -d)
 PLAT="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
@@ -22,7 +23,7 @@ PIPDL="python3 -m pip download -q --only-binary=:all: --python-version 3.12 --im
 $PIPDL --no-deps bitsandbytes==0.50.2 liger-kernel==0.8.5
 # The rest with their requirements, at the versions CI runs (`pip list` of the test environment).
 $PIPDL pydantic==2.14.4 fastapi==0.165.0 uvicorn==0.55.0 gguf==0.19.0 openai==3.63.0 \
-  nbclient==0.11.0 nbformat==5.11.1 ipykernel==7.4.0 jupyter-client==8.10.0 ipython==9.19.1 typing-extensions==4.16.0 typer==0.29.2 setuptools==84.2.1
+  nbclient==0.11.0 nbformat==5.11.1 ipykernel==7.4.0 jupyter-client==8.10.0 ipython==9.19.1 typing-extensions==4.16.0 typer==0.29.2 setuptools==80.9.0
 # Already in the GPU machine's image (a newer or older copy here would only shadow it).
 ( cd "$DL" && for pattern in numpy requests urllib3 idna certifi charset_normalizer tqdm pyyaml PyYAML packaging \
     anyio h11 click httpx httpcore attrs psutil pygments markupsafe MarkupSafe jinja2 rich markdown_it_py mdurl \
