@@ -118,7 +118,10 @@ def make_kernelspec(root: Path, python: Path, env: dict[str, str]) -> Path:
 
 def source_zip(destination: Path) -> Path:
     """A zip of the repository's files as the user would upload it (GitHub's "Download ZIP" layout)."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True)
+    try:
+        listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True)
+    except OSError:  # no git on this machine
+        listed = subprocess.CompletedProcess([], 1, "", "")
     if listed.returncode == 0:
         files = [REPO / line for line in listed.stdout.splitlines() if line and (REPO / line).is_file()]
     else:  # a copy without .git (the GPU machine gets the working tree only)

@@ -52,16 +52,28 @@ def test_config_refuses_an_unknown_tracker() -> None:
 
 
 @pytest.mark.slow
-def test_tensorboard_gets_every_logged_loss(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_tensorboard_gets_every_logged_loss(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One real run: TensorBoard's events, a line per step on a pipe, and loss.png drawn before training ends."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import TrainerCallback
 
     from finqlora.train.training import train
 
     out = tmp_path / "out"
+    plot_seen_at_step: list[int] = []
+
+    class LookForThePlot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if (out / "loss.png").exists():
+                plot_seen_at_step.append(state.global_step)
+
     cfg = TrainConfig(model=str(tiny_model_dir), dataset=str(_dataset(tmp_path / "d.jsonl")), output_dir=str(out),
                       device="cpu", batch_size=2, max_length=96, max_steps=3, learning_rate=2e-3, report_to="tensorboard")
-    train(cfg, progress=False)
+    train(cfg, callbacks=[LookForThePlot()], progress=True)  # stdout is captured: not an interactive terminal
+    printed = capsys.readouterr().out
+    assert all(f"step {s}/3  loss " in printed for s in (1, 2, 3)), printed[-2000:]
+    assert plot_seen_at_step[:1] == [2], "loss.png must exist after the first logged step, while training runs"
     events = sorted((out / "runs").rglob("events.out.tfevents.*"))
     assert events, f"no TensorBoard event file under {out / 'runs'}"
     logged = [json.loads(line) for line in (out / "training_log.jsonl").read_text(encoding="utf-8").splitlines()]
