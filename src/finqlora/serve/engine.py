@@ -26,8 +26,9 @@ from finqlora.core.errors import FinqloraError
 from finqlora.serve.api_errors import APIError
 from finqlora.serve.batching import Batcher, BatchLimits
 
-# Adapter names appear in URLs and JSON; keep them plain so they can never be a path.
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Adapter names appear in URLs and JSON; keep them plain so they can never be a path
+# (\Z, not $, which also matches before a final newline).
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
 @dataclass
@@ -144,15 +145,33 @@ class _AdapterConfigFields(BaseModel):
     base_model_name_or_path: StrictStr | None = None
 
 
-def _check_adapter_config(name: str, file: Path) -> None:
-    from peft import PeftType
+# peft writes ~1 KB; a file a thousand times that size is not an adapter config.
+MAX_ADAPTER_CONFIG_BYTES = 1 << 20
 
+
+def _read_adapter_config(name: str, file: Path) -> Any:
+    """The parsed adapter_config.json, bounded: its size, its nesting (Python's parser recurses
+    per level) and its integers (Python refuses to convert more than 4,300 digits) all fail as
+    a FinqloraError naming the file, never as a traceback."""
+    size = file.stat().st_size
+    if size > MAX_ADAPTER_CONFIG_BYTES:
+        raise FinqloraError(f"adapter {name!r}: {file} is {size:,} bytes, more than the {MAX_ADAPTER_CONFIG_BYTES:,} an adapter config may be (peft writes about 1 KB)", hint=_CONFIG_HINT)
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
+        return json.loads(file.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise FinqloraError(f"adapter {name!r}: {file} is not UTF-8 text ({exc.reason} at byte {exc.start})", hint=_CONFIG_HINT) from exc
     except json.JSONDecodeError as exc:
         raise FinqloraError(f"adapter {name!r}: {file} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", hint=_CONFIG_HINT) from exc
+    except RecursionError:
+        raise FinqloraError(f"adapter {name!r}: {file} nests lists or objects too deeply to be an adapter config", hint=_CONFIG_HINT) from None
+    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise FinqloraError(f"adapter {name!r}: {file} holds a number too long to read ({str(exc).split(';')[0]})", hint=_CONFIG_HINT) from None
+
+
+def _check_adapter_config(name: str, file: Path) -> None:
+    from peft import PeftType
+
+    config = _read_adapter_config(name, file)
     if not isinstance(config, dict):
         raise FinqloraError(f"adapter {name!r}: {file} holds a JSON {type(config).__name__}, not an object", hint=_CONFIG_HINT)
     try:
