@@ -66,13 +66,17 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # A field of several types (`str | list[TextPart]`) reports one problem per type; our own
+    # checks (value_error) say what is really wrong, so they go first.
+    first = next((error for error in errors if error.get("type") == "value_error"), errors[0])
+    # Drop "body" and pydantic's names of union members (`list[TextPart]`, `function-after[...]`).
+    loc = [str(part) for part in first.get("loc", ()) if part != "body" and "[" not in str(part)]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON: " + str(first.get("ctx", {}).get("error", first.get("msg"))), None
     where = ".".join(loc)
+    message = str(first.get("msg")).removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return (f"{where}: {first.get('msg')}" if where else str(first.get("msg"))) + more, (loc[0] if loc else None)
+    return (f"{where}: {message}" if where else message) + more, (loc[0] if loc else None)
 
 
 async def _api_error(_: Request, exc: APIError) -> JSONResponse:

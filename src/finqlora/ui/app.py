@@ -324,7 +324,11 @@ def _rating_routes(app: FastAPI, state: UIState) -> None:
             if eval_dir is not None and (eval_dir / "generations_finetuned.jsonl").is_file():
                 rateable.append(name)
             for rating_round in R.list_rounds(folder, on_error=lambda error: broken.append({"error": error.message, "hint": error.hint})):
-                summary = R.summarize_round(rating_round)
+                try:
+                    summary = R.summarize_round(rating_round)
+                except R.RatingFileError as error:  # a rater's file: list the round as damaged, keep the others
+                    broken.append({"error": error.message, "hint": error.hint})
+                    continue
                 summary["run"] = name
                 summary["links"] = {rater: f"{base}/rate/{entry['token']}" for rater, entry in rating_round.raters.items()}
                 listed.append(summary)
