@@ -192,8 +192,8 @@ def test_item7_lone_surrogate_in_the_ui_llm_api_is_a_400(ui_with_model) -> None:
 
 @pytest.mark.parametrize(
     "config, expected",
-    [("[" * 100_000, "nests lists or objects too deeply"), ('{"peft_type": "LORA", "r": 1' + "0" * 5000 + "}", "a number too long to read"),
-     (b" " * (1 << 20) + b"{}", "more than the 1,048,576 an adapter config may be")],
+    [("[" * 100_000, "nests lists or objects too deeply to read"), ('{"peft_type": "LORA", "r": 1' + "0" * 5000 + "}", "a number too long to read"),
+     (b" " * (1 << 20) + b"{}", "bytes, more than the 1,048,576 allowed")],
     ids=["100k-brackets", "5000-digit-integer", "oversized"],
 )
 def test_item7_serve_adapter_config_with_huge_integer_or_deep_nesting(config: str | bytes, expected: str, tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
@@ -365,3 +365,35 @@ def test_item9_csrf_bodies_must_be_json(ui_app, api_server) -> None:
     api, _ = api_server
     ask = json.dumps({"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert httpx.post(api.url + "/v1/chat/completions", content=ask, headers={"Content-Type": "text/plain"}, timeout=10).status_code == 415
+
+
+# ---------------------------------------------------------------------------------------------
+# The next of each class, found while fixing the ones above
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [("[" * 100_000, "nests lists or objects too deeply"), ('{"num_hidden_layers": 1' + "0" * 5000 + "}", "a number too long to read"),
+     (json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": "two"}), "field 'num_hidden_layers'"),
+     (json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64, "intermediate_size": 128}),
+      "field 'vocab_size': Field required")],
+    ids=["100k-brackets", "5000-digit-integer", "string-count", "missing-field"],
+)
+def test_item7_next_class_gguf_export_of_a_hostile_model_config(config: str, expected: str, tmp_path: Path, capsys) -> None:
+    model = tmp_path / "merged"
+    model.mkdir()
+    (model / "config.json").write_text(config, encoding="utf-8")
+    with pytest.raises(SystemExit) as exited:
+        main(["export", "gguf", "--model", str(model), "--output", str(tmp_path / "out.gguf")])
+    stderr = " ".join(capsys.readouterr().err.split())
+    assert exited.value.code == 2 and "hint:" in stderr and expected in stderr, stderr
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_item5_next_class_a_rating_round_bounds_its_raters(tmp_path: Path) -> None:
+    # Each rater stores an A/B order per pair: 1 MiB of rater names must not make the owner's
+    # request write gigabytes.
+    make_run(tmp_path)
+    with pytest.raises(FinqloraError, match="at most 100 raters"):
+        R.create_round(tmp_path / "demo" / "eval", [f"r{n}" for n in range(R.MAX_RATERS + 1)])
+    assert len(R.create_round(tmp_path / "demo" / "eval", [f"r{n}" for n in range(R.MAX_RATERS)]).raters) == R.MAX_RATERS

@@ -53,6 +53,7 @@ SCORE_RANGE = range(1, 6)
 # \Z, not $: `$` also matches before a final newline, and "r1\n" is not a plain name.
 NAME = re.compile(r"^[A-Za-z0-9\u4e00-\u9fff][A-Za-z0-9\u4e00-\u9fff_-]{0,63}\Z")
 Z_95 = 1.959963984540054
+MAX_RATERS = 100
 
 
 class RatingFileError(FinqloraError):
@@ -212,6 +213,8 @@ def create_round(
         raise FinqloraError("a rating round needs at least one rater", hint="give one name per rater, e.g. 张三, 李四")
     if len(set(names)) != len(names):
         raise FinqloraError(f"rater names repeat: {', '.join(names)}", hint="give each rater a different name")
+    if len(names) > MAX_RATERS:  # each rater stores an A/B order per pair: bound what one request can make us write
+        raise FinqloraError(f"a rating round has at most {MAX_RATERS} raters, not {len(names)}", hint="split the raters over several rounds")
     name = _check_name("round", name or time.strftime("round-%Y%m%d-%H%M%S", time.gmtime()))
     folder = Path(eval_dir) / RATINGS_DIR / name
     if (folder / ROUND_FILE).exists():

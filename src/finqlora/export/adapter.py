@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import os
 import shutil
 import stat
@@ -33,6 +32,7 @@ from typing import Any
 from finqlora import __version__
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, sha256_file, umask_mode
+from finqlora.core.json_files import read_json_file
 from finqlora.core.paths import cache_dir
 
 ZIP_NAME = "qlora_weights.zip"
@@ -121,14 +121,7 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
             hint="finqlora loads adapters from safetensors only; re-save the adapter with "
             "model.save_pretrained(dir, safe_serialization=True)",
         )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as exc:  # not JSON or UTF-8, nested too deep, an integer too long to read
-        detail = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else f"{type(exc).__name__}: {str(exc).split(';')[0]}"
-        raise FinqloraError(
-            f"{config_path} is not valid JSON ({detail})",
-            hint="restore the file from the training output folder or the zip",
-        ) from None
+    config = read_json_file(config_path, what="adapter config", hint="restore the file from the training output folder or the zip")
     if not isinstance(config, dict):
         raise FinqloraError(
             f"{config_path} holds a JSON {type(config).__name__}, not an object of LoRA settings",
@@ -604,6 +597,8 @@ def _write_hint(exc: OSError) -> str:
         return "free some disk space (or choose another --output) and retry; nothing was kept"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "choose an --output folder you can write to and retry; nothing was kept"
+    if exc.errno == errno.ENAMETOOLONG:
+        return "an entry's name is too long for this file system; do not use this zip (finqlora writes short names)"
     return "check the --output folder (its disk and permissions) and retry; nothing was kept"
 
 

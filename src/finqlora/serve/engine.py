@@ -11,7 +11,6 @@ accepted, so a request can never make the server read a path.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -23,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 
 from finqlora.core.chat_format import render_prompt, stop_token_ids
 from finqlora.core.errors import FinqloraError
+from finqlora.core.json_files import read_json_file
 from finqlora.serve.api_errors import APIError
 from finqlora.serve.batching import Batcher, BatchLimits
 
@@ -150,22 +150,11 @@ MAX_ADAPTER_CONFIG_BYTES = 1 << 20
 
 
 def _read_adapter_config(name: str, file: Path) -> Any:
-    """The parsed adapter_config.json, bounded: its size, its nesting (Python's parser recurses
-    per level) and its integers (Python refuses to convert more than 4,300 digits) all fail as
-    a FinqloraError naming the file, never as a traceback."""
-    size = file.stat().st_size
-    if size > MAX_ADAPTER_CONFIG_BYTES:
-        raise FinqloraError(f"adapter {name!r}: {file} is {size:,} bytes, more than the {MAX_ADAPTER_CONFIG_BYTES:,} an adapter config may be (peft writes about 1 KB)", hint=_CONFIG_HINT)
+    """The parsed adapter_config.json, bounded (size, nesting, digits; see `read_json_file`)."""
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise FinqloraError(f"adapter {name!r}: {file} is not UTF-8 text ({exc.reason} at byte {exc.start})", hint=_CONFIG_HINT) from exc
-    except json.JSONDecodeError as exc:
-        raise FinqloraError(f"adapter {name!r}: {file} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", hint=_CONFIG_HINT) from exc
-    except RecursionError:
-        raise FinqloraError(f"adapter {name!r}: {file} nests lists or objects too deeply to be an adapter config", hint=_CONFIG_HINT) from None
-    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
-        raise FinqloraError(f"adapter {name!r}: {file} holds a number too long to read ({str(exc).split(';')[0]})", hint=_CONFIG_HINT) from None
+        return read_json_file(file, what="adapter config", hint=_CONFIG_HINT, max_bytes=MAX_ADAPTER_CONFIG_BYTES)
+    except FinqloraError as exc:
+        raise FinqloraError(f"adapter {name!r}: {exc.message}", hint=exc.hint) from None
 
 
 def _check_adapter_config(name: str, file: Path) -> None:
