@@ -374,7 +374,7 @@ def test_item9_csrf_bodies_must_be_json(ui_app, api_server) -> None:
 @pytest.mark.parametrize(
     "config, expected",
     [("[" * 100_000, "nests lists or objects too deeply"), ('{"num_hidden_layers": 1' + "0" * 5000 + "}", "a number too long to read"),
-     (json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": "two"}), "field 'num_hidden_layers'"),
+     (json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "num_hidden_layers": "two"}), "field 'num_hidden_layers'"),
      (json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64, "intermediate_size": 128}),
       "field 'vocab_size': Field required")],
     ids=["100k-brackets", "5000-digit-integer", "string-count", "missing-field"],

@@ -93,13 +93,18 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     config = read_json_file(config_path, what="model config", hint=_FOLDER_HINT)
     if not isinstance(config, dict):
         raise FinqloraError(f"{config_path} holds a JSON {type(config).__name__}, not an object of model settings", hint=_FOLDER_HINT)
+    return config
+
+
+def _check_model_shape(config: dict[str, Any], model_dir: Path) -> None:
+    """The numbers the writer reads are positive integers of sane size (a clear error, not a
+    KeyError or an int() traceback)."""
     try:
         _ModelShape.model_validate(config)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
-        raise FinqloraError(f"{config_path}: field {where!r}: {first['msg']}", hint=_FOLDER_HINT) from None
-    return config
+        raise FinqloraError(f"{model_dir / 'config.json'}: field {where!r}: {first['msg']}", hint=_FOLDER_HINT) from None
 
 
 _FOLDER_HINT = "pass the folder written by `finqlora export merge`, or copy it again (the file is damaged or was edited by hand)"
@@ -459,6 +464,7 @@ def export_gguf(
         raise FinqloraError(f"output {output} should end with .gguf", hint="e.g. --output model-q8_0.gguf")
     config = _read_config(model_dir)
     arch = gguf_architecture(config, model_dir)
+    _check_model_shape(config, model_dir)
     theta, rope = _rope_settings(config)
     rope_type = rope.get("rope_type") or rope.get("type") or "default"
     if rope_type not in ("default", "linear", "yarn"):
