@@ -110,6 +110,7 @@ _STATUS_DESCRIPTIONS = {
     404: "unknown `model`",
     408: "the request body did not arrive in time",
     413: "the request body is larger than the server accepts",
+    415: "the request body is not `Content-Type: application/json`",
     429: "the queue is full; retry after the `Retry-After` header's seconds",
     503: "out of GPU memory, or the server is shutting down",
     504: "the request timed out in the queue or during generation",

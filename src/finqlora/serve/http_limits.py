@@ -135,7 +135,7 @@ class HostGuard:
             if len(values) != 1 or _host_of(values[0]) not in self.allowed:
                 shown = repr(values[0][:100]) if len(values) == 1 else f"header given {len(values)} times"
                 message = f"this server does not answer to the Host {shown}; it answers to {', '.join(sorted(self.allowed))}"
-                await _refuse(scope, receive, send, 400, message + " (add a name with --allowed-host)", "invalid_host", close=False)
+                await _refuse(scope, receive, send, 400, message + " (add a name with --allowed-host)", "invalid_host")
                 return
         await self.app(scope, receive, send)
 
@@ -200,13 +200,13 @@ class RequestBodyGuard:
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str, code: str, *, close: bool = True) -> None:
-    """Answer with OpenAI's error body; `close` when the rest of the body is never read."""
-    # Imported here, not at the top: the CLI reads this module's defaults and must not pay
-    # for importing FastAPI (the server has it loaded by the time anything is refused).
-    from finqlora.serve.api_errors import APIError
+    """Answer with OpenAI's error body (`finqlora.serve.api_errors`' shape, built here because
+    that module imports torch, which `finqlora ui --no-model` never loads); `close` when the
+    rest of the body is never read."""
+    from starlette.responses import JSONResponse
 
-    error = APIError(status, message, code=code, headers={"Connection": "close"} if close else None)
-    await error.response()(scope, receive, send)
+    error = {"message": message, "type": "timeout_error" if status == 408 else "invalid_request_error", "param": None, "code": code}
+    await JSONResponse({"error": error}, status_code=status, headers={"Connection": "close"} if close else None)(scope, receive, send)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

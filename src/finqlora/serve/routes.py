@@ -82,7 +82,7 @@ async def authorize(request: Request) -> None:
 
 Engine = Annotated[ServingEngine, Depends(get_engine)]
 router = APIRouter()
-GENERATION_ERRORS = error_responses(400, 401, 404, 408, 413, 429, 503, 504)
+GENERATION_ERRORS = error_responses(400, 401, 404, 408, 413, 415, 429, 503, 504)
 
 
 def _streamed(chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
