@@ -397,3 +397,14 @@ def test_item5_next_class_a_rating_round_bounds_its_raters(tmp_path: Path) -> No
     with pytest.raises(FinqloraError, match="at most 100 raters"):
         R.create_round(tmp_path / "demo" / "eval", [f"r{n}" for n in range(R.MAX_RATERS + 1)])
     assert len(R.create_round(tmp_path / "demo" / "eval", [f"r{n}" for n in range(R.MAX_RATERS)]).raters) == R.MAX_RATERS
+
+
+def test_item9_next_class_a_round_file_cannot_name_a_path(tmp_path: Path) -> None:
+    # A rater's name becomes rater-NAME.json: one edited into round.json must not reach a path.
+    make_run(tmp_path)
+    created = R.create_round(tmp_path / "demo" / "eval", ["r1"], name="r")
+    stored = json.loads((created.folder / R.ROUND_FILE).read_text(encoding="utf-8"))
+    stored["raters"]["../../../escaped"] = stored["raters"].pop("r1")
+    (created.folder / R.ROUND_FILE).write_text(json.dumps(stored), encoding="utf-8")
+    with pytest.raises(R.RatingFileError, match="not a plain name"):
+        R.load_round(created.folder)

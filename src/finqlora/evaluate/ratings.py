@@ -255,6 +255,9 @@ def load_round(folder: Path) -> RatingRound:
     path = folder / ROUND_FILE
     hint = "round.json is written by finqlora; restore it or delete the round folder"
     data = _read_stored(path, _StoredRound, "rating round", hint)
+    for rater in data.raters:  # a rater's name becomes a file name (rater-NAME.json): never a path
+        if not NAME.match(rater):
+            raise RatingFileError(f"{path}: rater name {rater!r} is not a plain name", hint=hint)
     items = [pair.item for pair in data.pairs]
     for rater, entry in data.raters.items():
         missing = [item for item in items if item not in entry.a_is]
