@@ -96,6 +96,9 @@ def register(app: typer.Typer) -> None:
         console = Console(stderr=True)
 
         if engine == "vllm":
+            if allowed_host:
+                raise FinqloraError("--allowed-host applies to the native engine; vLLM's server does not check the Host header",
+                                    hint="drop --allowed-host, and give vLLM a key (--api-key-file) rather than --no-auth")
             _run_vllm(model, adapters, base_name, host, port, dtype, api_key_file, no_auth, print_command, console)
             return
 
