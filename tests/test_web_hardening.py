@@ -147,6 +147,35 @@ def test_item6_serve_host_check(api_server) -> None:
     assert allowed_hosts_for("::", ["[::1]", "api.example"]) == ["127.0.0.1", "localhost", "::1", "api.example"]
 
 
+def test_item6_serve_cli_allowed_host(tiny_model_dir: Path) -> None:
+    """`finqlora serve --no-auth --allowed-host NAME` as a user runs it: NAME and loopback are
+    answered, a rebinding name is not."""
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "finqlora", "serve", "--model", str(tiny_model_dir), "--no-auth", "--port", str(port),
+               "--device", "cpu", "--allowed-host", "API.example"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read().decode()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        assert httpx.get(url + "/health", headers={"Host": f"api.example:{port}"}, timeout=5).status_code == 200
+        refused = httpx.get(url + "/health", headers={"Host": f"rebind.attacker.example:{port}"}, timeout=5)
+        assert refused.status_code == 400 and "api.example" in refused.json()["error"]["message"]
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
 # ---------------------------------------------------------------------------------------------
 # Item 7 (servers): a lone surrogate is a 400, and the connection stays open
 
