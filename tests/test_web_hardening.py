@@ -234,6 +234,17 @@ def test_item7_serve_adapter_config_with_huge_integer_or_deep_nesting(config: st
     assert expected in " ".join(stderr.split()), stderr
 
 
+def test_item7_next_class_serve_adapter_tokenizer_files(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    # An adapter folder brings its own tokenizer files (finqlora train saves them); transformers
+    # parses them with Python's parser, after the base model has loaded.
+    folder = adapter_folder(tmp_path, "hostile")
+    (folder / "tokenizer_config.json").write_text("[" * 100_000, encoding="utf-8")
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--model", str(tiny_model_dir), "--adapter", f"fin={folder}", "--no-auth", "--device", "cpu"])
+    stderr = " ".join(capsys.readouterr().err.split())
+    assert exited.value.code == 2 and "tokenizer_config.json nests lists or objects too deeply" in stderr and "Traceback" not in stderr, stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # Item 9 (serve, ui, export): the smaller ones
 

@@ -197,6 +197,24 @@ def _check_adapter_weights(name: str, file: Path) -> None:
         )
 
 
+# The small JSON files transformers reads with Python's parser when an adapter brings its own
+# tokenizer (`finqlora train` saves it); tokenizer.json itself is parsed by the Rust library.
+_TOKENIZER_JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.json")
+MAX_TOKENIZER_JSON_BYTES = 16 << 20  # a tokenizer_config.json with a long chat template is ~10 KB
+
+
+def _check_tokenizer_files(name: str, folder: Path) -> None:
+    """Parse the adapter's tokenizer JSON files within bounds before the base model loads, so a
+    damaged one is an error naming it, not a traceback from inside transformers."""
+    hint = "copy the adapter folder again from the training output (or delete its tokenizer files to use the base model's)"
+    for file_name in _TOKENIZER_JSON_FILES:
+        if (folder / file_name).is_file():
+            try:
+                read_json_file(folder / file_name, what="tokenizer file", hint=hint, max_bytes=MAX_TOKENIZER_JSON_BYTES)
+            except FinqloraError as exc:
+                raise FinqloraError(f"adapter {name!r}: {exc.message}", hint=exc.hint) from None
+
+
 def check_adapter_dir(name: str, path: str | Path) -> Path:
     """Validate an adapter's name, folder, config and weights' header before anything is loaded."""
     if not ADAPTER_NAME.match(name):
@@ -220,6 +238,7 @@ def check_adapter_dir(name: str, path: str | Path) -> Path:
         )
     _check_adapter_config(name, folder / "adapter_config.json")
     _check_adapter_weights(name, folder / "adapter_model.safetensors")
+    _check_tokenizer_files(name, folder)
     return folder.resolve()
 
 
