@@ -205,6 +205,17 @@ def test_item7_lone_surrogate_is_a_400_on_a_kept_connection(api_server) -> None:
         assert read_response(sock)[0] == 200
 
 
+def test_item7_next_class_lone_surrogate_in_the_ui_own_apis(ui_app) -> None:
+    # The UI's own routes: FastAPI's validation answer echoes the input, which cannot be
+    # encoded when it holds a lone surrogate.
+    running, _, _, _ = ui_app
+    with httpx.Client(base_url=running.url, timeout=10) as client:
+        for path, body, headers in (("/api/rate/x", r'{"item": "\ud800"}', {}), ("/api/rounds", r'{"x": "\ud800"}', OWNER_AUTH),
+                                    ("/api/rounds", r'{"run": "demo", "raters": ["\ud800"]}', OWNER_AUTH)):
+            response = client.post(path, content=body, headers={**JSON, **headers})
+            assert response.status_code in (400, 404, 422) and response.json()["error"], (path, response.text)
+
+
 def test_item7_lone_surrogate_in_the_ui_llm_api_is_a_400(ui_with_model) -> None:
     host, port = ui_with_model.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -190,6 +191,17 @@ def create_ui_app(state: UIState, *, allowed_hosts: list[str] | None = None, htt
     @app.exception_handler(FinqloraError)
     async def _finqlora_error(_: Request, exc: FinqloraError) -> JSONResponse:
         return JSONResponse({"error": exc.message, "hint": exc.hint}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer echoes the input, which fails to encode (a 500) when it holds a
+        # lone surrogate; say where and what instead, in text that always encodes.
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        message = f"{where}: {first.get('msg')}" if where else str(first.get("msg", "invalid request"))
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        return JSONResponse({"error": message, "hint": "reload the page and try again"}, status_code=422)
 
     @app.exception_handler(R.RatingFileError)
     async def _rating_file_error(request: Request, exc: R.RatingFileError) -> JSONResponse:
