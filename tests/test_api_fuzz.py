@@ -31,7 +31,8 @@ DERANDOMIZE = os.environ.get("FINQLORA_FUZZ_RANDOM", "0") != "1"
 def fuzz_app(tiny_model_dir: Path):
     limits = BatchLimits(max_batch_size=4, max_queue=16, max_prompt_tokens=512, max_new_tokens=8, default_max_new_tokens=4, request_timeout_s=30)
     engine = ServingEngine.load(str(tiny_model_dir), limits=limits, device="cpu")
-    app = create_app(engine, api_key=API_KEY, shutdown_engine=False)
+    # Schemathesis calls the app in-process as Starlette's test client does, as host "testserver".
+    app = create_app(engine, api_key=API_KEY, shutdown_engine=False, allowed_hosts=["testserver"])
     yield app
     engine.shutdown()
 

@@ -68,7 +68,7 @@ def unzip(
     check_only: bool = typer.Option(False, "--check", help="Only verify the SHA-256 sums; extract nothing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
     max_size_gb: float = typer.Option(DEFAULT_MAX_UNPACKED_BYTES / (1 << 30), "--max-size-gb", help="Refuse zips that unpack to more than this many GiB (counted while unpacking, too)."),
-    max_ratio: float = typer.Option(DEFAULT_MAX_RATIO, "--max-ratio", help="Refuse entries (over 1 MiB) that unpack to more than this many bytes per compressed byte."),
+    max_ratio: float = typer.Option(DEFAULT_MAX_RATIO, "--max-ratio", help="Refuse zips that unpack to more than this many bytes per compressed byte (each entry over 1 MiB, and all entries against the zip's size)."),
 ) -> None:
     """Verify every file of an adapter zip against its SHA256SUMS, then extract it."""
     from finqlora.export.adapter import ZipLimits, unpack_adapter, verify_adapter_zip

@@ -32,7 +32,7 @@ def _parse_adapters(values: list[str]) -> dict[str, str]:
 
 
 def _api_key(api_key_file: Path | None, no_auth: bool) -> str | None:
-    from finqlora.serve.server import read_api_key
+    from finqlora.serve.server import check_api_key, read_api_key
 
     if no_auth:
         if api_key_file is not None:
@@ -42,7 +42,7 @@ def _api_key(api_key_file: Path | None, no_auth: bool) -> str | None:
         return read_api_key(api_key_file)
     env_key = os.environ.get("FINQLORA_API_KEY", "").strip()
     if env_key:
-        return env_key
+        return check_api_key(env_key, "FINQLORA_API_KEY")
     raise FinqloraError(
         "the server needs an API key",
         hint="pass --api-key-file KEY (one random token on one line), set FINQLORA_API_KEY, "
@@ -62,6 +62,7 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
         api_key_file: Path | None = typer.Option(None, help="File holding the Bearer API key clients must send (or set FINQLORA_API_KEY)."),
         no_auth: bool = typer.Option(False, "--no-auth", help="Serve without an API key (only allowed on a loopback address)."),
+        allowed_host: list[str] = typer.Option([], "--allowed-host", help="A Host name clients reach the server by, besides 127.0.0.1, localhost, ::1 and --host (repeatable; '*' = any). Other names get 400 (DNS rebinding)."),
         engine: str = typer.Option("native", help="native (this process, dynamic batching) or vllm (exec vLLM's OpenAI server)."),
         print_command: bool = typer.Option(False, "--print-command", help="With --engine vllm: print the vLLM command line and exit."),
         device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
@@ -95,6 +96,9 @@ def register(app: typer.Typer) -> None:
         console = Console(stderr=True)
 
         if engine == "vllm":
+            if allowed_host:
+                raise FinqloraError("--allowed-host applies to the native engine; vLLM's server does not check the Host header",
+                                    hint="drop --allowed-host, and give vLLM a key (--api-key-file) rather than --no-auth")
             _run_vllm(model, adapters, base_name, host, port, dtype, api_key_file, no_auth, print_command, console)
             return
 
@@ -136,7 +140,7 @@ def register(app: typer.Typer) -> None:
             )
         console.print(f"[green]serving[/] {', '.join(loaded.model_names)} at http://{host}:{port}/v1 "
                       f"({'API key required' if api_key else 'no auth, loopback only'})", highlight=False)
-        serve(loaded, host=host, port=port, api_key=api_key, http_limits=http_limits)
+        serve(loaded, host=host, port=port, api_key=api_key, http_limits=http_limits, allowed_hosts=allowed_host)
 
 
 def _run_vllm(

@@ -18,6 +18,7 @@ def ui_command(
     no_model: bool = typer.Option(False, "--no-model", help="Do not load a model (Runs and rating pages only; starts in about a second)."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind; keep the default and use an SSH tunnel to reach it from elsewhere."),
     port: int = typer.Option(7860, min=0, max=65535, help="TCP port (0 = any free port)."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help="A Host name the app is reached by, besides 127.0.0.1, localhost, ::1 and --host (repeatable; '*' = any). Other names get 400 (DNS rebinding)."),
     owner_token_file: Path | None = typer.Option(None, help="File with the owner's token (default: a new random token each start)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
@@ -37,7 +38,7 @@ def ui_command(
         if engine is None:
             console.print("[yellow]no model loaded[/] (no --model and no --run with an adapter): the Compare page stays empty")
     state = make_state(runs=run, runs_root=runs_root, engine=engine, owner_token=token, deepseek=deepseek_client())
-    serve_ui(state, host=host, port=port, started=started, log=lambda line: console.print(line, highlight=False, markup=False))
+    serve_ui(state, host=host, port=port, allowed_hosts=allowed_host, started=started, log=lambda line: console.print(line, highlight=False, markup=False))
 
 
 def register(app: typer.Typer) -> None:

@@ -31,10 +31,13 @@ import re
 import secrets
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, read_jsonl
@@ -47,8 +50,75 @@ CHOICES = ("A", "B", "tie")
 SCORE_FIELDS = ("professional", "accuracy")  # 专业性, 准确性
 SCORE_RANGE = range(1, 6)
 # Round and rater names become folder and file names: keep them plain so they are never a path.
-NAME = re.compile(r"^[A-Za-z0-9\u4e00-\u9fff][A-Za-z0-9\u4e00-\u9fff_-]{0,63}$")
+# \Z, not $: `$` also matches before a final newline, and "r1\n" is not a plain name.
+NAME = re.compile(r"^[A-Za-z0-9\u4e00-\u9fff][A-Za-z0-9\u4e00-\u9fff_-]{0,63}\Z")
 Z_95 = 1.959963984540054
+MAX_RATERS = 100
+
+
+class RatingFileError(FinqloraError):
+    """A round's stored files cannot be read or written (as opposed to a bad judgement): the
+    message names the file, which the owner may see and a rater may not."""
+
+
+class _StoredPair(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    item: str
+    question: str
+    base: str
+    finetuned: str
+
+
+class _StoredRater(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    token: str = Field(min_length=1)
+    a_is: dict[str, Literal["base", "finetuned"]]
+
+
+class _StoredRound(BaseModel):
+    """round.json as `create_round` writes it; what the pages and statistics rely on."""
+
+    model_config = ConfigDict(strict=True)
+
+    name: str
+    created_at: str
+    eval_dir: str
+    seed: int
+    pairs: list[_StoredPair]
+    raters: dict[str, _StoredRater]
+
+
+class _StoredScores(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    professional: int
+    accuracy: int
+
+
+class _StoredVariantScores(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    base: _StoredScores
+    finetuned: _StoredScores
+
+
+class _StoredRating(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    choice: Literal["A", "B", "tie"]
+    a_is: Literal["base", "finetuned"]
+    outcome: str
+    scores: _StoredVariantScores
+
+
+class _StoredRatings(BaseModel):
+    """rater-RATER.json as `save_rating` writes it."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    ratings: dict[str, _StoredRating]
 
 
 def _check_name(kind: str, name: str) -> str:
@@ -143,6 +213,8 @@ def create_round(
         raise FinqloraError("a rating round needs at least one rater", hint="give one name per rater, e.g. 张三, 李四")
     if len(set(names)) != len(names):
         raise FinqloraError(f"rater names repeat: {', '.join(names)}", hint="give each rater a different name")
+    if len(names) > MAX_RATERS:  # each rater stores an A/B order per pair: bound what one request can make us write
+        raise FinqloraError(f"a rating round has at most {MAX_RATERS} raters, not {len(names)}", hint="split the raters over several rounds")
     name = _check_name("round", name or time.strftime("round-%Y%m%d-%H%M%S", time.gmtime()))
     folder = Path(eval_dir) / RATINGS_DIR / name
     if (folder / ROUND_FILE).exists():
@@ -162,21 +234,56 @@ def create_round(
     return created
 
 
-def load_round(folder: Path) -> RatingRound:
-    path = folder / ROUND_FILE
+def _read_stored(path: Path, model: type[BaseModel], what: str, hint: str) -> Any:
+    """`path` parsed and checked against `model`, or a RatingFileError saying what is wrong."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return RatingRound(folder, data["name"], data["created_at"], data["eval_dir"], int(data["seed"]), data["pairs"], data["raters"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise FinqloraError(f"{path}: not a readable rating round ({exc})", hint="round.json is written by finqlora; restore it or delete the round folder") from exc
+        return model.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the top level"
+        reason = f"at {where}: {first['msg']}"
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    except (ValueError, RecursionError) as exc:  # not JSON, nested too deep, a number too long
+        reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+    raise RatingFileError(f"{path}: not a readable {what} ({reason})", hint=hint)
 
 
-def list_rounds(folder: Path) -> list[RatingRound]:
-    """The rounds of an evaluation folder, or of a pipeline run folder (in its `eval/`)."""
+def load_round(folder: Path) -> RatingRound:
+    """A stored round, checked whole (every field, and an A/B order for every rater and pair),
+    so that nothing later fails on a missing key; a RatingFileError otherwise."""
+    path = folder / ROUND_FILE
+    hint = "round.json is written by finqlora; restore it or delete the round folder"
+    data = _read_stored(path, _StoredRound, "rating round", hint)
+    for rater in data.raters:  # a rater's name becomes a file name (rater-NAME.json): never a path
+        if not NAME.match(rater):
+            raise RatingFileError(f"{path}: rater name {rater!r} is not a plain name", hint=hint)
+    items = [pair.item for pair in data.pairs]
+    for rater, entry in data.raters.items():
+        missing = [item for item in items if item not in entry.a_is]
+        if missing:
+            raise RatingFileError(f"{path}: rater {rater!r} has no A/B order for pair {missing[0]!r} ({len(missing)} pairs)", hint=hint)
+    return RatingRound(folder, data.name, data.created_at, data.eval_dir, data.seed, [pair.model_dump() for pair in data.pairs],
+                       {rater: entry.model_dump() for rater, entry in data.raters.items()})
+
+
+def list_rounds(folder: Path, *, on_error: Callable[[RatingFileError], None] | None = None) -> list[RatingRound]:
+    """The rounds of an evaluation folder, or of a pipeline run folder (in its `eval/`).
+
+    A round that cannot be read raises, or, with `on_error`, is passed to it and left out (so
+    one damaged round does not stop the others from being listed and rated)."""
     rounds = []
     for root in (Path(folder) / RATINGS_DIR, Path(folder) / "eval" / RATINGS_DIR):
         if root.is_dir():
-            rounds += [load_round(sub) for sub in sorted(root.iterdir()) if (sub / ROUND_FILE).is_file()]
+            for sub in sorted(root.iterdir()):
+                if not (sub / ROUND_FILE).is_file():
+                    continue
+                try:
+                    rounds.append(load_round(sub))
+                except RatingFileError as exc:
+                    if on_error is None:
+                        raise
+                    on_error(exc)
     return rounds
 
 
@@ -185,10 +292,8 @@ def load_ratings(rating_round: RatingRound, rater: str) -> dict[str, dict[str, A
     path = rating_round.rater_file(rater)
     if not path.exists():
         return {}
-    try:
-        return dict(json.loads(path.read_text(encoding="utf-8"))["ratings"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise FinqloraError(f"{path}: not a readable ratings file ({exc})", hint="it is written atomically by finqlora; restore it from a backup") from exc
+    stored = _read_stored(path, _StoredRatings, "ratings file", "it is written atomically by finqlora; restore it from a backup")
+    return {item: record.model_dump() for item, record in stored.ratings.items()}
 
 
 def _score(value: Any, where: str) -> int:
@@ -214,7 +319,11 @@ def save_rating(rating_round: RatingRound, rater: str, item: str, choice: str, s
     record = {"choice": choice, "a_is": a, "outcome": preferred, "scores": decoded, "rated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     ratings = load_ratings(rating_round, rater)
     ratings[item] = record
-    atomic_write_json(rating_round.rater_file(rater), {"round": rating_round.name, "rater": rater, "ratings": ratings})
+    try:
+        atomic_write_json(rating_round.rater_file(rater), {"round": rating_round.name, "rater": rater, "ratings": ratings})
+    except OSError as exc:
+        raise RatingFileError(f"cannot save the rating in {rating_round.rater_file(rater)}: {exc.strerror or exc}",
+                              hint="free some disk space or make the folder writable; the earlier ratings are kept") from None
     return record
 
 

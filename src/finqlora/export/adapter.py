@@ -15,8 +15,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
-import json
 import os
 import shutil
 import stat
@@ -32,6 +32,7 @@ from typing import Any
 from finqlora import __version__
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, sha256_file, umask_mode
+from finqlora.core.json_files import read_json_file
 from finqlora.core.paths import cache_dir
 
 ZIP_NAME = "qlora_weights.zip"
@@ -60,8 +61,9 @@ _EXTRACTED_MARKER = ".finqlora_verified"
 MAX_CHECKSUMS_BYTES = 1 << 20
 # Unpacking limits (raise them with `finqlora export unzip --max-size-gb / --max-ratio`). An
 # adapter package is at most a few GB (LoRA weights are stored, not deflated); text files deflate
-# ~5-20x. A ratio is only judged once an entry has produced RATIO_FLOOR_BYTES: small files
-# cannot fill a disk, whatever their ratio.
+# ~5-20x. A ratio is only judged once an entry, or the whole zip, has produced RATIO_FLOOR_BYTES:
+# small files cannot fill a disk, whatever their ratio, but many of them can, so the bytes of all
+# entries are also held against the size of the zip file.
 DEFAULT_MAX_UNPACKED_BYTES = 16 << 30
 DEFAULT_MAX_RATIO = 200.0
 RATIO_FLOOR_BYTES = 1 << 20
@@ -119,14 +121,7 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
             hint="finqlora loads adapters from safetensors only; re-save the adapter with "
             "model.save_pretrained(dir, safe_serialization=True)",
         )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        detail = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
-        raise FinqloraError(
-            f"{config_path} is not valid JSON ({detail})",
-            hint="restore the file from the training output folder or the zip",
-        ) from None
+    config = read_json_file(config_path, what="adapter config", hint="restore the file from the training output folder or the zip")
     if not isinstance(config, dict):
         raise FinqloraError(
             f"{config_path} holds a JSON {type(config).__name__}, not an object of LoRA settings",
@@ -371,7 +366,7 @@ def _parse_checksums(text: str, zip_path: Path) -> dict[str, str]:
         if not line.strip():
             continue
         digest, _, name = line.partition("  ")
-        name = name.strip().lstrip("*")
+        name = _normal_name(name.strip().lstrip("*"))
         if len(digest) != 64 or not name or any(c not in "0123456789abcdefABCDEF" for c in digest):
             raise FinqloraError(
                 f"{zip_path}: line {number} of {CHECKSUMS_NAME} is not '<sha256>  <file name>': {shorten(line)}",
@@ -402,14 +397,20 @@ def _read_checksums(archive: zipfile.ZipFile, info: zipfile.ZipInfo, zip_path: P
     return _parse_checksums(data.decode("utf-8", errors="replace"), zip_path)
 
 
+def _normal_name(name: str) -> str:
+    """The path an entry name unpacks to: `a/./b`, `a//b` and `a/b/` are all `a/b`."""
+    return str(PurePosixPath(name)) if name else name
+
+
 def _safe_member(name: str, zip_path: Path) -> str:
-    """Refuse absolute paths and `..` (a zip must not write outside its target folder)."""
+    """Refuse absolute paths, `..` and empty names (a zip must not write outside its target
+    folder, nor onto the folder itself); return the name normalised."""
     posix = PurePosixPath(name)
-    if posix.is_absolute() or ".." in posix.parts or "\\" in name or (posix.parts and ":" in posix.parts[0]):
+    if posix.is_absolute() or ".." in posix.parts or "\\" in name or not posix.parts or ":" in posix.parts[0]:
         raise FinqloraError(
             f"{zip_path} contains an unsafe path {shorten(name)}", hint="do not use this zip; it was not written by finqlora"
         )
-    return name
+    return str(posix)
 
 
 def _is_symlink(info: zipfile.ZipInfo) -> bool:
@@ -425,13 +426,15 @@ def _check_layout(infos: list[zipfile.ZipInfo], zip_path: Path) -> dict[str, zip
     bad_zip_hint = "do not use this zip: `finqlora export zip` writes plain files only; get a fresh copy"
     members: dict[str, zipfile.ZipInfo] = {}
     for info in infos:
-        name = _safe_member(info.filename, zip_path).rstrip("/")
+        name = _safe_member(info.filename, zip_path)
         if _is_symlink(info):
             raise FinqloraError(f"{zip_path}: entry {shorten(info.filename)} is a symbolic link", hint=bad_zip_hint)
         if info.is_dir():
             continue
         if name in members:
-            raise FinqloraError(f"{zip_path}: entry {shorten(name)} appears twice", hint=bad_zip_hint)
+            first = members[name].filename
+            same = "appears twice" if first == info.filename else f"and entry {shorten(first)} both unpack to {shorten(name)}"
+            raise FinqloraError(f"{zip_path}: entry {shorten(info.filename)} {same}", hint=bad_zip_hint)
         members[name] = info
     for name in members:
         for parent in PurePosixPath(name).parents:
@@ -443,9 +446,21 @@ def _check_layout(infos: list[zipfile.ZipInfo], zip_path: Path) -> dict[str, zip
     return members
 
 
+def _check_zip_ratio(zip_path: Path, total: int, zip_bytes: int, limits: ZipLimits, name: str) -> None:
+    """The ratio over all entries: many small entries that each stay under RATIO_FLOOR_BYTES
+    (400 x 1 MiB from a 450 KB zip) would pass the per-entry check."""
+    if total > RATIO_FLOOR_BYTES and total > limits.max_ratio * max(zip_bytes, 1):
+        raise FinqloraError(
+            f"{zip_path}: its entries unpack to more than {total:,} bytes (reached at entry {shorten(name)}) from a zip of "
+            f"{zip_bytes:,} bytes (ratio {total / max(zip_bytes, 1):,.0f}, limit {limits.max_ratio:g})",
+            hint="this looks like a zip bomb; if you trust the zip, raise the limit with `finqlora export unzip --max-ratio N`",
+        )
+
+
 def _check_declared_sizes(members: dict[str, zipfile.ZipInfo], zip_path: Path, limits: ZipLimits) -> None:
     """Refuse from the zip directory alone what would unpack beyond the limits (before any work)."""
     total = 0
+    zip_bytes = zip_path.stat().st_size
     for name, info in members.items():
         total += info.file_size
         if total > limits.max_unpacked_bytes:
@@ -460,6 +475,7 @@ def _check_declared_sizes(members: dict[str, zipfile.ZipInfo], zip_path: Path, l
                 f"(ratio {info.file_size / max(info.compress_size, 1):,.0f}, limit {limits.max_ratio:g})",
                 hint="this looks like a zip bomb; if you trust the zip, raise the limit with `finqlora export unzip --max-ratio N`",
             )
+        _check_zip_ratio(zip_path, total, zip_bytes, limits, name)
 
 
 def _check_free_space(destination: Path, needed: int) -> None:
@@ -497,6 +513,7 @@ class _UnpackBudget:
 
     def __init__(self, zip_path: Path, limits: ZipLimits) -> None:
         self.zip_path, self.limits, self.total = zip_path, limits, 0
+        self.zip_bytes = zip_path.stat().st_size
 
     def chunks(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, size: int = 1 << 20) -> Iterator[bytes]:
         produced = 0
@@ -519,6 +536,7 @@ class _UnpackBudget:
                 f"{self.zip_path}: entry {name} unpacked {produced:,} bytes from {info.compress_size:,} (limit ratio {self.limits.max_ratio:g})",
                 hint="this looks like a zip bomb; if you trust the zip, raise the limit with `finqlora export unzip --max-ratio N`",
             )
+        _check_zip_ratio(self.zip_path, self.total, self.zip_bytes, self.limits, info.filename)
 
 
 def verify_adapter_zip(zip_path: str | os.PathLike[str], *, limits: ZipLimits | None = None) -> dict[str, str]:
@@ -573,6 +591,17 @@ def verify_adapter_zip(zip_path: str | os.PathLike[str], *, limits: ZipLimits | 
     return expected
 
 
+def _write_hint(exc: OSError) -> str:
+    """What to do about a failed write while unpacking, by its cause (not always a full disk)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some disk space (or choose another --output) and retry; nothing was kept"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "choose an --output folder you can write to and retry; nothing was kept"
+    if exc.errno == errno.ENAMETOOLONG:
+        return "an entry's name is too long for this file system; do not use this zip (finqlora writes short names)"
+    return "check the --output folder (its disk and permissions) and retry; nothing was kept"
+
+
 def _extract_verified(zip_path: Path, destination: Path, expected: dict[str, str], limits: ZipLimits) -> None:
     destination.mkdir(parents=True, exist_ok=True)
     root = destination.resolve()
@@ -594,8 +623,7 @@ def _extract_verified(zip_path: Path, destination: Path, expected: dict[str, str
                         sink.write(chunk)
             except OSError as exc:
                 raise FinqloraError(
-                    f"cannot write {target} while unpacking {zip_path}: {exc.strerror or exc}",
-                    hint="free some disk space (or choose another --output) and retry; nothing was kept",
+                    f"cannot write {target} while unpacking {zip_path}: {exc.strerror or exc}", hint=_write_hint(exc)
                 ) from exc
     # Re-check what landed on disk: a full disk or a flaky filesystem must not go unnoticed.
     for name, digest in expected.items():

@@ -23,17 +23,18 @@ conversation), the default system prompt, and the end-of-turn stop strings.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
 from finqlora.core.errors import FinqloraError
+from finqlora.core.json_files import read_json_file
 from finqlora.export.adapter import usual_permissions
 from finqlora.core.fileio import atomic_write_text, umask_mode
 
@@ -89,7 +90,41 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
             f"{model_dir} has no config.json, so it is not a Hugging Face model folder",
             hint="pass the folder written by `finqlora export merge` (config.json + *.safetensors + tokenizer.json)",
         )
-    return json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_json_file(config_path, what="model config", hint=_FOLDER_HINT)
+    if not isinstance(config, dict):
+        raise FinqloraError(f"{config_path} holds a JSON {type(config).__name__}, not an object of model settings", hint=_FOLDER_HINT)
+    return config
+
+
+def _check_model_shape(config: dict[str, Any], model_dir: Path) -> None:
+    """The numbers the writer reads are positive integers of sane size (a clear error, not a
+    KeyError or an int() traceback)."""
+    try:
+        _ModelShape.model_validate(config)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise FinqloraError(f"{model_dir / 'config.json'}: field {where!r}: {first['msg']}", hint=_FOLDER_HINT) from None
+
+
+_FOLDER_HINT = "pass the folder written by `finqlora export merge`, or copy it again (the file is damaged or was edited by hand)"
+_COUNT = Field(ge=1, le=1 << 24)  # layers, heads, widths, vocabulary: positive, and far below what int() or numpy mind
+
+
+class _ModelShape(BaseModel):
+    """The config.json numbers the GGUF writer reads; transformers writes them all as integers."""
+
+    model_config = ConfigDict(extra="allow")
+
+    num_hidden_layers: Annotated[StrictInt, _COUNT]
+    num_attention_heads: Annotated[StrictInt, _COUNT]
+    num_key_value_heads: Annotated[StrictInt, _COUNT] | None = None
+    hidden_size: Annotated[StrictInt, _COUNT]
+    intermediate_size: Annotated[StrictInt, _COUNT]
+    vocab_size: Annotated[StrictInt, _COUNT]
+    head_dim: Annotated[StrictInt, _COUNT] | None = None
+    max_position_embeddings: Annotated[StrictInt, Field(ge=1, le=1 << 40)] = 4096
+    rms_norm_eps: Annotated[StrictFloat | StrictInt, Field(gt=0, lt=1)] = 1e-6
 
 
 def gguf_architecture(config: dict[str, Any], model_dir: Path) -> str:
@@ -122,7 +157,10 @@ def _rope_settings(config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
 def _weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        weight_map = read_json_file(index, what="weight index", hint=_FOLDER_HINT)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise FinqloraError(f"{index} has no `weight_map` of tensor names to shard files", hint=_FOLDER_HINT)
         files = [model_dir / name for name in dict.fromkeys(weight_map.values())]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -299,7 +337,9 @@ def _add_tokenizer(writer: Any, model_dir: Path, vocab_size: int, pre_tokenizer:
         if (model_dir / "tokenizer.model").is_file():
             hint = "SentencePiece tokenizers are not supported by finqlora's GGUF export; use llama.cpp's convert_hf_to_gguf.py"
         raise FinqloraError(f"{model_dir} has no tokenizer.json (a byte-level BPE tokenizer is needed)", hint=hint)
-    definition = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    definition = read_json_file(tokenizer_json, what="tokenizer definition", hint=_FOLDER_HINT)
+    if not isinstance(definition, dict):
+        raise FinqloraError(f"{tokenizer_json} holds a JSON {type(definition).__name__}, not a tokenizer definition", hint=_FOLDER_HINT)
     if (definition.get("model") or {}).get("type") != "BPE":
         raise FinqloraError(
             f"{tokenizer_json}: tokenizer model {definition.get('model', {}).get('type')} is not byte-level BPE",
@@ -424,6 +464,7 @@ def export_gguf(
         raise FinqloraError(f"output {output} should end with .gguf", hint="e.g. --output model-q8_0.gguf")
     config = _read_config(model_dir)
     arch = gguf_architecture(config, model_dir)
+    _check_model_shape(config, model_dir)
     theta, rope = _rope_settings(config)
     rope_type = rope.get("rope_type") or rope.get("type") or "default"
     if rope_type not in ("default", "linear", "yarn"):

@@ -35,7 +35,7 @@ OFFLINE_HINT = (
     "pass a local model folder (--model /path/to/model) or a built-in offline model "
     "(--model builtin:qwen2.5-coder-0.5b-instruct; see `finqlora models list`)"
 )
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+\Z")  # \Z: `$` would pass "org/name\n"
 # Files fetched for a hub model: configs, tokenizer and safetensors weights -- never pickles.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 _DTYPES = {

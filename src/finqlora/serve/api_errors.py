@@ -66,13 +66,17 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # A field of several types (`str | list[TextPart]`) reports one problem per type; our own
+    # checks (value_error) say what is really wrong, so they go first.
+    first = next((error for error in errors if error.get("type") == "value_error"), errors[0])
+    # Drop "body" and pydantic's names of union members (`list[TextPart]`, `function-after[...]`).
+    loc = [str(part) for part in first.get("loc", ()) if part != "body" and "[" not in str(part)]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON: " + str(first.get("ctx", {}).get("error", first.get("msg"))), None
     where = ".".join(loc)
+    message = str(first.get("msg")).removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return (f"{where}: {first.get('msg')}" if where else str(first.get("msg"))) + more, (loc[0] if loc else None)
+    return (f"{where}: {message}" if where else message) + more, (loc[0] if loc else None)
 
 
 async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -106,6 +110,7 @@ _STATUS_DESCRIPTIONS = {
     404: "unknown `model`",
     408: "the request body did not arrive in time",
     413: "the request body is larger than the server accepts",
+    415: "the request body is not `Content-Type: application/json`",
     429: "the queue is full; retry after the `Retry-After` header's seconds",
     503: "out of GPU memory, or the server is shutting down",
     504: "the request timed out in the queue or during generation",

@@ -11,7 +11,6 @@ accepted, so a request can never make the server read a path.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -23,11 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 
 from finqlora.core.chat_format import render_prompt, stop_token_ids
 from finqlora.core.errors import FinqloraError
+from finqlora.core.json_files import read_json_file
 from finqlora.serve.api_errors import APIError
 from finqlora.serve.batching import Batcher, BatchLimits
 
-# Adapter names appear in URLs and JSON; keep them plain so they can never be a path.
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Adapter names appear in URLs and JSON; keep them plain so they can never be a path
+# (\Z, not $, which also matches before a final newline).
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
 @dataclass
@@ -144,15 +145,22 @@ class _AdapterConfigFields(BaseModel):
     base_model_name_or_path: StrictStr | None = None
 
 
+# peft writes ~1 KB; a file a thousand times that size is not an adapter config.
+MAX_ADAPTER_CONFIG_BYTES = 1 << 20
+
+
+def _read_adapter_config(name: str, file: Path) -> Any:
+    """The parsed adapter_config.json, bounded (size, nesting, digits; see `read_json_file`)."""
+    try:
+        return read_json_file(file, what="adapter config", hint=_CONFIG_HINT, max_bytes=MAX_ADAPTER_CONFIG_BYTES)
+    except FinqloraError as exc:
+        raise FinqloraError(f"adapter {name!r}: {exc.message}", hint=exc.hint) from None
+
+
 def _check_adapter_config(name: str, file: Path) -> None:
     from peft import PeftType
 
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise FinqloraError(f"adapter {name!r}: {file} is not UTF-8 text ({exc.reason} at byte {exc.start})", hint=_CONFIG_HINT) from exc
-    except json.JSONDecodeError as exc:
-        raise FinqloraError(f"adapter {name!r}: {file} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", hint=_CONFIG_HINT) from exc
+    config = _read_adapter_config(name, file)
     if not isinstance(config, dict):
         raise FinqloraError(f"adapter {name!r}: {file} holds a JSON {type(config).__name__}, not an object", hint=_CONFIG_HINT)
     try:
@@ -189,6 +197,24 @@ def _check_adapter_weights(name: str, file: Path) -> None:
         )
 
 
+# The small JSON files transformers reads with Python's parser when an adapter brings its own
+# tokenizer (`finqlora train` saves it); tokenizer.json itself is parsed by the Rust library.
+_TOKENIZER_JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.json")
+MAX_TOKENIZER_JSON_BYTES = 16 << 20  # a tokenizer_config.json with a long chat template is ~10 KB
+
+
+def _check_tokenizer_files(name: str, folder: Path) -> None:
+    """Parse the adapter's tokenizer JSON files within bounds before the base model loads, so a
+    damaged one is an error naming it, not a traceback from inside transformers."""
+    hint = "copy the adapter folder again from the training output (or delete its tokenizer files to use the base model's)"
+    for file_name in _TOKENIZER_JSON_FILES:
+        if (folder / file_name).is_file():
+            try:
+                read_json_file(folder / file_name, what="tokenizer file", hint=hint, max_bytes=MAX_TOKENIZER_JSON_BYTES)
+            except FinqloraError as exc:
+                raise FinqloraError(f"adapter {name!r}: {exc.message}", hint=exc.hint) from None
+
+
 def check_adapter_dir(name: str, path: str | Path) -> Path:
     """Validate an adapter's name, folder, config and weights' header before anything is loaded."""
     if not ADAPTER_NAME.match(name):
@@ -212,6 +238,7 @@ def check_adapter_dir(name: str, path: str | Path) -> Path:
         )
     _check_adapter_config(name, folder / "adapter_config.json")
     _check_adapter_weights(name, folder / "adapter_model.safetensors")
+    _check_tokenizer_files(name, folder)
     return folder.resolve()
 
 

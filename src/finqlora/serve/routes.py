@@ -49,6 +49,11 @@ from finqlora.serve.schemas import (
 )
 
 DISCONNECT_POLL_S = 0.5
+# What a chat template adds around each message, counted against --max-prompt-chars so that many
+# empty messages cannot pass as a short prompt: ChatML's `<|im_start|>user\n` + `<|im_end|>\n` is
+# 28 characters (5 tokens, which the 16-characters-a-token bound allows 80, so no prompt that
+# fits --max-prompt-tokens is refused for it).
+MESSAGE_OVERHEAD_CHARS = 28
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,7 +82,7 @@ async def authorize(request: Request) -> None:
 
 Engine = Annotated[ServingEngine, Depends(get_engine)]
 router = APIRouter()
-GENERATION_ERRORS = error_responses(400, 401, 404, 408, 413, 429, 503, 504)
+GENERATION_ERRORS = error_responses(400, 401, 404, 408, 413, 415, 429, 503, 504)
 
 
 def _streamed(chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
@@ -149,7 +154,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
     if body.tools:
         raise APIError(400, "tools / function calling is not supported by this server", param="tools")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    _check_prompt_chars(engine, sum(len(m["content"]) for m in messages), param="messages")
+    _check_prompt_chars(engine, sum(len(m["content"]) + MESSAGE_OVERHEAD_CHARS for m in messages), param="messages",
+                        counted=f" (with {MESSAGE_OVERHEAD_CHARS} per message for the chat template's markers, {len(messages)} messages)")
     params = _sampling(engine, body, body.max_completion_tokens or body.max_tokens)
     prompt_ids, stops = await run_in_threadpool(engine.chat_prompt, adapter, messages)
     if body.stream:
@@ -220,12 +226,12 @@ def _model_card(engine: ServingEngine, name: str) -> ModelCard:
     return ModelCard(id=name, created=engine.created, parent=parent)
 
 
-def _check_prompt_chars(engine: ServingEngine, chars: int, *, param: str) -> None:
+def _check_prompt_chars(engine: ServingEngine, chars: int, *, param: str, counted: str = "") -> None:
     limit = engine.batcher.limits.prompt_chars_limit
     if chars > limit:
         raise APIError(
             400,
-            f"the prompt has {chars} characters, more than this server accepts ({limit}); shorten the {param}",
+            f"the prompt has {chars} characters{counted}, more than this server accepts ({limit}); shorten the {param}",
             param=param,
             code="context_length_exceeded",
         )

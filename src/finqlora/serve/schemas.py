@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from finqlora.serve.batching import BatcherStats
+from finqlora.serve.text_fields import UnicodeText
 
 
 def _json_integer(value: Any) -> Any:
@@ -35,15 +36,15 @@ class TextPart(BaseModel):
     model_config = ConfigDict(strict=True)
 
     type: Literal["text"]
-    text: str
+    text: UnicodeText
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True)
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart] | None = None  # None (e.g. an assistant turn) renders as ""
-    name: str | None = None
+    content: UnicodeText | list[TextPart] | None = None  # None (e.g. an assistant turn) renders as ""
+    name: UnicodeText | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -65,16 +66,16 @@ class SamplingFields(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers do (clients send extras).
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    model: str = Field(min_length=1, max_length=200)
+    model: UnicodeText = Field(min_length=1, max_length=200)
     max_tokens: PositiveJsonInt | None = None
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: Annotated[int, Field(ge=1, le=1), BeforeValidator(_json_integer)] = Field(1, description="only n=1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
+    stop: UnicodeText | list[UnicodeText] | None = Field(None, description="up to 4 stop strings")
     seed: JsonInt | None = None
-    user: str | None = None
+    user: UnicodeText | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -84,7 +85,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(description="a prompt or a list of prompts (answered in one batch)")
+    prompt: UnicodeText | list[UnicodeText] = Field(description="a prompt or a list of prompts (answered in one batch)")
     echo: bool = False
 
 

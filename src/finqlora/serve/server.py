@@ -18,7 +18,7 @@ import ipaddress
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +29,14 @@ from fastapi import FastAPI
 from finqlora.core.errors import FinqloraError
 from finqlora.serve.api_errors import APIError, install_error_handlers
 from finqlora.serve.engine import ADAPTER_NAME, ServingEngine, attach_adapters, check_adapter_dir
-from finqlora.serve.http_limits import HTTPLimits, RequestBodyGuard
+from finqlora.serve.http_limits import LOOPBACK_HOSTS, HostGuard, HTTPLimits, RequestBodyGuard, allowed_hosts_for
 from finqlora.serve.routes import refine_openapi, router
 from finqlora.serve.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 # Imported by users and the UI from here since before the split into modules.
 __all__ = [
     "ADAPTER_NAME", "APIError", "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "HTTPLimits",
-    "RunningServer", "ServingEngine", "attach_adapters", "check_adapter_dir", "check_bind", "create_app",
+    "RunningServer", "ServingEngine", "attach_adapters", "check_adapter_dir", "check_api_key", "check_bind", "create_app",
     "is_loopback", "read_api_key", "serve", "start_in_thread", "vllm_command",
 ]  # fmt: skip
 
@@ -67,10 +67,13 @@ def create_app(
     api_key: str | None,
     shutdown_engine: bool = True,
     http_limits: HTTPLimits | None = None,
+    allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS,
 ) -> FastAPI:
     """The FastAPI app over a loaded engine. `api_key=None` means no auth (loopback only,
     which the runner enforces); `shutdown_engine` stops the batcher when the app stops;
-    `http_limits` bounds each request's body size and arrival time (defaults: 1 MiB, 30 s)."""
+    `http_limits` bounds each request's body size and arrival time (defaults: 1 MiB, 30 s);
+    `allowed_hosts` are the `Host` names answered (default: loopback; `allowed_hosts_for`
+    gives them for a bind address; None = any, for an app mounted in one that checks)."""
     app = FastAPI(
         title="finqlora OpenAI-compatible API",
         version="1",
@@ -85,6 +88,8 @@ def create_app(
     app.include_router(router)
     refine_openapi(app)
     app.add_middleware(RequestBodyGuard, limits=http_limits or HTTPLimits())
+    if allowed_hosts is not None:
+        app.add_middleware(HostGuard, allowed_hosts=allowed_hosts)  # outermost: checked before the body is read
     return app
 
 
@@ -134,18 +139,29 @@ def check_bind(host: str, api_key: str | None) -> None:
         )
 
 
+MIN_API_KEY_CHARS = 8
+_NEW_KEY = "`python -c \"import secrets; print(secrets.token_urlsafe(32))\" > KEY`"
+
+
+def check_api_key(key: str, source: str) -> str:
+    """The one rule for every key and token the servers accept (`source` says where it came from):
+    at least MIN_API_KEY_CHARS printable ASCII characters, no whitespace."""
+    if len(key) < MIN_API_KEY_CHARS or not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+        raise FinqloraError(
+            f"the API key in {source} is empty, shorter than {MIN_API_KEY_CHARS} characters, or not one word of printable ASCII",
+            hint=f"use one long random token, e.g. {_NEW_KEY}",
+        )
+    return key
+
+
 def read_api_key(path: str | Path) -> str:
     file = Path(path).expanduser()
     try:
         key = file.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise FinqloraError(f"cannot read the API key file {file}: {exc.strerror}", hint="create it, e.g. `python -c \"import secrets; print(secrets.token_urlsafe(32))\" > KEY`") from exc
-    if len(key) < 8 or any(c.isspace() for c in key):
-        raise FinqloraError(
-            f"the API key in {file} is empty, shorter than 8 characters or contains whitespace",
-            hint="put one long random token on one line, e.g. `python -c \"import secrets; print(secrets.token_urlsafe(32))\" > KEY`",
-        )
-    return key
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise FinqloraError(f"cannot read the API key file {file}: {reason}", hint=f"create it, e.g. {_NEW_KEY}") from exc
+    return check_api_key(key, str(file))
 
 
 def serve(
@@ -155,12 +171,14 @@ def serve(
     port: int = 8000,
     api_key: str | None,
     http_limits: HTTPLimits | None = None,
+    allowed_hosts: Sequence[str] = (),
 ) -> None:
-    """Run the API in the foreground until Ctrl+C."""
+    """Run the API in the foreground until Ctrl+C; `allowed_hosts` are extra `Host` names to
+    answer besides loopback and `host` (see `allowed_hosts_for`)."""
     import uvicorn
 
     check_bind(host, api_key)
-    app = create_app(engine, api_key=api_key, http_limits=http_limits)
+    app = create_app(engine, api_key=api_key, http_limits=http_limits, allowed_hosts=allowed_hosts_for(host, allowed_hosts))
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 

@@ -26,7 +26,7 @@ from finqlora.train.distributed import is_main_process
 CHECKPOINT_MARKER = "finqlora_checkpoint.json"
 # 1: sizes only (finqlora before checksums); 2: size and SHA-256 of every file.
 MARKER_VERSION = 2
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_CHECKPOINT_RE = re.compile(r"^checkpoint-([0-9]{1,12})\Z")  # \Z: `$` would take "checkpoint-6\n"; at most 12 digits, a step number int() always reads
 
 
 def now_utc() -> str:

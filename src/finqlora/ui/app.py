@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,19 +30,22 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from finqlora.core.errors import FinqloraError
 from finqlora.evaluate import ratings as R
 from finqlora.pipeline.engine import RunPaths
+from finqlora.serve.http_limits import HostGuard, HTTPLimits, RequestBodyGuard
+from finqlora.serve.text_fields import UnicodeText
 from finqlora.ui import runs as run_info
 from finqlora.ui.jobs import JobManager
 from finqlora.ui.texts import PRESETS, texts
 
+log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 OWNER_COOKIE = "finqlora_owner"
 # Everything from this origin only: no CDN script, font or analytics call can load.
@@ -80,11 +84,17 @@ class UIState:
 
     def find_rater(self, token: str) -> tuple[R.RatingRound, str]:
         for run_dir in self.run_dirs().values():
-            for rating_round in R.list_rounds(run_dir):
+            # A damaged round must not lock the raters of every other round out; the owner's
+            # rating page lists it (`/api/rounds`), and the log names it.
+            for rating_round in R.list_rounds(run_dir, on_error=_log_broken_round):
                 rater = rating_round.rater_for_token(token)
                 if rater is not None:
                     return rating_round, rater
         raise HTTPException(404, "this rating link is not valid (ask the owner for a new one)")
+
+
+def _log_broken_round(error: R.RatingFileError) -> None:
+    log.warning("skipping a rating round: %s", error.message)
 
 
 class StartRun(BaseModel):
@@ -111,7 +121,7 @@ class RatingBody(BaseModel):
 
 
 class DeepSeekBody(BaseModel):
-    prompt: str = Field(min_length=1, max_length=8000)
+    prompt: UnicodeText = Field(min_length=1, max_length=8000)
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(256, ge=1, le=4096)
 
@@ -129,24 +139,31 @@ def _is_owner(request: Request, owner_token: str) -> bool:
 
 
 class OwnerCookieToBearer:
-    """ASGI wrapper for the mounted API: the owner's cookie stands for its bearer token."""
+    """ASGI wrapper for the mounted API: the owner's cookie stands for its bearer token, and
+    every path needs one or the other (the API's own /docs, /openapi.json and /health are
+    open on `finqlora serve`, but here they are the owner's like every other page)."""
 
     def __init__(self, app: Any, owner_token: str) -> None:
         self.app, self.owner_token = app, owner_token
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            headers = list(scope["headers"])
-            if not any(name == b"authorization" for name, _ in headers):
-                cookie = Request(scope).cookies.get(OWNER_COOKIE, "")
-                if cookie and hmac.compare_digest(cookie.encode(), self.owner_token.encode()):
-                    headers.append((b"authorization", f"Bearer {cookie}".encode()))
-                    scope = {**scope, "headers": headers}
+            if not _is_owner(Request(scope), self.owner_token):
+                from finqlora.serve.api_errors import APIError
+
+                error = APIError(401, "the owner's token is needed (log in through the link `finqlora ui` printed)",
+                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await error.response()(scope, receive, send)
+                return
+            if not any(name == b"authorization" for name, _ in scope["headers"]):  # the cookie, then
+                scope = {**scope, "headers": [*scope["headers"], (b"authorization", f"Bearer {self.owner_token}".encode())]}
         await self.app(scope, receive, send)
 
 
-def create_ui_app(state: UIState, *, allowed_hosts: list[str] | None = None) -> FastAPI:
-    """The app over `state`; `allowed_hosts` guards against DNS rebinding (None = any)."""
+def create_ui_app(state: UIState, *, allowed_hosts: list[str] | None = None, http_limits: HTTPLimits | None = None) -> FastAPI:
+    """The app over `state`; `allowed_hosts` guards against DNS rebinding (None = any; see
+    `finqlora.serve.http_limits.allowed_hosts_for`); `http_limits` bounds every request's body
+    (default 1 MiB and 30 s, what the mounted API takes too)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -157,8 +174,11 @@ def create_ui_app(state: UIState, *, allowed_hosts: list[str] | None = None) -> 
 
     app = FastAPI(title="finqlora ui", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ui = state
+    # In front of every route, the mounted API's included, and before any route or
+    # dependency reads the body: a body must be JSON, and is read within the limits or refused.
+    app.add_middleware(RequestBodyGuard, limits=http_limits or HTTPLimits())
     if allowed_hosts:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
+        app.add_middleware(HostGuard, allowed_hosts=allowed_hosts)  # outside the body guard: no body read for a foreign Host
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Any) -> Any:
@@ -172,12 +192,33 @@ def create_ui_app(state: UIState, *, allowed_hosts: list[str] | None = None) -> 
     async def _finqlora_error(_: Request, exc: FinqloraError) -> JSONResponse:
         return JSONResponse({"error": exc.message, "hint": exc.hint}, status_code=400)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer echoes the input, which fails to encode (a 500) when it holds a
+        # lone surrogate; say where and what instead, in text that always encodes.
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        message = f"{where}: {first.get('msg')}" if where else str(first.get("msg", "invalid request"))
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        return JSONResponse({"error": message, "hint": "reload the page and try again"}, status_code=422)
+
+    @app.exception_handler(R.RatingFileError)
+    async def _rating_file_error(request: Request, exc: R.RatingFileError) -> JSONResponse:
+        # A stored file is damaged or cannot be written: the server's problem (503), and its
+        # path is the owner's business, not a rater's.
+        log.warning("%s", exc.message)
+        if _is_owner(request, state.owner_token):
+            return JSONResponse({"error": exc.message, "hint": exc.hint}, status_code=503)
+        return JSONResponse({"error": "this rating round's files cannot be read or saved right now",
+                             "hint": "tell the owner of the round (the app's log names the file); your earlier ratings are kept"}, status_code=503)
+
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     if state.engine is not None:
         from finqlora.serve.server import create_app
 
-        api = create_app(state.engine, api_key=state.owner_token, shutdown_engine=False)
+        api = create_app(state.engine, api_key=state.owner_token, shutdown_engine=False, allowed_hosts=None)  # checked above
         app.mount("/llm", OwnerCookieToBearer(api, state.owner_token))
     _page_routes(app, state, templates)
     _run_routes(app, state)
@@ -289,17 +330,21 @@ def _rating_routes(app: FastAPI, state: UIState) -> None:
     @app.get("/api/rounds")
     async def rounds(request: Request, owner: UIState = Depends(_owner)) -> dict[str, Any]:
         base = str(request.base_url).rstrip("/")
-        listed, rateable = [], []
+        listed, rateable, broken = [], [], []
         for name, folder in owner.run_dirs().items():
             eval_dir = run_info.eval_dir_of(folder)
             if eval_dir is not None and (eval_dir / "generations_finetuned.jsonl").is_file():
                 rateable.append(name)
-            for rating_round in R.list_rounds(folder):
-                summary = R.summarize_round(rating_round)
+            for rating_round in R.list_rounds(folder, on_error=lambda error: broken.append({"error": error.message, "hint": error.hint})):
+                try:
+                    summary = R.summarize_round(rating_round)
+                except R.RatingFileError as error:  # a rater's file: list the round as damaged, keep the others
+                    broken.append({"error": error.message, "hint": error.hint})
+                    continue
                 summary["run"] = name
                 summary["links"] = {rater: f"{base}/rate/{entry['token']}" for rater, entry in rating_round.raters.items()}
                 listed.append(summary)
-        return {"rounds": listed, "rateable_runs": rateable}
+        return {"rounds": listed, "rateable_runs": rateable, "broken_rounds": broken}
 
     @app.post("/api/rounds")
     async def new_round(request: Request, body: NewRound, owner: UIState = Depends(_owner)) -> dict[str, Any]:

@@ -86,17 +86,25 @@ class JobManager:
         resolved = load_config(path)  # a broken config fails here, with its own message
         run_dir = Path(resolved.train.output_dir)
         run_dir = run_dir if run_dir.is_absolute() else (self.workdir / run_dir)
+        # The app knows a run by its folder's name: a config whose folder has the name of
+        # another known run would replace that run on the pages.
+        known = run_dirs.get(run_dir.name)
+        if known is not None and known.resolve() != run_dir.resolve():
+            raise FinqloraError(
+                f"config {config!r} writes its run to {run_dir}, but the app already shows another run named {run_dir.name!r} ({known})",
+                hint="set the config's name or train.output_dir so that its run folder has a name of its own",
+            )
         with self._lock:
             for job in self.jobs:
                 if job.run_dir.resolve() == run_dir.resolve() and job.returncode is None:
-                    raise FinqloraError(f"run {resolved.name!r} is already running (job {job.id})", hint="wait for it to finish")
+                    raise FinqloraError(f"run {run_dir.name!r} is already running (job {job.id})", hint="wait for it to finish")
             run_dir.mkdir(parents=True, exist_ok=True)
             log_handle = (run_dir / LOG_NAME).open("ab")
             process = subprocess.Popen(
                 [sys.executable, "-m", "finqlora", "run", "--config", str(path)],
                 cwd=self.workdir, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
-            job = Job(len(self.jobs) + 1, config, resolved.name, run_dir, process, log_handle)
+            job = Job(len(self.jobs) + 1, config, run_dir.name, run_dir, process, log_handle)
             self.jobs.append(job)
         return job
 

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from finqlora.core.errors import FinqloraError
+from finqlora.serve.http_limits import LOOPBACK_HOSTS, allowed_hosts_for  # noqa: F401  (LOOPBACK_HOSTS: imported from here too)
 from finqlora.ui.app import UIState, create_ui_app
 from finqlora.ui.runs import is_run_folder
 
 if TYPE_CHECKING:  # torch comes with the engine: `--no-model` starts without importing it
     from finqlora.serve.server import ServingEngine
 
-LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1"]
 
 
 def explicit_runs(folders: Sequence[Path]) -> dict[str, Path]:
@@ -53,12 +53,24 @@ def adapters_of(runs: dict[str, Path]) -> dict[str, Path]:
     return {name: folder for name, folder in runs.items() if (folder / "adapter_config.json").is_file()}
 
 
+def base_name_for(adapters: dict[str, Path]) -> str:
+    """The name the Compare page asks the base model by: `base`, unless a run folder is named
+    so (then `base-model`, `base-model-2`, ...)."""
+    candidates = ["base", "base-model", *(f"base-model-{n}" for n in range(2, len(adapters) + 3))]
+    return next(name for name in candidates if name not in adapters)
+
+
 def load_engine(model: str | None, runs: dict[str, Path], **load_options: Any) -> ServingEngine | None:
     """One base with every --run adapter; None when there is no model to load."""
-    from finqlora.serve.server import ServingEngine, check_adapter_dir
+    from finqlora.serve.server import ADAPTER_NAME, ServingEngine, check_adapter_dir
 
     adapters = adapters_of(runs)
     for name, folder in adapters.items():
+        if not ADAPTER_NAME.match(name):  # the adapter is served under its folder's name
+            raise FinqloraError(
+                f"--run {folder}: the folder's name {name!r} cannot name a model (the Compare page asks the adapter by it)",
+                hint="rename the folder to letters, digits, '.', '_' or '-' (at most 64 characters, starting with a letter or digit)",
+            )
         check_adapter_dir(name, folder)
     if model is None:
         bases = {base for base in (base_model_of(folder) for folder in adapters.values()) if base}
@@ -72,7 +84,7 @@ def load_engine(model: str | None, runs: dict[str, Path], **load_options: Any) -
         if adapters:
             raise FinqloraError("cannot tell the adapters' base model (no run_config.yaml)", hint="pass --model")
         return None
-    return ServingEngine.load(model, adapters, **load_options)
+    return ServingEngine.load(model, adapters, base_name=base_name_for(adapters), **load_options)
 
 
 def deepseek_client(env: dict[str, str] | None = None) -> Any:
@@ -104,15 +116,24 @@ def make_state(
     )
 
 
-def serve_ui(state: UIState, *, host: str = "127.0.0.1", port: int = 7860, started: float | None = None, log: Any = print) -> None:
-    """Run the app in the foreground until Ctrl+C; prints the owner's login link."""
+def serve_ui(
+    state: UIState,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    allowed_hosts: Sequence[str] = (),
+    started: float | None = None,
+    log: Any = print,
+) -> None:
+    """Run the app in the foreground until Ctrl+C; prints the owner's login link. `allowed_hosts`
+    are extra `Host` names to answer besides loopback and `host` (see `allowed_hosts_for`)."""
     import uvicorn
 
     from finqlora.serve.server import is_loopback
 
     if not is_loopback(host):
         log(f"warning: binding {host}: anyone who can reach it and holds a token gets in; prefer 127.0.0.1 and an SSH tunnel")
-    app = create_ui_app(state, allowed_hosts=LOOPBACK_HOSTS if is_loopback(host) else None)
+    app = create_ui_app(state, allowed_hosts=allowed_hosts_for(host, allowed_hosts))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning")
     server = uvicorn.Server(config)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host

@@ -43,7 +43,7 @@ def eval_dir_of(run_dir: Path) -> Path | None:
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep to be ours
         return None  # absent, or being replaced right now (atomic writes make this rare)
     return value if isinstance(value, dict) else None
 
