@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from finqlora.core.errors import FinqloraError
+from finqlora.core.safe_input import InputError, json_loads
 
 
 def umask_mode(path: str | os.PathLike[str]) -> None:
@@ -78,19 +79,23 @@ def iter_jsonl(
     file = Path(path)
     if not file.is_file():
         raise FinqloraError(f"{what} not found: {file}", hint=f"check the path of the {what}")
-    with file.open(encoding="utf-8") as handle:
+    # Bytes, decoded a line at a time: a torn last line may end inside a multi-byte character.
+    with file.open("rb") as handle:
         lines = list(enumerate(handle, start=1)) if torn_tail else enumerate(handle, start=1)
         last = lines[-1][0] if torn_tail and lines else None
-        for number, line in lines:
-            if not line.strip():
+        for number, raw in lines:
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as exc:
+                row = json_loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
                 if number == last:
                     return
-                detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-                raise FinqloraError(f"{file}:{number}: not valid JSON ({detail})", hint=hint) from None
+                raise FinqloraError(f"{file}:{number}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})", hint=hint) from None
+            except InputError as exc:
+                if number == last:
+                    return
+                raise FinqloraError(f"{file}:{number}: not valid JSON ({exc})", hint=hint) from None
             if not isinstance(row, dict):
                 if number == last:
                     return
