@@ -11,9 +11,9 @@ import importlib
 import sys
 
 import typer
-from rich.console import Console
 
 from finqlora import __version__
+from finqlora.cli.console import make_console, styled
 from finqlora.core.errors import FinqloraError
 
 # Order is the order of `finqlora --help`: the pipeline's stages first, then tools.
@@ -47,13 +47,14 @@ for _area in AREAS:
 
 
 def main(argv: list[str] | None = None) -> None:
-    err = Console(stderr=True)
+    err = make_console(stderr=True)
     try:
         app(args=argv, standalone_mode=True)
     except FinqloraError as exc:
         # soft_wrap: no line breaks inserted, so a long file path in the message stays one piece
         # (copyable, and findable by scripts) however narrow the terminal.
-        err.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        # The message quotes data (paths, values, YAML): printed as text, never as markup.
+        err.print(styled(("error:", "bold red"), " ", exc.message), highlight=False, soft_wrap=True)
         if exc.hint:
-            err.print(f"[yellow]hint:[/] {exc.hint}", highlight=False, soft_wrap=True)
+            err.print(styled(("hint:", "yellow"), " ", exc.hint), highlight=False, soft_wrap=True)
         sys.exit(2)

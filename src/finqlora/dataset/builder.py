@@ -766,9 +766,10 @@ def _stages(enabled: bool) -> Iterator[Any]:
         yield lambda _text: None
         return
     from rich.console import Console
+    from rich.text import Text
 
     with Console(stderr=True).status("building the dataset") as status:
-        yield lambda text: status.update(text)
+        yield lambda text: status.update(Text(text))  # Text: stage names quote paths, never markup
 
 
 def build_dataset(config: BuildConfig) -> BuildResult:

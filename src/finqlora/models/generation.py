@@ -89,7 +89,7 @@ def _progress(total: int, description: str, enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     progress = Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),  # descriptions name data (tickers, files)
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),

@@ -654,7 +654,7 @@ def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),  # descriptions name data (tickers, files)
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
