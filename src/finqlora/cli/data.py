@@ -120,8 +120,11 @@ def _record_panel(record: dict, number: int) -> Panel:
         str(part) for part in (record.get("id"), record.get("type"), record.get("split"), record.get("event_time")) if part
     )
     # Text, not markup: dataset text may contain brackets that rich would read as styles.
-    if "messages" in record:
-        sections = [(str(m.get("role", "?")), str(m.get("content", ""))) for m in record["messages"]]
+    if isinstance(record.get("messages"), list):
+        sections = [
+            (str(m.get("role", "?")), str(m.get("content", ""))) if isinstance(m, dict) else ("?", str(m))
+            for m in record["messages"]
+        ]
     else:
         sections = [(name, str(record.get(name) or "")) for name in ("instruction", "input", "output")]
     if record.get("label"):

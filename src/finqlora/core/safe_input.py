@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -30,6 +31,12 @@ MAX_DEPTH = 64
 MAX_YAML_NODES = 10_000
 # A CSV cell may hold a long article, but not more than this (csv's own default is 131,072).
 MAX_CSV_FIELD_CHARS = 16 * 1024 * 1024
+
+
+# A \uD800-\uDFFF escape: legal JSON, but alone it is half a UTF-16 pair, not text, and
+# SQLite and UTF-8 files cannot store it.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 class InputError(ValueError):
@@ -66,7 +73,8 @@ def json_loads(text: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     """`json.loads` with the bounds above; any problem is an InputError.
 
     Its text is the decoder's message with the position (`Expecting value at column 5`),
-    `nested deeper than 64 levels` or `an integer of more than 4,300 digits`.
+    `nested deeper than 64 levels`, `an integer of more than 4,300 digits` or `a lone
+    surrogate ...` (a \\ud800 escape without its pair).
     """
     try:
         value = json.loads(text)
@@ -86,6 +94,13 @@ def json_loads(text: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
         brackets = text.count("[") + text.count("{")
     if brackets > max_depth and _too_deep(value, max_depth):
         raise InputError(f"nested deeper than {max_depth} levels")
+    pattern = _SURROGATE_ESCAPE_BYTES if isinstance(text, bytes) else _SURROGATE_ESCAPE
+    if pattern.search(text):  # pairs (emoji) decode to one character and pass
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            char = exc.object[exc.start]
+            raise InputError(f"a lone surrogate \\u{ord(char):04x} (half of a UTF-16 pair, not text)") from None
     return value
 
 
