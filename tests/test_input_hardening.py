@@ -274,6 +274,25 @@ def test_item7_deep_nesting_in_a_config_or_set_is_an_error(tmp_path, cli):
     assert result.exit_code == 2 and "nested deeper than" in result.output and len(result.output) < 600
 
 
+def test_item7_int_of_a_users_database_cells_never_raises(tmp_path, cli):
+    # The next class of the same kind: int() on cells of a user's database (star, and the
+    # schema version in finqlora_meta), which anyone may have edited.
+    store = tmp_path / "user.db"
+    with sqlite3.connect(store) as conn:
+        conn.execute("CREATE TABLE events (event_id TEXT, content TEXT, star, ts_utc INTEGER)")
+        conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?)",
+                         [("a", "x", "1" * 5000, BASE), ("b", "y", float("inf"), BASE), ("c", "z", 3, BASE)])
+        conn.execute("CREATE TABLE finqlora_meta (key TEXT PRIMARY KEY, value TEXT)")
+        conn.execute("INSERT INTO finqlora_meta VALUES ('schema_version', 'abc')")
+    conn = db.connect(store, readonly=True)
+    try:
+        assert [event.star for event in db.read_events(conn)] == [None, None, 3]
+    finally:
+        conn.close()
+    result = cli("db", "check", "--db", str(store))
+    assert result.exit_code == 0 and "schema version none" in result.output, result.output
+
+
 # --- item 7: CSV fields over 131,072 characters, nan in a unix-stamp price file ---------------
 
 

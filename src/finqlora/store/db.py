@@ -473,6 +473,25 @@ def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
     )
 
 
+def meta_int(value: object) -> int | None:
+    """A whole number stored as text in a user's database (`finqlora_meta`), or None.
+
+    Digits only and at most 18 of them: the value comes from a file anyone may have edited,
+    and int() of an arbitrary string can fail (letters) or refuse (more than 4,300 digits).
+    """
+    text = str(value).strip() if value is not None else ""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
+def _star(value: object) -> int | None:
+    """A user's `star` cell (integer, real or digits) as an int; None for text, NaN, inf or huge."""
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return meta_int(value) if isinstance(value, str) else None
+
+
 def get_meta(conn: sqlite3.Connection) -> dict[str, str]:
     try:
         return dict(conn.execute("SELECT key, value FROM finqlora_meta").fetchall())
@@ -488,7 +507,7 @@ def open_store(path: str | Path) -> sqlite3.Connection:
     conn = connect(db_path)
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     meta = get_meta(conn)
-    version = int(meta.get("schema_version", 0) or 0)
+    version = meta_int(meta.get("schema_version")) or 0
     if "finqlora_meta" in tables and 1 <= version < SCHEMA_VERSION:
         _upgrade_store(conn)
         version = SCHEMA_VERSION
@@ -599,7 +618,7 @@ def read_events(
                 published_at=published if ts is not None else None,
                 content=record.get("content") or "",
                 title=record.get("title"),
-                star=int(star) if isinstance(star, (int, float)) or (isinstance(star, str) and star.isdigit()) else None,
+                star=_star(star),
                 source=record.get("source"),
                 primary_event_id=record.get("primary_event_id"),
                 importance=record.get("importance"),
@@ -807,7 +826,7 @@ def check_db(path: str | Path) -> CheckReport:
                 if column not in columns:
                     problems.append(CheckProblem("fatal", "prices", column, "price bars cannot be read"))
         meta = get_meta(conn)
-        version = int(meta["schema_version"]) if "schema_version" in meta else None
+        version = meta_int(meta.get("schema_version"))
         return CheckReport(str(path), version, time_column, counts, problems)
     finally:
         conn.close()

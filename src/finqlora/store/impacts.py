@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finqlora.store.db import DEFAULT_PRE_WINDOWS, DEFAULT_WINDOWS, get_meta, open_store, set_meta, table_columns, transaction
+from finqlora.store.db import DEFAULT_PRE_WINDOWS, DEFAULT_WINDOWS, get_meta, meta_int, open_store, set_meta, table_columns, transaction
 from finqlora.core.errors import FinqloraError
 
 DEFAULT_T0_TOLERANCE_MIN = 5
@@ -244,7 +244,7 @@ def _compute_ticker(
 ) -> None:
     """Compute and store one ticker's rows for the events that need them (one transaction)."""
     signed = settings.signed
-    seen_batch = int(get_meta(conn).get(_batch_key(ticker), 0) or 0)
+    seen_batch = meta_int(get_meta(conn).get(_batch_key(ticker))) or 0
     new_batches = (
         conn.execute(
             "SELECT batch_id, first_ts, last_ts FROM price_batches WHERE ticker = ? AND batch_id > ? ORDER BY batch_id", (ticker, seen_batch)

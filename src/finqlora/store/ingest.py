@@ -317,7 +317,7 @@ def star_for(source: str, importance: str | None, flags: dict | None = None) -> 
         if level == "B":
             return 4
         return 3 if flags.get("bold") in (1, "1", True) else 2
-    if level.isdigit() and 1 <= int(level) <= 5:
+    if level in ("1", "2", "3", "4", "5"):
         return int(level)
     return 2
 
