@@ -275,18 +275,21 @@ def test_item7_deep_nesting_in_a_config_or_set_is_an_error(tmp_path, cli):
 
 
 def test_item7_int_of_a_users_database_cells_never_raises(tmp_path, cli):
-    # The next class of the same kind: int() on cells of a user's database (star, and the
-    # schema version in finqlora_meta), which anyone may have edited.
+    # The next class of the same kind: int() and JSON on cells of a user's database (star,
+    # subjects, the schema version in finqlora_meta), which anyone may have edited.
     store = tmp_path / "user.db"
     with sqlite3.connect(store) as conn:
-        conn.execute("CREATE TABLE events (event_id TEXT, content TEXT, star, ts_utc INTEGER)")
-        conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?)",
-                         [("a", "x", "1" * 5000, BASE), ("b", "y", float("inf"), BASE), ("c", "z", 3, BASE)])
+        conn.execute("CREATE TABLE events (event_id TEXT, content TEXT, star, ts_utc INTEGER, subjects TEXT)")
+        conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)",
+                         [("a", "x", "1" * 5000, BASE, "[1" + "0" * 5000 + "]"), ("b", "y", float("inf"), BASE, "[" * 5000),
+                          ("c", "z", 3, BASE, '["黄金"]')])
         conn.execute("CREATE TABLE finqlora_meta (key TEXT PRIMARY KEY, value TEXT)")
         conn.execute("INSERT INTO finqlora_meta VALUES ('schema_version', 'abc')")
     conn = db.connect(store, readonly=True)
     try:
-        assert [event.star for event in db.read_events(conn)] == [None, None, 3]
+        events = db.read_events(conn)
+        assert [event.star for event in events] == [None, None, 3]
+        assert events[2].subjects == ["黄金"] and len(events[0].subjects) == 1  # kept as text
     finally:
         conn.close()
     result = cli("db", "check", "--db", str(store))

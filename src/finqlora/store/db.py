@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import math
 import os
 import re
@@ -47,6 +46,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from finqlora.core.errors import FinqloraError
+from finqlora.core.safe_input import InputError, json_loads
 
 # 2: events.stocks (the stock links a source gives an event) and the price_batches table. A
 # version-1 finqlora store is brought up to date in place by `open_store` (tables and columns
@@ -635,8 +635,8 @@ def _json_list(value: object) -> list[str]:
         return []
     if isinstance(value, str):
         try:
-            parsed = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
+            parsed = json_loads(value)
+        except InputError:  # plain text, or JSON past the bounds (depth, digits)
             return [part.strip() for part in re.split(r"[,，;；]", value) if part.strip()]
         return [str(item) for item in parsed] if isinstance(parsed, list) else [str(parsed)]
     return [str(value)]
@@ -647,8 +647,8 @@ def stock_codes(value: object) -> list[str]:
     if not value:
         return []
     try:
-        parsed = json.loads(value) if isinstance(value, str) else value
-    except (json.JSONDecodeError, RecursionError):
+        parsed = json_loads(value) if isinstance(value, str) else value
+    except InputError:
         return _json_list(value)
     if not isinstance(parsed, list):
         parsed = [parsed]

@@ -243,8 +243,8 @@ def _subjects(value: object) -> list[str]:
         return []
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
+            value = json_loads(value)
+        except InputError:
             return [part.strip() for part in re.split(r"[,，;；|]", value) if part.strip()]
     if isinstance(value, dict):
         value = [value]
@@ -291,8 +291,8 @@ def _stock_items(value: object) -> object:
     """A csv/jsonl stocks cell: a JSON list, or codes separated by commas/semicolons."""
     if isinstance(value, str):
         try:
-            return json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
+            return json_loads(value)
+        except InputError:
             return [part.strip() for part in re.split(r"[,，;；|]", value) if part.strip()]
     return value
 
