@@ -142,6 +142,8 @@ def test_item3_db_check_runs_quick_check_on_a_copy_without_its_journal(hot_store
     assert result.exit_code == 1, result.output
     assert "damaged file" in result.output and "quick_check" in result.output
     assert "ok: everything" not in result.output and "--migrate" not in result.output
+    result = cli("db", "stats", "--db", str(copy))  # a damaged page met while counting
+    assert result.exit_code == 2 and "is damaged" in result.output and "db check" in result.output, result.output
 
 
 # --- item 4: stale impacts after a narrower `db impacts` call ----------------------------------

@@ -25,7 +25,9 @@ Tables (see docs/store.md for every column):
   `ret_pre_30m`, `ret_pre_120m`, for queries written against a wide layout.
 
 A user's database is only read by `connect(..., readonly=True)`, `check_db` and the read
-API; it is changed only by `migrate_db`, which backs it up first.
+API; it is changed only by `migrate_db`, which backs it up first. (A hot journal that an
+interrupted write left beside a file is rolled back before a read-only open: that restores the
+last committed state, SQLite's own recovery, and changes no committed data.)
 """
 
 from __future__ import annotations
