@@ -385,3 +385,20 @@ def test_item9_non_finite_config_floats_are_refused(tmp_path, value):
         load_config(config)
     with pytest.raises(FinqloraError, match=r"eval\.temperature.*finite"):
         load_config(None, [f"eval.temperature={value}"])
+
+
+def test_item7_a_rating_sheet_saved_as_gbk_or_with_a_huge_field(tmp_path):
+    # The next class: the human-eval sheet is a CSV a spreadsheet program wrote back (GBK on
+    # Chinese Windows) and is read by the same bounded CSV reader as the store's files.
+    from finqlora.evaluate.human_eval import make_sheet, score_sheets
+
+    sheet, key = tmp_path / "sheet.csv", tmp_path / "key.csv"
+    make_sheet([{"id": "i0", "question": "问题", "base": "基座", "finetuned": "微调"}], sheet, key, seed=0)
+    gbk = tmp_path / "gbk.csv"
+    gbk.write_bytes("item,question,answer_A,answer_B,preference,comment\ni0,问题,甲,乙,A,\n".encode("gbk"))
+    with pytest.raises(FinqloraError, match=r"gbk.csv, line 2: not UTF-8") as caught:
+        score_sheets([gbk], key)
+    assert "CSV UTF-8" in caught.value.hint
+    huge = tmp_path / "huge.csv"
+    huge.write_text("item,question,answer_A,answer_B,preference,comment\ni0,问题," + "甲" * 200_000 + ",乙,A,\n", encoding="utf-8")
+    assert score_sheets([huge], key).per_rater["huge"]["win"] + score_sheets([huge], key).per_rater["huge"]["loss"] == 1
