@@ -320,7 +320,7 @@ def test_item7_bad_stamp_in_a_middle_row_of_a_unix_price_csv(tmp_path, cli, stam
 # --- item 7: an output folder that cannot be written -----------------------------------------
 
 
-def test_item7_unwritable_output_folder_for_build_and_run(tmp_path, cli):
+def test_item7_unwritable_output_folder_for_build_run_and_export_zip(tmp_path, cli):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder", encoding="utf-8")
     result = cli("build", "--templates-only", "-n", "5", "-q", "-o", str(blocker / "out" / "ds.jsonl"))
@@ -328,6 +328,16 @@ def test_item7_unwritable_output_folder_for_build_and_run(tmp_path, cli):
     config = tmp_path / "c.yaml"
     config.write_text(f"name: x\ntrain:\n  output_dir: {blocker / 'run'}\n", encoding="utf-8")
     result = cli("run", "-c", str(config))
+    assert result.exit_code == 2 and "cannot write" in result.output and str(blocker) in result.output, result.output
+    # export zip -o: an adapter folder (a tiny real safetensors file) zipped into the blocked path.
+    import torch
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file({"base_model.model.layers.0.q_proj.lora_A.weight": torch.zeros(2, 4)}, str(run / "adapter_model.safetensors"))
+    (run / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}), encoding="utf-8")
+    result = cli("export", "zip", "--run", str(run), "-o", str(blocker / "out.zip"))
     assert result.exit_code == 2 and "cannot write" in result.output and str(blocker) in result.output, result.output
 
 
