@@ -412,3 +412,18 @@ def test_item7_a_rating_sheet_saved_as_gbk_or_with_a_huge_field(tmp_path):
     huge = tmp_path / "huge.csv"
     huge.write_text("item,question,answer_A,answer_B,preference,comment\ni0,问题," + "甲" * 200_000 + ",乙,A,\n", encoding="utf-8")
     assert score_sheets([huge], key).per_rater["huge"]["win"] + score_sheets([huge], key).per_rater["huge"]["loss"] == 1
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [(b'{"prompt": "\xff"}', "not UTF-8"), (b'{"prompt": 1' + b"0" * 5000 + b"}", "4,300 digits"), (b"[" * 100_000, "nested deeper than")],
+    ids=["bad_utf8", "huge_int", "deep"],
+)
+def test_item7_generate_prompts_file_bad_line_is_an_error(tmp_path, line, needle):
+    # The next class: `finqlora generate`'s input file goes through the same bounded reader.
+    from finqlora.models.generation import read_prompts
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(b'{"prompt": "ok"}\n' + line + b"\n")
+    with pytest.raises(FinqloraError, match=rf"prompts.jsonl:2: .*{needle}"):
+        read_prompts(prompts)
