@@ -63,7 +63,7 @@ BAD_LINES = {
     "id_dict": (_flash(1, id={"a": 1}), "field `id` must be a string or an integer"),
     "title_list": (_flash(1, title=["t"]), "field `title` must be a string"),
     "url_object": (_flash(1, url={"x": 1}), "field `url` must be a string"),
-    "nested_brackets": ("[" * 100_000, "nested too deeply"),
+    "nested_brackets": ("[" * 100_000, "nested deeper than"),
 }
 
 

@@ -14,7 +14,9 @@ import typer
 from rich.console import Console
 
 from finqlora import __version__
+from finqlora.cli.console import make_console, styled
 from finqlora.core.errors import FinqloraError
+from finqlora.core.fileio import WRITE_ERRNOS, write_error
 
 # Order is the order of `finqlora --help`: the pipeline's stages first, then tools.
 AREAS = ("pipeline", "db", "data", "train", "evaluate", "models", "serve", "ui", "export", "doctor")
@@ -47,13 +49,25 @@ for _area in AREAS:
 
 
 def main(argv: list[str] | None = None) -> None:
-    err = Console(stderr=True)
+    err = make_console(stderr=True)
     try:
         app(args=argv, standalone_mode=True)
-    except FinqloraError as exc:
-        # soft_wrap: no line breaks inserted, so a long file path in the message stays one piece
-        # (copyable, and findable by scripts) however narrow the terminal.
-        err.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
-        if exc.hint:
-            err.print(f"[yellow]hint:[/] {exc.hint}", highlight=False, soft_wrap=True)
+    except OSError as exc:
+        # A folder that cannot be written or a full disk anywhere below (run folders, -o
+        # paths, exports): the user's to fix, so an error naming the path, not a traceback.
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        _print_error(err, write_error(exc, exc.filename))
         sys.exit(2)
+    except FinqloraError as exc:
+        _print_error(err, exc)
+        sys.exit(2)
+
+
+def _print_error(err: Console, exc: FinqloraError) -> None:
+    # soft_wrap: no line breaks inserted, so a long file path in the message stays one piece
+    # (copyable, and findable by scripts) however narrow the terminal. The message quotes
+    # data (paths, values, YAML): printed as text, never as markup.
+    err.print(styled(("error:", "bold red"), " ", exc.message), highlight=False, soft_wrap=True)
+    if exc.hint:
+        err.print(styled(("hint:", "yellow"), " ", exc.hint), highlight=False, soft_wrap=True)

@@ -6,16 +6,16 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from finqlora.cli.console import make_console, styled
 from finqlora.core.errors import FinqloraError
 
 data_app = typer.Typer(name="data", help="Inspect instruction datasets.", no_args_is_help=True)
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 
 def parse_shares(text: str, option: str) -> tuple[float, float, float]:
@@ -102,7 +102,7 @@ def build(
     )
     result = build_dataset(config)
     for notice in result.notices:
-        err_console.print(f"[yellow]note:[/] {notice}", highlight=False)
+        err_console.print(styled(("note:", "yellow"), f" {notice}"), highlight=False)
     if not quiet:
         table = Table(title=f"{len(result.records)} records")
         table.add_column("type")
@@ -120,8 +120,11 @@ def _record_panel(record: dict, number: int) -> Panel:
         str(part) for part in (record.get("id"), record.get("type"), record.get("split"), record.get("event_time")) if part
     )
     # Text, not markup: dataset text may contain brackets that rich would read as styles.
-    if "messages" in record:
-        sections = [(str(m.get("role", "?")), str(m.get("content", ""))) for m in record["messages"]]
+    if isinstance(record.get("messages"), list):
+        sections = [
+            (str(m.get("role", "?")), str(m.get("content", ""))) if isinstance(m, dict) else ("?", str(m))
+            for m in record["messages"]
+        ]
     else:
         sections = [(name, str(record.get(name) or "")) for name in ("instruction", "input", "output")]
     if record.get("label"):
@@ -132,7 +135,7 @@ def _record_panel(record: dict, number: int) -> Panel:
             body.append("\n\n")
         body.append(name + "\n", style="bold")
         body.append(text)
-    return Panel(body, title=f"#{number} {head}", title_align="left")
+    return Panel(body, title=Text(f"#{number} {head}"), title_align="left")
 
 
 @data_app.command("show")

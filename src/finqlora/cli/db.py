@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from finqlora.cli.console import make_console, styled
 from finqlora.core.errors import FinqloraError
 
 db_app = typer.Typer(
@@ -16,7 +16,7 @@ db_app = typer.Typer(
     help="The event store: a SQLite database of news events, price bars and event impacts.",
     no_args_is_help=True,
 )
-console = Console()
+console = make_console()
 
 DB_OPTION = typer.Option(..., "--db", help="Path of the SQLite database.", show_default=False)
 
@@ -43,7 +43,7 @@ def _parse_mapping(pairs: list[str], option: str) -> dict[str, str]:
 def _print_skipped(skipped: list, what: str) -> None:
     if not skipped:
         return
-    console.print(f"[yellow]skipped {len(skipped)} {what}[/] (first ones below)")
+    console.print(styled((f"skipped {len(skipped)} {what}", "yellow"), " (first ones below)"))
     for row in skipped[:5]:
         console.print(f"  {row.file}, line {row.line}: {row.reason}", highlight=False)
 
@@ -97,15 +97,18 @@ def check(
         )
     else:
         counts = ", ".join(f"{table}: {n:,}" for table, n in report.counts.items()) or "no tables"
-        console.print(f"{db}: {counts}; schema version {report.schema_version or 'none (not a finqlora store yet)'}")
+        if report.damaged:
+            console.print(f"{db}: damaged")
+        else:
+            console.print(f"{db}: {counts}; schema version {report.schema_version or 'none (not a finqlora store yet)'}")
         if report.time_column:
             console.print(f"publication time read from events.{report.time_column}")
         for problem in report.problems:
             colour = "red" if problem.severity == "fatal" else "yellow"
-            console.print(f"[{colour}]{problem.severity}[/]: {problem.describe()}", highlight=False)
+            console.print(styled((problem.severity, colour), f": {problem.describe()}"), highlight=False)
         if not report.problems:
-            console.print("[green]ok[/]: everything finqlora needs is there")
-        elif not migrate:
+            console.print(styled(("ok", "green"), ": everything finqlora needs is there"))
+        elif not migrate and report.migratable:
             console.print(f"run `finqlora db check --db {db} --migrate` to add what is missing (a backup is made first)")
     if not report.ok:
         raise typer.Exit(1)
@@ -220,8 +223,8 @@ def stats(
     if as_json:
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
         return
-    marker = " [bold magenta](SYNTHETIC sample data)[/]" if result.synthetic else ""
-    console.print(f"[bold]{db}[/]{marker}")
+    marker = (" (SYNTHETIC sample data)", "bold magenta") if result.synthetic else ""
+    console.print(styled((str(db), "bold"), marker))
     console.print(
         f"{result.events:,} events ({result.primaries:,} primaries, {result.linked_duplicates:,} linked duplicates), "
         f"{result.first_event or '-'} .. {result.last_event or '-'}"

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.markup import escape
+from finqlora.cli.console import make_console, styled
 
-_MARKS = {"ok": "[green]✓[/]", "warn": "[yellow]![/]", "fail": "[red]✗[/]", "info": "[blue]·[/]"}
+_MARKS = {"ok": ("✓", "green"), "warn": ("!", "yellow"), "fail": ("✗", "red"), "info": ("·", "blue")}
 
 
 def doctor(
@@ -30,28 +29,28 @@ def doctor(
 
     from rich.table import Table
 
-    console = Console(highlight=False)
+    console = make_console()
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(no_wrap=True)
     table.add_column(no_wrap=True, style="bold")
     table.add_column(overflow="fold")
     for check in report.checks:
-        text = check.summary
+        text = styled(check.summary)
         if check.fix and check.status in ("fail", "warn"):
-            text += f"\n[dim]fix:[/] [cyan]{escape(check.fix)}[/]"
-        table.add_row(_MARKS[check.status], check.name, text)
-    console.print(table)
+            text = styled(check.summary, "\n", ("fix:", "dim"), " ", (check.fix, "cyan"))
+        table.add_row(styled(_MARKS[check.status]), check.name, text)
+    console.print(table, highlight=False)
     console.print()
-    console.print(f"[bold]mode:[/] {report.training_mode}")
-    console.print("[bold]works here:[/] " + "; ".join(report.works))
+    console.print(styled(("mode:", "bold"), f" {report.training_mode}"), highlight=False)
+    console.print(styled(("works here:", "bold"), " " + "; ".join(report.works)), highlight=False)
     if report.does_not_work:
-        console.print("[bold]not here:[/] " + "; ".join(report.does_not_work))
+        console.print(styled(("not here:", "bold"), " " + "; ".join(report.does_not_work)), highlight=False)
     if not report.can_serve:
-        console.print("[yellow]serving (finqlora serve) cannot run: see the lines above[/]")
+        console.print(styled(("serving (finqlora serve) cannot run: see the lines above", "yellow")))
     if report.can_train:
-        console.print("[green]training can run on this machine[/]")
+        console.print(styled(("training can run on this machine", "green")))
     else:
-        console.print("[red]training cannot run as intended: fix the red lines above[/]")
+        console.print(styled(("training cannot run as intended: fix the red lines above", "red")))
     raise typer.Exit(report.exit_code)
 
 

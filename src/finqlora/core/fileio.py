@@ -6,6 +6,7 @@ fsynced and renamed over the target, so an interrupted run never leaves a half-w
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from finqlora.core.errors import FinqloraError
+from finqlora.core.safe_input import InputError, json_loads
 
 
 def umask_mode(path: str | os.PathLike[str]) -> None:
@@ -24,10 +26,36 @@ def umask_mode(path: str | os.PathLike[str]) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
+# Errors of writing that the user fixes (permissions, a read-only mount, a full disk, a file
+# where a folder should be), as opposed to bugs.
+WRITE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR})
+
+
+def write_error(exc: OSError, path: str | os.PathLike[str] | None) -> FinqloraError:
+    """A FinqloraError for an OSError of writing `path`, naming the folder and what to do."""
+    target = Path(path) if path else None
+    where = str(target) if target else "the output"
+    folder = str(target.parent) if target else "the output folder"
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FinqloraError(f"cannot write {where}: the disk is full ({reason})",
+                             hint=f"free some disk space where {folder} lies, or write to another folder, and run this again")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return FinqloraError(f"cannot write {where}: {reason} (a file stands where a folder is needed, or the other way round)",
+                             hint="choose another output path, or move that file away")
+    return FinqloraError(f"cannot write {where}: {reason} (the folder {folder} is not writable)",
+                         hint="choose an output folder you can write to, or fix its permissions (or the read-only mount)")
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        raise write_error(exc, target) from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -35,8 +63,10 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             os.fsync(handle.fileno())
         umask_mode(tmp)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            raise write_error(exc, target) from exc
         raise
     return target
 
@@ -78,19 +108,23 @@ def iter_jsonl(
     file = Path(path)
     if not file.is_file():
         raise FinqloraError(f"{what} not found: {file}", hint=f"check the path of the {what}")
-    with file.open(encoding="utf-8") as handle:
+    # Bytes, decoded a line at a time: a torn last line may end inside a multi-byte character.
+    with file.open("rb") as handle:
         lines = list(enumerate(handle, start=1)) if torn_tail else enumerate(handle, start=1)
         last = lines[-1][0] if torn_tail and lines else None
-        for number, line in lines:
-            if not line.strip():
+        for number, raw in lines:
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as exc:
+                row = json_loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
                 if number == last:
                     return
-                detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-                raise FinqloraError(f"{file}:{number}: not valid JSON ({detail})", hint=hint) from None
+                raise FinqloraError(f"{file}:{number}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})", hint=hint) from None
+            except InputError as exc:
+                if number == last:
+                    return
+                raise FinqloraError(f"{file}:{number}: not valid JSON ({exc})", hint=hint) from None
             if not isinstance(row, dict):
                 if number == last:
                     return

@@ -47,6 +47,7 @@ from finqlora.core.config import RunConfig
 from finqlora.core.chat_format import assistant_turn_suffix, render_prompt, user_content
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, atomic_write_text, sha256_file
+from finqlora.core.safe_input import InputError, json_loads
 
 TYPES = ("news_impact", "market_analysis", "report_qa")
 PUBLIC = "public_data"  # records from --add-dataset sources
@@ -766,9 +767,10 @@ def _stages(enabled: bool) -> Iterator[Any]:
         yield lambda _text: None
         return
     from rich.console import Console
+    from rich.text import Text
 
     with Console(stderr=True).status("building the dataset") as status:
-        yield lambda text: status.update(text)
+        yield lambda text: status.update(Text(text))  # Text: stage names quote paths, never markup
 
 
 def build_dataset(config: BuildConfig) -> BuildResult:
@@ -1257,16 +1259,21 @@ def preview_records(path: Path, n: int = 3) -> list[dict[str, Any]]:
     if not path.exists():
         raise FinqloraError(f"{path} does not exist", hint="build a dataset with `finqlora build --output PATH`")
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    hint = "each line must be one JSON object; rebuild the file with `finqlora build`"
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
             if len(records) >= n:
                 break
-            if not line.strip():
+            if not raw.strip():
                 continue
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise FinqloraError(f"{path}, line {number}: not valid JSON ({exc.msg} at column {exc.colno})",
-                                    hint="each line must be one JSON object; rebuild the file with `finqlora build`") from exc
+                record = json_loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise FinqloraError(f"{path}, line {number}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})", hint=hint) from None
+            except InputError as exc:
+                raise FinqloraError(f"{path}, line {number}: not valid JSON ({exc})", hint=hint) from None
+            if not isinstance(record, dict):
+                raise FinqloraError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}", hint=hint)
+            records.append(record)
     return records
 

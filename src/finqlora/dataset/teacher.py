@@ -229,10 +229,11 @@ def enrich_records(
         cache.put(key, answer, model_name)
         return record, answer, False, used.name
 
+    from rich.markup import escape
     from rich.progress import Progress
 
     with Progress(disable=not progress, transient=True) as bar, concurrent.futures.ThreadPoolExecutor(max(1, concurrency)) as pool:
-        task = bar.add_task(f"teacher {model_name}", total=len(candidates))
+        task = bar.add_task(escape(f"teacher {model_name}"), total=len(candidates))
         futures = [pool.submit(ask, record) for record in candidates]
         try:
             for future in concurrent.futures.as_completed(futures):

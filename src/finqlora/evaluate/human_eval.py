@@ -28,6 +28,7 @@ from typing import Any
 
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_text
+from finqlora.core.safe_input import csv_rows
 
 SHEET_COLUMNS = ["item", "question", "answer_A", "answer_B", "preference", "comment"]
 KEY_COLUMNS = ["item", "A", "B"]
@@ -72,15 +73,23 @@ def make_sheet(
 def _read_csv(path: Path, required: list[str]) -> list[dict[str, str]]:
     if not path.exists():
         raise FinqloraError(f"file not found: {path}")
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in required if column not in (reader.fieldnames or [])]
-        if missing:
-            raise FinqloraError(
-                f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(reader.fieldnames or [])})",
-                hint="use the sheet written by `finqlora eval human-sheet` without renaming its columns",
-            )
-        return list(reader)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        # Spreadsheet programs may save a sheet in the locale's encoding (GBK on Chinese Windows).
+        line = data[: exc.start].count(b"\n") + 1
+        raise FinqloraError(f"{path}, line {line}: not UTF-8 (byte 0x{data[exc.start]:02x})",
+                            hint="save the sheet as 'CSV UTF-8' (or convert it with `iconv -f GB18030 -t UTF-8`)") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = [row for _line, row in csv_rows(reader, path, hint="fix that line of the sheet")]
+    missing = [column for column in required if column not in (reader.fieldnames or [])]
+    if missing:
+        raise FinqloraError(
+            f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(reader.fieldnames or [])})",
+            hint="use the sheet written by `finqlora eval human-sheet` without renaming its columns",
+        )
+    return rows
 
 
 def _decode(preference: str, key_row: dict[str, str], where: str) -> str | None:

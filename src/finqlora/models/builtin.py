@@ -154,7 +154,7 @@ def _progress_bar(total: int, description: str, enabled: bool):
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     progress = Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),  # descriptions name data (tickers, files)
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),

@@ -19,6 +19,7 @@ from typing import Any
 from finqlora.core.chat_format import record_to_chat, render_prompt, stop_token_ids, user_content
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json
+from finqlora.core.safe_input import InputError, json_loads
 
 Messages = Sequence[Mapping[str, str]]
 
@@ -89,7 +90,7 @@ def _progress(total: int, description: str, enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     progress = Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),  # descriptions name data (tickers, files)
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -300,13 +301,16 @@ def read_prompts(path: Path) -> list[PromptRow]:
     if not path.is_file():
         raise FinqloraError(f"input file not found: {path}", hint="pass a JSONL file, one prompt or record per line")
     rows: list[PromptRow] = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, "rb") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except ValueError as exc:
+                record = json_loads(line.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise FinqloraError(f"{path}:{number}: not UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1})",
+                                    hint="each line must be one JSON object, in UTF-8") from None
+            except InputError as exc:
                 raise FinqloraError(f"{path}:{number}: not valid JSON ({exc})", hint="each line must be one JSON object") from None
             if not isinstance(record, dict):
                 raise FinqloraError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")

@@ -25,15 +25,17 @@ Tables (see docs/store.md for every column):
   `ret_pre_30m`, `ret_pre_120m`, for queries written against a wide layout.
 
 A user's database is only read by `connect(..., readonly=True)`, `check_db` and the read
-API; it is changed only by `migrate_db`, which backs it up first.
+API; it is changed only by `migrate_db`, which backs it up first. (A hot journal that an
+interrupted write left beside a file is rolled back before a read-only open: that restores the
+last committed state, SQLite's own recovery, and changes no committed data.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import math
+import os
 import re
 import shutil
 import sqlite3
@@ -46,6 +48,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from finqlora.core.errors import FinqloraError
+from finqlora.core.safe_input import InputError, json_loads
 
 # 2: events.stocks (the stock links a source gives an event) and the price_batches table. A
 # version-1 finqlora store is brought up to date in place by `open_store` (tables and columns
@@ -289,6 +292,8 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
                 f"database {db_path} does not exist",
                 hint="create it with `finqlora db init --db PATH` or `finqlora db sample --db PATH`",
             )
+    if readonly and exists:
+        _roll_back_hot_journal(db_path)
     try:
         if readonly:
             conn = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True)
@@ -310,6 +315,35 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def journal_path(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + "-journal")
+
+
+def _roll_back_hot_journal(db_path: Path) -> None:
+    """Let SQLite roll back the journal an interrupted write left beside the file.
+
+    A killed or disk-full ingest leaves `PATH-journal` holding the pages it had changed; until
+    a read-write connection rolls them back, the file itself is inconsistent and a `mode=ro`
+    connection cannot read it (SQLITE_READONLY_ROLLBACK). Any read-write open does the
+    rollback; SQLite only replays a journal that no live writer holds, so a running writer is
+    left alone. Where the file or its folder is not writable nothing happens here and
+    `store_error` explains the read that fails.
+    """
+    journal = journal_path(db_path)
+    if not journal.is_file() or journal.stat().st_size == 0:
+        return
+    if not (os.access(db_path, os.W_OK) and os.access(db_path.parent, os.W_OK)):
+        return
+    try:
+        conn = sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_S)
+        try:
+            conn.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        pass  # the read-only open that follows reports the problem
+
+
 def store_error(exc: BaseException, path: str | Path | None) -> FinqloraError | None:
     """A clear FinqloraError for the ways writing a store fails (read-only, locked, full, I/O).
 
@@ -318,10 +352,25 @@ def store_error(exc: BaseException, path: str | Path | None) -> FinqloraError | 
     name = getattr(exc, "sqlite_errorname", "") or ""
     text = str(exc).lower()
     where = str(path) if path else "the database"
+    if name == "SQLITE_READONLY_ROLLBACK":
+        journal = journal_path(Path(where)).name if path else "its -journal file"
+        return FinqloraError(
+            f"{where} has a hot journal ({journal}) left by a write that was interrupted (killed, or the disk was full); "
+            "SQLite must roll it back before the file can be read, and that needs write access to the file and its folder",
+            hint=f"give this user write access to {where} and its folder (or free disk space) and run any finqlora command on it: "
+            f"the first one rolls the journal back. Do not delete {journal} or copy the file without it: "
+            "without the journal the file is corrupt",
+        )
     if name.startswith("SQLITE_READONLY") or "readonly database" in text:
         return FinqloraError(
             f"{where} is read-only: {exc}",
-            hint="check the file's and its folder's permissions (or the mount), or work on a copy; nothing was stored",
+            hint="check the file's and its folder's permissions (or the mount); nothing was stored",
+        )
+    if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or "malformed" in text:
+        return FinqloraError(
+            f"{where} is damaged: {exc}",
+            hint=f"run `finqlora db check --db {where}` for details and restore the file from a backup "
+            "(a copy taken without its -journal file while a write was interrupted is corrupt)",
         )
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in text:
         return FinqloraError(
@@ -426,6 +475,25 @@ def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
     )
 
 
+def meta_int(value: object) -> int | None:
+    """A whole number stored as text in a user's database (`finqlora_meta`), or None.
+
+    Digits only and at most 18 of them: the value comes from a file anyone may have edited,
+    and int() of an arbitrary string can fail (letters) or refuse (more than 4,300 digits).
+    """
+    text = str(value).strip() if value is not None else ""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
+def _star(value: object) -> int | None:
+    """A user's `star` cell (integer, real or digits) as an int; None for text, NaN, inf or huge."""
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return meta_int(value) if isinstance(value, str) else None
+
+
 def get_meta(conn: sqlite3.Connection) -> dict[str, str]:
     try:
         return dict(conn.execute("SELECT key, value FROM finqlora_meta").fetchall())
@@ -441,7 +509,7 @@ def open_store(path: str | Path) -> sqlite3.Connection:
     conn = connect(db_path)
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     meta = get_meta(conn)
-    version = int(meta.get("schema_version", 0) or 0)
+    version = meta_int(meta.get("schema_version")) or 0
     if "finqlora_meta" in tables and 1 <= version < SCHEMA_VERSION:
         _upgrade_store(conn)
         version = SCHEMA_VERSION
@@ -552,7 +620,7 @@ def read_events(
                 published_at=published if ts is not None else None,
                 content=record.get("content") or "",
                 title=record.get("title"),
-                star=int(star) if isinstance(star, (int, float)) or (isinstance(star, str) and star.isdigit()) else None,
+                star=_star(star),
                 source=record.get("source"),
                 primary_event_id=record.get("primary_event_id"),
                 importance=record.get("importance"),
@@ -569,8 +637,8 @@ def _json_list(value: object) -> list[str]:
         return []
     if isinstance(value, str):
         try:
-            parsed = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
+            parsed = json_loads(value)
+        except InputError:  # plain text, or JSON past the bounds (depth, digits)
             return [part.strip() for part in re.split(r"[,，;；]", value) if part.strip()]
         return [str(item) for item in parsed] if isinstance(parsed, list) else [str(parsed)]
     return [str(value)]
@@ -581,8 +649,8 @@ def stock_codes(value: object) -> list[str]:
     if not value:
         return []
     try:
-        parsed = json.loads(value) if isinstance(value, str) else value
-    except (json.JSONDecodeError, RecursionError):
+        parsed = json_loads(value) if isinstance(value, str) else value
+    except InputError:
         return _json_list(value)
     if not isinstance(parsed, list):
         parsed = [parsed]
@@ -619,6 +687,8 @@ class CheckProblem:
     kind: str = "missing"  # or "suspicious": present but probably wrong
 
     def describe(self) -> str:
+        if self.kind == "damaged":
+            return f"damaged file: {self.disables}"
         where = f"{self.table}.{self.column}" if self.column else f"table {self.table}"
         return f"{self.kind} {where}: {self.disables}"
 
@@ -650,8 +720,14 @@ class CheckReport:
         return not any(p.severity == "fatal" for p in self.problems)
 
     @property
+    def damaged(self) -> bool:
+        return any(p.kind == "damaged" for p in self.problems)
+
+    @property
     def migratable(self) -> bool:
-        """True when `--migrate` would add something."""
+        """True when `--migrate` would add something (never to a damaged file)."""
+        if self.damaged:
+            return False
         return any(p.kind == "missing" for p in self.problems) or (self.schema_version or 0) < SCHEMA_VERSION
 
 
@@ -670,10 +746,30 @@ _WHAT_EVENT_COLUMNS_DO = {
 }
 
 
+def _quick_check(conn: sqlite3.Connection) -> str | None:
+    """What SQLite's `quick_check` finds wrong with the file (first problems), or None if it is sound.
+
+    quick_check reads every page (O(N), no index-content cross-check): it catches a file
+    copied without its hot journal, truncated or overwritten.
+    """
+    try:
+        found = [str(row[0]) for row in conn.execute("PRAGMA quick_check(5)")]
+    except sqlite3.DatabaseError as exc:
+        found = [str(exc)]
+    if found == ["ok"]:
+        return None
+    lines = [line.strip() for text in found for line in text.splitlines() if line.strip() and not line.startswith("***")]
+    return "SQLite's quick_check reports: " + "; ".join(lines[:5]) + " (restore the file from a backup)"
+
+
 def check_db(path: str | Path) -> CheckReport:
     """Validate any database read-only: what is missing and what each missing piece disables."""
     conn = connect(path, readonly=True)
     try:
+        damage = _quick_check(conn)
+        if damage:
+            # Counting or reading a damaged file may fail or mislead: report the damage alone.
+            return CheckReport(str(path), None, None, {}, [CheckProblem("fatal", "file", None, damage, kind="damaged")])
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         problems: list[CheckProblem] = []
         counts: dict[str, int] = {}
@@ -732,7 +828,7 @@ def check_db(path: str | Path) -> CheckReport:
                 if column not in columns:
                     problems.append(CheckProblem("fatal", "prices", column, "price bars cannot be read"))
         meta = get_meta(conn)
-        version = int(meta["schema_version"]) if "schema_version" in meta else None
+        version = meta_int(meta.get("schema_version"))
         return CheckReport(str(path), version, time_column, counts, problems)
     finally:
         conn.close()

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finqlora.store.db import DEFAULT_PRE_WINDOWS, DEFAULT_WINDOWS, get_meta, open_store, set_meta, table_columns, transaction
+from finqlora.store.db import DEFAULT_PRE_WINDOWS, DEFAULT_WINDOWS, get_meta, meta_int, open_store, set_meta, table_columns, transaction
 from finqlora.core.errors import FinqloraError
 
 DEFAULT_T0_TOLERANCE_MIN = 5
@@ -244,7 +244,7 @@ def _compute_ticker(
 ) -> None:
     """Compute and store one ticker's rows for the events that need them (one transaction)."""
     signed = settings.signed
-    seen_batch = int(get_meta(conn).get(_batch_key(ticker), 0) or 0)
+    seen_batch = meta_int(get_meta(conn).get(_batch_key(ticker))) or 0
     new_batches = (
         conn.execute(
             "SELECT batch_id, first_ts, last_ts FROM price_batches WHERE ticker = ? AND batch_id > ? ORDER BY batch_id", (ticker, seen_batch)
@@ -254,6 +254,15 @@ def _compute_ticker(
     )
     latest_batch = new_batches[-1][0] if new_batches else seen_batch
     stale = np.zeros(len(all_ids), dtype=bool)
+    # Windows of our stored rows that this call does not compute (an earlier call's -120 when
+    # this one asks for 5 only): the batches are marked seen below, so rows of those windows
+    # that the new bars reach must be redone now, or they would stay stale for good.
+    stored_windows = sorted(
+        {row[0] for row in conn.execute(
+            "SELECT DISTINCT window_min FROM event_impacts WHERE ticker = ? AND status IS NOT NULL AND status != ?",
+            (ticker, STATUS_PENDING),
+        )} - set(signed)
+    ) if new_batches and not settings.recompute else []
     if settings.recompute:
         todo = np.ones(len(all_ids), dtype=bool)
     else:
@@ -267,8 +276,21 @@ def _compute_ticker(
             )
         }
         is_done = np.array([event_id in done for event_id in all_ids], dtype=bool)
-        stale = is_done & stale_event_mask(
-            all_ts, [(first, last) for _, first, last in new_batches], signed,
+        if stored_windows:
+            marks_other = ",".join("?" * len(stored_windows))
+            has_other = {
+                row[0]
+                for row in conn.execute(
+                    f"SELECT DISTINCT event_id FROM event_impacts WHERE ticker = ? AND window_min IN ({marks_other}) "
+                    "AND status IS NOT NULL AND status != ?",
+                    (ticker, *stored_windows, STATUS_PENDING),
+                )
+            }
+            is_stored = is_done | np.array([event_id in has_other for event_id in all_ids], dtype=bool)
+        else:
+            is_stored = is_done
+        stale = is_stored & stale_event_mask(
+            all_ts, [(first, last) for _, first, last in new_batches], [*signed, *stored_windows],
             t0_tolerance_min=settings.t0_tolerance_min, end_tolerance_min=settings.end_tolerance_min,
         )
         todo = ~is_done | stale
@@ -280,7 +302,7 @@ def _compute_ticker(
         return
     with transaction(conn):
         if len(ids):
-            _store_rows(conn, ticker, ids, ts, all_ids[stale], settings, report)
+            _store_rows(conn, ticker, ids, ts, all_ids[stale], all_ts[stale], stored_windows, settings, report)
         if latest_batch != seen_batch:
             set_meta(conn, _batch_key(ticker), str(latest_batch))
 
@@ -291,19 +313,29 @@ def _store_rows(
     ids: np.ndarray,
     ts: np.ndarray,
     stale_ids: np.ndarray,
+    stale_ts: np.ndarray,
+    other_windows: Sequence[int],
     settings: _Settings,
     report: ImpactReport,
 ) -> None:
     bars = np.array(conn.execute("SELECT ts, close FROM prices WHERE ticker = ? ORDER BY ts", (ticker,)).fetchall(), dtype=np.float64).reshape(-1, 2)
-    results = event_returns(
-        bars[:, 0].astype(np.int64),
-        bars[:, 1],
-        ts,
-        [w for w in settings.signed if w > 0],
-        [-w for w in settings.signed if w < 0],
-        t0_tolerance_min=settings.t0_tolerance_min,
-        end_tolerance_min=settings.end_tolerance_min,
-    )
+
+    def returns(event_ts: np.ndarray, signed: Sequence[int]) -> list[WindowReturns]:
+        return event_returns(
+            bars[:, 0].astype(np.int64),
+            bars[:, 1],
+            event_ts,
+            [w for w in signed if w > 0],
+            [-w for w in signed if w < 0],
+            t0_tolerance_min=settings.t0_tolerance_min,
+            end_tolerance_min=settings.end_tolerance_min,
+        )
+
+    # This call's windows for every event to do; the stale events' rows of other stored windows
+    # are redone as well (their old rows are deleted below).
+    groups = [(ids, returns(ts, settings.signed))]
+    if len(other_windows) and len(stale_ids):
+        groups.append((stale_ids, returns(stale_ts, other_windows)))
     # Without --recompute, rows that already exist (a user's own, or final rows of other
     # windows) are kept; only our own `pending` rows, and our rows of events that newer bars
     # reach, are replaced.
@@ -314,6 +346,13 @@ def _store_rows(
             "DELETE FROM event_impacts WHERE ticker = ? AND event_id = ? AND status IS NOT NULL",
             [(ticker, event_id) for event_id in stale_ids.tolist()],
         )
+    for group_ids, results in groups:
+        _insert_rows(conn, verb, ticker, group_ids, results, report)
+
+
+def _insert_rows(
+    conn: sqlite3.Connection, verb: str, ticker: str, ids: np.ndarray, results: list[WindowReturns], report: ImpactReport
+) -> None:
     for result in results:
         rows = zip(
             ids.tolist(),

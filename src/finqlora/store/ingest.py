@@ -53,6 +53,7 @@ import numpy as np
 
 from finqlora.store.db import MAX_TS, MIN_TS, get_zone, iso_utc, open_store, parse_time, transaction
 from finqlora.core.errors import FinqloraError
+from finqlora.core.safe_input import InputError, csv_rows, json_loads
 from finqlora.core.textdedup import normalize_flash
 
 NEWS_FORMATS = ("cls", "jsonl", "csv")
@@ -177,10 +178,10 @@ def _parse_jsonl(path: Path, *, skip_bad: bool, skipped: list[SkippedRow]) -> It
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            # A line of 100k nested `[` is valid JSON that no decoder should recurse into.
-            problem = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            obj = json_loads(line)
+        except InputError as exc:
+            # Also 100k nested `[` and integers of more than 4,300 digits: one bad line each.
+            problem = str(exc)
             if skip_bad:
                 skipped.append(SkippedRow(str(path), lineno, f"malformed JSON: {problem}"))
                 continue
@@ -242,8 +243,8 @@ def _subjects(value: object) -> list[str]:
         return []
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
+            value = json_loads(value)
+        except InputError:
             return [part.strip() for part in re.split(r"[,，;；|]", value) if part.strip()]
     if isinstance(value, dict):
         value = [value]
@@ -290,8 +291,8 @@ def _stock_items(value: object) -> object:
     """A csv/jsonl stocks cell: a JSON list, or codes separated by commas/semicolons."""
     if isinstance(value, str):
         try:
-            return json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
+            return json_loads(value)
+        except InputError:
             return [part.strip() for part in re.split(r"[,，;；|]", value) if part.strip()]
     return value
 
@@ -316,7 +317,7 @@ def star_for(source: str, importance: str | None, flags: dict | None = None) -> 
         if level == "B":
             return 4
         return 3 if flags.get("bold") in (1, "1", True) else 2
-    if level.isdigit() and 1 <= int(level) <= 5:
+    if level in ("1", "2", "3", "4", "5"):
         return int(level)
     return 2
 
@@ -490,9 +491,9 @@ def read_news_file(
     else:
         text = read_text_file(file_path)
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        available = list(reader.fieldnames or [])
         # csv line numbers: header is line 1
-        rows = [(reader.line_num, row) for row in reader]
+        rows = list(csv_rows(reader, file_path, hint="fix that line (or split the long field); nothing was stored"))
+        available = list(reader.fieldnames or [])
     columns = _resolve_mapping(available, mapping, _NEWS_FIELD_GUESSES)
     for required in ("time", "content"):
         column = columns.get(required)
@@ -653,7 +654,7 @@ def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),  # descriptions name data (tickers, files)
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -751,8 +752,9 @@ def read_bars_file(
     if unknown:
         raise FinqloraError(f"unknown field(s) in --col: {', '.join(unknown)}", hint=f"fields are: {', '.join(PRICE_FIELDS)}")
     text = read_text_file(file_path)
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = [name.strip() for name in next(reader, None) or []]
+    rows = csv_rows(csv.reader(io.StringIO(text, newline="")), file_path)
+    first = next(rows, None)
+    header = [name.strip() for name in (first[1] if first else [])]
     resolved = _resolve_mapping(header, columns, _PRICE_FIELD_GUESSES)
     for required in ("time", "close"):
         if resolved.get(required) not in header:
@@ -761,7 +763,7 @@ def read_bars_file(
                 hint=f"name it with --col {required}=COLUMN; nothing was stored",
             )
     index = {name: header.index(column) for name, column in resolved.items() if column in header}
-    numbered = [(reader.line_num, row) for row in reader if row and (len(row) > 1 or row[0].strip())]
+    numbered = [(lineno, row) for lineno, row in rows if row and (len(row) > 1 or row[0].strip())]
     for lineno, row in numbered:
         if len(row) < len(header):
             raise FinqloraError(f"{file_path}, line {lineno}: {len(row)} fields, the header has {len(header)}", hint="fix the row; nothing was stored")
@@ -838,13 +840,16 @@ def _parse_bar_times(stamps: list[str], lines: np.ndarray, zone, file_path: Path
             warnings.simplefilter("error")  # numpy warns on zone suffixes: take the careful path
             if _UNIX_STAMP_RE.fullmatch(first) and _UNIX_STAMP_RE.fullmatch(last):
                 seconds = np.array(stamps, dtype=np.float64)
-                seconds = np.where(seconds > 1e11, seconds / 1000.0, seconds)
-                return seconds.astype(np.int64)
+                # Only first and last were matched: a `nan`, `1e300` or short number between
+                # them goes the careful way, which names its line.
+                if np.all((seconds >= 1e8) & (seconds < 1e13)):
+                    seconds = np.where(seconds > 1e11, seconds / 1000.0, seconds)
+                    return seconds.astype(np.int64)
             if offset is not None and _NAIVE_STAMP_RE.fullmatch(first) and _NAIVE_STAMP_RE.fullmatch(last):
                 parsed = np.array([s.strip() for s in stamps], dtype="datetime64[s]")
                 if not np.isnat(parsed).any():
                     return parsed.astype(np.int64) - offset
-    except (ValueError, TypeError, DeprecationWarning, UserWarning):
+    except (ValueError, TypeError, DeprecationWarning, UserWarning, RuntimeWarning):
         pass
     result = np.empty(len(stamps), dtype=np.int64)
     for i, stamp in enumerate(stamps):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finqlora.store.db import connect, get_meta, table_columns
+from finqlora.store.db import connect, get_meta, store_error, table_columns
 
 
 @dataclass
@@ -70,6 +70,11 @@ def store_stats(path: str | Path) -> StoreStats:
     conn = connect(path, readonly=True)
     try:
         return _stats(conn, str(path))
+    except sqlite3.DatabaseError as exc:  # a damaged page met while counting
+        error = store_error(exc, path)
+        if error is None:
+            raise
+        raise error from exc
     finally:
         conn.close()
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from finqlora.core.errors import FinqloraError
+from finqlora.core.safe_input import yaml_load
 from finqlora.serve.http_limits import LOOPBACK_HOSTS, allowed_hosts_for  # noqa: F401  (LOOPBACK_HOSTS: imported from here too)
 from finqlora.ui.app import UIState, create_ui_app
 from finqlora.ui.runs import is_run_folder
@@ -41,8 +42,8 @@ def explicit_runs(folders: Sequence[Path]) -> dict[str, Path]:
 def base_model_of(run_dir: Path) -> str | None:
     """The base model a run was trained from (its run_config.yaml), if it says."""
     try:
-        config = yaml.safe_load((run_dir / "run_config.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+        config = yaml_load((run_dir / "run_config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         return None
     model = (config.get("train") or {}).get("model") if isinstance(config, dict) else None
     return str(model) if model else None

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from finqlora.core.fileio import iter_jsonl
+from finqlora.core.safe_input import yaml_load
 from finqlora.pipeline.engine import STAGES, STATE_FILE, RunPaths
 from finqlora.report.report import format_interval, format_p, format_value
 
@@ -86,8 +87,8 @@ def loss_points(run_dir: Path, info: dict[str, Any] | None) -> dict[str, list[li
 
 def _train_settings(run_dir: Path) -> dict[str, Any]:
     try:
-        config = yaml.safe_load((run_dir / "run_config.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+        config = yaml_load((run_dir / "run_config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         return {}
     return config.get("train") or {} if isinstance(config, dict) else {}
 
