@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from finqlora.core.config import MAX_NEW_TOKENS
 from finqlora.core.errors import FinqloraError
 from finqlora.serve.http_limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 
@@ -73,7 +74,7 @@ def register(app: typer.Typer) -> None:
         batch_window_ms: float = typer.Option(10.0, min=0, help="How long the oldest request waits for others to batch with."),
         max_prompt_tokens: int = typer.Option(2048, min=1, help="Longest prompt accepted (longer: 400 context_length_exceeded)."),
         max_tokens: int = typer.Option(1024, min=1, help="Largest max_tokens a request may ask for."),
-        default_max_tokens: int = typer.Option(256, min=1, help="max_tokens when a request does not set it."),
+        default_max_tokens: int = typer.Option(MAX_NEW_TOKENS, min=1, help="max_tokens when a request does not set it."),
         request_timeout: float = typer.Option(300.0, min=1, help="Seconds a request may take (queue + generation) before a 504."),
         max_prompt_chars: int | None = typer.Option(None, min=1, help="Longest prompt text accepted, in characters, checked before tokenizing (default: 16 x --max-prompt-tokens).", show_default=False),
         max_body_bytes: int = typer.Option(DEFAULT_MAX_BODY_BYTES, min=1, help="Largest request body accepted (larger: 413, before any parsing)."),

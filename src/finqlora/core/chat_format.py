@@ -48,7 +48,14 @@ def user_content(instruction: str, input_text: str | None = None) -> str:
 
 
 def record_to_chat(record: Mapping[str, Any]) -> ChatExample:
-    """Turn an Alpaca-style or messages-style record into prompt messages + answer."""
+    """Turn an Alpaca-style, ShareGPT-style or messages-style record into prompt messages + answer."""
+    if "conversations" in record or record.get("history"):
+        from finqlora.core.records import normalize  # sharegpt turns and alpaca history become messages
+
+        try:
+            record = normalize(record)
+        except ValueError as exc:
+            raise FinqloraError(f"record {record.get('id', '')!s}: {exc}") from None
     if "messages" in record:
         messages = [dict(role=m["role"], content=m["content"]) for m in record["messages"]]
         if messages and messages[-1]["role"] == "assistant":

@@ -16,7 +16,9 @@ name belongs to one section only); values are parsed as YAML, so `3`, `1e-4`, `t
 from __future__ import annotations
 
 import difflib
+import math
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +26,53 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finqlora.core.errors import FinqloraError
+from finqlora.core.profiles import PROFILE_NAMES
+
+# Defaults that several stages share, declared once (the schema's fields and the options of
+# generation, serving and chat read them from here).
+MAX_NEW_TOKENS = 256
+# Shortest train.max_length: below it a record's prompt template alone does not fit, so the
+# dataset builder and training refuse it with this one bound.
+MIN_MAX_LENGTH = 64
+# Names users know from Hugging Face, LLaMA-Factory or other tools, for did-you-mean hints
+# (`--set train.lr=...` -> learning_rate). They are not accepted as keys: one name per setting.
+KEY_SYNONYMS: dict[str, str] = {
+    "lr": "learning_rate", "epochs": "num_epochs", "num_train_epochs": "num_epochs", "lora_rank": "lora_r", "r": "lora_r",
+    "cutoff_len": "max_length", "per_device_train_batch_size": "batch_size", "lr_scheduler_type": "lr_scheduler",
+    "optimizer": "optim", "per_device_eval_batch_size": "eval_batch_size", "model_name_or_path": "model",
+    "lora_target": "target_modules", "max_prompts": "max_samples", "max_items": "limit", "output_format": "format",
+}
+
+
+def _renamed(section: str, renames: dict[str, str], value: Any) -> Any:
+    """Old key names keep working for one more release, with a FutureWarning naming the new key."""
+    if not isinstance(value, dict):
+        return value
+    value = dict(value)
+    for old, new in renames.items():
+        if old in value:
+            warnings.warn(f"{section}.{old} is deprecated: write {section}.{new}", FutureWarning, stacklevel=2)
+            if new in value:
+                raise ValueError(f"both {old} (deprecated) and {new} are set; keep {new}")
+            value[new] = value.pop(old)
+    return value
+
+
+def _shares(value: Any) -> Any:
+    """'60,20,20' (or '0.6/0.2/0.2', or a list) -> three shares; other values go to validation as given."""
+    if isinstance(value, str):
+        parts = [p for p in value.replace(" ", "").replace("/", ",").split(",") if p]
+        try:
+            return tuple(float(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"expects three comma-separated numbers such as 60,20,20, got {value!r}") from None
+    return value
+
+
+def _check_shares(parts: tuple[float, ...]) -> tuple[float, ...]:
+    if len(parts) != 3 or any(p < 0 or not math.isfinite(p) for p in parts) or sum(parts) <= 0:
+        raise ValueError(f"needs three non-negative numbers with a positive sum such as 60,20,20, got {list(parts)}")
+    return parts
 
 
 class _Section(BaseModel):
@@ -40,18 +89,63 @@ class AddDatasetConfig(_Section):
 
 
 class DataConfig(_Section):
-    """Dataset build (`finqlora build`), read by the pipeline."""
+    """Dataset build (`finqlora build`, and the pipeline's build stage): every option of the builder."""
 
     db: str = Field("sample", description="path to a finqlora.store.db store, or 'sample' for the built-in synthetic sample DB")
+    output: str = Field(
+        "data/qlora/instructions.jsonl",
+        description="dataset file of `finqlora build` (JSONL; card and stats beside it); `finqlora run` writes into the run folder",
+    )
+    templates_only: bool = Field(False, description="ignore the database and build from the built-in instruction templates only")
     num_samples: int = Field(300, ge=1, description="number of instruction records to build")
+    mix: tuple[float, float, float] = Field((60.0, 20.0, 20.0), description="shares of news_impact, market_analysis, report_qa (e.g. 60,20,20)")
+    split: tuple[float, float, float] = Field((80.0, 10.0, 10.0), description="shares of train, val, test, by event time (e.g. 80,10,10)")
     seed: int = Field(0, description="sampling and split seed (same seed + same DB = same dataset)")
-    format: Literal["alpaca", "messages"] = Field("alpaca", description="record layout of the JSONL file")
-    tokenizer: str | None = Field(None, description="tokenizer for token-aware trimming (default: train.model)")
+    format: Literal["alpaca", "messages", "sharegpt"] = Field(
+        "alpaca",
+        description="record layout: alpaca (instruction/input/output), messages (OpenAI chat) or sharegpt (conversations); "
+        "a LLaMA-Factory dataset_info.json is written beside the file",
+    )
+    tokenizer: str | None = Field(
+        None, description="tokenizer that measures lengths for trimming (null = train.model's; 'chars' = a character estimate)"
+    )
+    primary_window: int = Field(15, ge=1, description="post-event window (minutes) whose return sets the direction label")
+    primary_ticker: str | None = Field(
+        None, description="ticker whose direction is the main label (null = XAUUSD if present, else the one with most returns)"
+    )
+    threshold_k: float = Field(0.5, gt=0, description="direction threshold = k x robust volatility of the ticker at the window")
+    dedup_threshold: float = Field(0.7, gt=0, le=1, description="3-gram Jaccard similarity at which two news texts are near-duplicates")
+    embargo_min: int = Field(120, ge=0, description="leave out events this many minutes after a split boundary")
+    tz: str | None = Field(None, description="zone of a user database's time column written without one (e.g. Asia/Shanghai)")
     add: list[AddDatasetConfig] = Field(default_factory=list, description="public data sets mixed in (records of type public_data)")
     decontaminate: list[str] = Field(
         default_factory=list,
         description="evaluation files whose items no record may duplicate (eval.benchmarks are added automatically)",
     )
+    teacher: str | None = Field(
+        None, description="teacher for richer news-impact analyses: deepseek, kimi, openai, local, or an OpenAI-compatible URL"
+    )
+    teacher_model: str | None = Field(None, description="the teacher's model (null = the provider's, e.g. deepseek-chat)")
+    teacher_cache: str | None = Field(None, description="teacher answer cache (null = <output>.teacher_cache.jsonl)")
+    teacher_concurrency: int = Field(4, ge=1, le=64, description="teacher requests in flight at once")
+    teacher_max_tokens: int = Field(800, ge=16, description="longest teacher answer, in tokens")
+
+    @field_validator("mix", "split", mode="before")
+    @classmethod
+    def _shares_text(cls, value: Any) -> Any:
+        return _shares(value)
+
+    @field_validator("mix", "split")
+    @classmethod
+    def _positive_shares(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        return _check_shares(value)  # type: ignore[return-value]
+
+    @field_validator("split")
+    @classmethod
+    def _train_share(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if value[0] <= 0:
+            raise ValueError("the train share must be positive, e.g. 80,10,10")
+        return value
 
 
 class TrainConfig(_Section):
@@ -66,7 +160,7 @@ class TrainConfig(_Section):
     resume_from_checkpoint: str | None = Field(
         None, description="'auto' (latest complete checkpoint in output_dir) or a checkpoint-N folder"
     )
-    profile: str = Field("default", description="speed profile name from finqlora.train.speedups.PROFILES")
+    profile: str = Field("default", description="speed profile: " + ", ".join(PROFILE_NAMES) + " (docs/performance.md)")
 
     # Hardware and precision.
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu")
@@ -105,7 +199,7 @@ class TrainConfig(_Section):
                    "adafactor"] = Field(
         "auto", description="auto = the speed profile's choice, else paged_adamw_8bit on CUDA, adamw_torch on CPU"
     )
-    max_length: int = Field(512, ge=32, description="tokens per sample; longer prompts are cut in the middle")
+    max_length: int = Field(512, ge=MIN_MAX_LENGTH, description="tokens per sample; longer prompts are cut in the middle")
     seed: int = 0
 
     # Validation, checkpoints, logging.
@@ -139,6 +233,17 @@ class TrainConfig(_Section):
             raise ValueError("must name at least one module")
         return value
 
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, value: str) -> str:
+        # Checked here so a misspelled profile fails at load, not when training starts hours later.
+        key = value.strip().lower()
+        if key not in PROFILE_NAMES:
+            close = difflib.get_close_matches(key, PROFILE_NAMES, n=1)
+            guess = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(f"unknown speed profile; {guess}known: {', '.join(PROFILE_NAMES)}")
+        return key
+
     @field_validator("resume_from_checkpoint")
     @classmethod
     def _resume(cls, value: str | None) -> str | None:
@@ -164,7 +269,7 @@ def split_benchmark_string(entry: str) -> dict[str, str]:
 class BenchmarkConfig(_Section):
     """One external benchmark of `eval.benchmarks` (docs/evaluation.md).
 
-    Written as a mapping `{path, format, label_map, split, max_items}` or as the string
+    Written as a mapping `{path, format, label_map, split, limit}` or as the string
     `FORMAT:PATH` (e.g. `finfe:../shared/data/benchmarks/finfe/train_list.json`).
     """
 
@@ -172,14 +277,20 @@ class BenchmarkConfig(_Section):
     format: Literal["finfe", "cfbenchmark", "fpb", "jsonl"] = Field(..., description="its published format")
     label_map: str | None = Field(None, description='raw label -> class, e.g. "0=利空,1=中性,2=利好" (default: the format\'s own)')
     split: str | None = Field(None, description="split of a CFBenchmark datasets folder")
-    max_items: int | None = Field(None, ge=1, description="score a seeded random sample of this many rows (null = all)")
+    limit: int | None = Field(None, ge=1, description="score a seeded random sample of this many rows (null = all)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, value: Any) -> Any:
+        return _renamed("eval.benchmarks[]", {"max_items": "limit"}, value)
 
 
 class EvalConfig(_Section):
     """Before/after evaluation (`finqlora eval`), read by the pipeline."""
 
-    max_prompts: int = Field(50, ge=1, description="test-split prompts evaluated (a seeded sample, stratified by record type)")
-    max_new_tokens: int = Field(256, ge=1)
+    max_samples: int = Field(50, ge=1, description="test-split prompts evaluated (a seeded sample, stratified by record type)")
+    split: str = Field("test", min_length=1, description="which split of the dataset is evaluated (all records if the file has no splits)")
+    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1, description="generation length limit (same for both models)")
     batch_size: int = Field(8, ge=1)
     choice_batch_size: int = Field(16, ge=1, description="closed-option items scored together (choice scoring)")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
@@ -187,6 +298,11 @@ class EvalConfig(_Section):
     scoring: Literal["choice", "generate", "both"] = Field(
         "both", description="closed-option tasks: option log-likelihood (choice), parsed answers (generate), or both"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, value: Any) -> Any:
+        return _renamed("eval", {"max_prompts": "max_samples"}, value)
 
     @field_validator("benchmarks", mode="before")
     @classmethod
@@ -229,7 +345,8 @@ def _allowed_values(section: type[_Section], key: str) -> str | None:
 def _unknown_key_hint(section_name: str | None, key: str) -> str:
     fields = list(SECTIONS[section_name].model_fields) if section_name else ["name", *SECTIONS]
     candidates = fields if section_name else fields + [f"{n}.{k}" for n, s in SECTIONS.items() for k in s.model_fields]
-    close = difflib.get_close_matches(key, candidates, n=1) or difflib.get_close_matches(
+    synonym = KEY_SYNONYMS.get(key)
+    close = [synonym] if synonym and synonym in fields else difflib.get_close_matches(key, candidates, n=1) or difflib.get_close_matches(
         key, [c.split(".")[-1] for c in candidates], n=1
     )
     where = f"section '{section_name}'" if section_name else "the top level"
@@ -314,7 +431,7 @@ MAX_CONFIG_BYTES = 1_000_000
 
 def _read_config_text(file: Path) -> str:
     """The config file's text, or a FinqloraError saying why it is not a YAML config (binary, huge)."""
-    not_yaml = "pass a YAML run config, e.g. configs/demo-cpu.yaml"
+    not_yaml = "pass a YAML run config (`finqlora config init FILE` writes one)"
     size = file.stat().st_size
     if size > MAX_CONFIG_BYTES:
         raise FinqloraError(f"{file}: {size:,} bytes is not a run config (a YAML config is a few KB)", hint=not_yaml)
@@ -328,8 +445,12 @@ def _read_config_text(file: Path) -> str:
     return text
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config (or the defaults when `path` is None) and apply `--set` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, values: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults when `path` is None), apply `--set` overrides, then typed `values`.
+
+    `values` maps dotted keys (`data.num_samples`) to Python values, as a command's flags give
+    them; they are validated with the rest, so a flag is checked exactly like its key.
+    """
     raw: dict[str, Any] = {}
     origin = "(defaults)"
     if path is not None:
@@ -339,7 +460,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             configs = sorted(p.name for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
             raise FinqloraError(
                 f"config file not found: {file}",
-                hint=f"configs in ./configs: {', '.join(configs)}" if configs else "pass a YAML file, e.g. configs/demo-cpu.yaml",
+                hint=f"configs in ./configs: {', '.join(configs)}" if configs else
+                "write one with every key at its default: `finqlora config init FILE` (then edit it)",
             )
         try:
             loaded = yaml.safe_load(_read_config_text(file))
@@ -355,7 +477,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         raw = apply_overrides(raw, overrides)
         origin += " with --set " + " ".join(overrides)
+    if values:
+        raw = _assign(raw, values)
+        origin += " with the command's options"
     return config_from_mapping(raw, origin=origin)
+
+
+def _assign(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """Typed values for dotted keys set into a raw config mapping (validated afterwards with the rest)."""
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for key, value in values.items():
+        section, name = key.split(".")
+        if not isinstance(merged.setdefault(section, {}), dict):
+            raise FinqloraError(f"config section '{section}' is not a mapping", hint="fix the YAML file")
+        merged[section][name] = value
+    return merged
 
 
 def dump_config(config: RunConfig) -> str:
