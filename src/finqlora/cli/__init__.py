@@ -17,7 +17,7 @@ from finqlora import __version__
 from finqlora.core.errors import FinqloraError
 
 # Order is the order of `finqlora --help`: the pipeline's stages first, then tools.
-AREAS = ("pipeline", "db", "data", "train", "evaluate", "models", "serve", "ui", "export", "doctor")
+AREAS = ("pipeline", "db", "data", "train", "evaluate", "models", "serve", "ui", "export", "config", "doctor")
 
 app = typer.Typer(
     name="finqlora",

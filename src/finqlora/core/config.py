@@ -355,6 +355,12 @@ def _unknown_key_hint(section_name: str | None, key: str) -> str:
 
 
 def _validation_error(exc: ValidationError, origin: str) -> FinqloraError:
+    lines, hint = validation_problems(exc)
+    return FinqloraError(f"invalid config {origin}: " + "; ".join(lines), hint=hint or "see docs/training.md for every key")
+
+
+def validation_problems(exc: ValidationError) -> tuple[list[str], str | None]:
+    """One line per problem of a failed validation, and a hint (did-you-mean, or the key's description)."""
     lines = []
     hint = None
     for err in exc.errors():
@@ -363,8 +369,10 @@ def _validation_error(exc: ValidationError, origin: str) -> FinqloraError:
         section_name = loc[0] if len(loc) > 1 and loc[0] in SECTIONS else None
         key = loc[-1] if loc else ""
         if err["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{dotted}'")
-            hint = hint or _unknown_key_hint(section_name, key)
+            key_hint = _unknown_key_hint(section_name, key)
+            guess = key_hint.partition("? ")[0] + "?" if key_hint.startswith("did you mean") else ""
+            lines.append(f"unknown key '{dotted}'" + (f" ({guess})" if guess else ""))
+            hint = hint or key_hint
             continue
         allowed = _allowed_values(SECTIONS[section_name], key) if section_name else None
         got = err.get("input")
@@ -375,7 +383,7 @@ def _validation_error(exc: ValidationError, origin: str) -> FinqloraError:
         field = SECTIONS[section_name].model_fields.get(key) if section_name else None
         if field is not None and field.description and hint is None:
             hint = f"{dotted}: {field.description}"
-    return FinqloraError(f"invalid config {origin}: " + "; ".join(lines), hint=hint or "see docs/training.md for every key")
+    return lines, hint
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -445,6 +453,29 @@ def _read_config_text(file: Path) -> str:
     return text
 
 
+def read_config_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's top-level mapping (not validated); errors name the file and say why."""
+    file = Path(path)
+    if not file.is_file():
+        configs = sorted(p.name for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
+        raise FinqloraError(
+            f"config file not found: {file}",
+            hint=f"configs in ./configs: {', '.join(configs)}" if configs else
+            "write one with every key at its default: `finqlora config init FILE` (then edit it)",
+        )
+    try:
+        loaded = yaml.safe_load(_read_config_text(file))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise FinqloraError(f"{file}: not valid YAML{where}", hint=str(exc)) from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise FinqloraError(f"{file}: the top level must be a mapping (name:, data:, train:, eval:)")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, values: dict[str, Any] | None = None) -> RunConfig:
     """Read a YAML run config (or the defaults when `path` is None), apply `--set` overrides, then typed `values`.
 
@@ -454,26 +485,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, Any] = {}
     origin = "(defaults)"
     if path is not None:
-        file = Path(path)
-        origin = str(file)
-        if not file.is_file():
-            configs = sorted(p.name for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
-            raise FinqloraError(
-                f"config file not found: {file}",
-                hint=f"configs in ./configs: {', '.join(configs)}" if configs else
-                "write one with every key at its default: `finqlora config init FILE` (then edit it)",
-            )
-        try:
-            loaded = yaml.safe_load(_read_config_text(file))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise FinqloraError(f"{file}: not valid YAML{where}", hint=str(exc)) from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise FinqloraError(f"{file}: the top level must be a mapping (name:, data:, train:, eval:)")
-        raw = loaded
+        origin = str(path)
+        raw = read_config_mapping(path)
     if overrides:
         raw = apply_overrides(raw, overrides)
         origin += " with --set " + " ".join(overrides)
