@@ -17,7 +17,8 @@ from finqlora.dataset import builder
 from finqlora.core import textdedup
 from finqlora.dataset.answer_parser import parse_direction, parse_number
 from finqlora.dataset.builder import BuildConfig, build_dataset
-from finqlora.core.chat_format import record_to_chat, user_content
+from finqlora.core.chat_format import record_to_chat
+from finqlora.core.records import user_content
 from finqlora.store.db import Event, init_db
 from finqlora.core.errors import FinqloraError
 from finqlora.dataset.labels import LabelRules, direction, threshold_for

@@ -298,6 +298,12 @@ class EvalConfig(_Section):
     scoring: Literal["choice", "generate", "both"] = Field(
         "both", description="closed-option tasks: option log-likelihood (choice), parsed answers (generate), or both"
     )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling (only with temperature > 0)")
+    seed: int = Field(0, description="seed of the prompt sample, the bootstrap and the report's examples")
+    perplexity: bool = Field(True, description="perplexity of the reference answers")
+    forgetting: bool = Field(True, description="perplexity on the shipped general-domain text (forgetting)")
+    merge_adapter: bool = Field(True, description="merge the adapter into unquantized weights for the fine-tuned work (base speed, same logits)")
+    bootstrap_resamples: int = Field(1000, ge=100, description="bootstrap resamples for the confidence intervals")
 
     @model_validator(mode="before")
     @classmethod
@@ -313,6 +319,27 @@ class EvalConfig(_Section):
         return [split_benchmark_string(entry) if isinstance(entry, str) else entry for entry in value]
 
 
+class ServeConfig(_Section):
+    """The OpenAI-compatible server (`finqlora serve`); the model is train.model, loaded as train.load_in_4bit and train.chat_template say."""
+
+    adapters: list[str] = Field(default_factory=list, description="NAME=PATH of each LoRA adapter served (clients select it with model=NAME)")
+    base_name: str = Field("base", min_length=1, description="the `model` name that selects the plain base model")
+    host: str = Field("127.0.0.1", description="interface to bind; keep the default unless the API must be reachable from other machines")
+    port: int = Field(8000, ge=1, le=65535)
+    engine: Literal["native", "vllm"] = Field("native", description="native (this process, dynamic batching) or vllm (exec vLLM's OpenAI server)")
+    max_batch_size: int = Field(8, ge=1, description="requests decoded together in one batch")
+    max_queue: int = Field(64, ge=1, description="requests allowed to wait; more are answered 429 with Retry-After")
+    batch_window_ms: float = Field(10.0, ge=0, description="how long the oldest request waits for others to batch with")
+    max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted (longer: 400 context_length_exceeded)")
+    max_tokens: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(MAX_NEW_TOKENS, ge=1, description="max_tokens when a request does not set it")
+    request_timeout: float = Field(300.0, ge=1, description="seconds a request may take (queue + generation) before a 504")
+    max_prompt_chars: int | None = Field(None, ge=1, description="longest prompt text in characters, checked before tokenizing (null = 16 x max_prompt_tokens)")
+    max_body_bytes: int = Field(1024 * 1024, ge=1, description="largest request body accepted (larger: 413, before any parsing)")
+    body_timeout: float = Field(30.0, ge=0.1, description="seconds a request's body may take to arrive (later: 408)")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (null = torch's choice)")
+
+
 class RunConfig(_Section):
     """One run: dataset build, training and evaluation, repeatable from this file alone."""
 
@@ -320,6 +347,7 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")
     def _default_output_dir(self) -> RunConfig:
@@ -328,7 +356,7 @@ class RunConfig(_Section):
         return self
 
 
-SECTIONS: dict[str, type[_Section]] = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+SECTIONS: dict[str, type[_Section]] = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "serve": ServeConfig}
 
 
 def _allowed_values(section: type[_Section], key: str) -> str | None:

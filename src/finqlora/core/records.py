@@ -66,9 +66,14 @@ def _turns(turns: Any, tags: Mapping[str, str], where: str) -> list[dict[str, st
     return messages
 
 
-def _alpaca_messages(record: Mapping[str, Any], columns: Mapping[str, str]) -> list[dict[str, str]]:
-    from finqlora.core.chat_format import user_content
+def user_content(instruction: str, input_text: str | None = None) -> str:
+    """The user message of an Alpaca record: the instruction, a blank line, then the input (if any)."""
+    instruction = (instruction or "").strip()
+    input_text = (input_text or "").strip()
+    return f"{instruction}\n\n{input_text}" if input_text else instruction
 
+
+def _alpaca_messages(record: Mapping[str, Any], columns: Mapping[str, str]) -> list[dict[str, str]]:
     messages = []
     if record.get(columns["system"]):
         messages.append({"role": "system", "content": str(record[columns["system"]])})

@@ -44,10 +44,10 @@ from finqlora.dataset import mixture, rationales, report_qa, templates
 from finqlora.dataset import relevance as rel
 from finqlora.core import textdedup
 from finqlora.core.config import MIN_MAX_LENGTH, RunConfig
-from finqlora.core.chat_format import assistant_turn_suffix, render_prompt, user_content
+from finqlora.core.chat_format import assistant_turn_suffix, render_prompt
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, atomic_write_text, sha256_file
-from finqlora.core.records import RECORD_FORMATS, write_dataset_info
+from finqlora.core.records import RECORD_FORMATS, user_content, write_dataset_info
 
 TYPES = ("news_impact", "market_analysis", "report_qa")
 PUBLIC = "public_data"  # records from --add-dataset sources

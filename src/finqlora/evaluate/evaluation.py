@@ -124,18 +124,24 @@ class EvalOptions:
     variants: tuple[str, ...] = VARIANTS
 
     @classmethod
-    def from_run(cls, cfg: RunConfig, *, output: Path, data: Path, adapter: str | None = None, variants: Sequence[str] = VARIANTS) -> EvalOptions:
+    def from_run(cls, cfg: RunConfig, *, output: Path, data: Path | None, adapter: str | None = None, variants: Sequence[str] = VARIANTS) -> EvalOptions:
         """The one mapping from a run config (`finqlora run`) to the evaluation's options."""
         return cls(
             output=Path(output),
             model=cfg.train.model,
             adapter=str(adapter) if adapter else None,
-            data=Path(data),
+            data=Path(data) if data is not None else None,
             split=cfg.eval.split,
             max_samples=cfg.eval.max_samples,
             benchmarks=[BenchmarkSpec.from_config(entry) for entry in cfg.eval.benchmarks],
             max_new_tokens=cfg.eval.max_new_tokens,
             temperature=cfg.eval.temperature,
+            top_p=cfg.eval.top_p,
+            seed=cfg.eval.seed,
+            perplexity=cfg.eval.perplexity,
+            forgetting=cfg.eval.forgetting,
+            merge_adapter=cfg.eval.merge_adapter,
+            bootstrap_resamples=cfg.eval.bootstrap_resamples,
             batch_size=cfg.eval.batch_size,
             choice_batch_size=cfg.eval.choice_batch_size,
             device=cfg.train.device,

@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from finqlora.core.chat_format import record_to_chat, render_prompt, stop_token_ids, user_content
+from finqlora.core.chat_format import record_to_chat, render_prompt, stop_token_ids
 from finqlora.core.config import MAX_NEW_TOKENS
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json
+from finqlora.core.records import user_content
 
 Messages = Sequence[Mapping[str, str]]
 
