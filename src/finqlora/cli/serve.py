@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         config: Path | None = CONFIG_OPTION,
         set_: list[str] = SET_OPTION,
         model: str | None = key_option("train.model", "--model", "-m", help="Base model: builtin:NAME, a local folder, a .gguf file or a hub id."),
-        adapter: list[str] = typer.Option([], "--adapter", "-a", help="NAME=PATH of a LoRA adapter (repeatable; replaces serve.adapters); clients select it with model=NAME."),
+        adapter: list[str] = typer.Option([], "--adapter", "-a", help="NAME=PATH of a LoRA adapter (repeatable); clients select it with model=NAME (config serve.adapters)."),
         base_name: str | None = key_option("serve.base_name", "--base-name", help="The `model` name that selects the plain base model."),
         host: str | None = key_option("serve.host", "--host", help="Interface to bind; keep the default unless the API must be reachable from other machines."),
         port: int | None = key_option("serve.port", "--port", help="TCP port."),

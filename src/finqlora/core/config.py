@@ -63,9 +63,11 @@ def _shares(value: Any) -> Any:
     if isinstance(value, str):
         parts = [p for p in value.replace(" ", "").replace("/", ",").split(",") if p]
         try:
-            return tuple(float(p) for p in parts)
+            value = tuple(float(p) for p in parts)
         except ValueError:
             raise ValueError(f"expects three comma-separated numbers such as 60,20,20, got {value!r}") from None
+    if isinstance(value, list | tuple) and len(value) != 3:
+        raise ValueError(f"expects three numbers such as 60,20,20, got {len(value)}")
     return value
 
 
