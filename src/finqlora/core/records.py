@@ -214,10 +214,11 @@ def write_dataset_info(output: Path, records: list[dict[str, Any]], record_forma
     them as documented; the test split stays out (it is held out for evaluation). Entries already
     in the folder's dataset_info.json are kept.
     """
-    fields = {"alpaca": ("instruction", "input", "output", "system"), "messages": ("messages",), "sharegpt": ("conversations", "system")}
+    # The builder writes no system prompt, and LLaMA-Factory reads every column its entry names.
+    fields = {"alpaca": ("instruction", "input", "output"), "messages": ("messages",), "sharegpt": ("conversations",)}
     entry: dict[str, Any] = {"formatting": "alpaca"}
     if record_format == "sharegpt":
-        entry = {"formatting": "sharegpt", "columns": dict(SHAREGPT_COLUMNS), "tags": dict(SHAREGPT_TAGS)}
+        entry = {"formatting": "sharegpt", "columns": {"messages": "conversations"}, "tags": dict(SHAREGPT_TAGS)}
     elif record_format == "messages":
         entry = {"formatting": "sharegpt", "columns": {"messages": "messages"}, "tags": dict(OPENAI_TAGS)}
     info_path = output.parent / "dataset_info.json"
