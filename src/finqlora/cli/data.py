@@ -51,7 +51,7 @@ def build(
     mix: str | None = key_option("data.mix", "--mix", help="Shares of news_impact, market_analysis, report_qa."),
     split: str | None = key_option("data.split", "--split", help="Shares of train, val, test (by event time)."),
     seed: int | None = key_option("data.seed", "--seed", help="Random seed; the same seed and database give byte-identical files."),
-    output_format: str | None = key_option("data.format", "--format", help="alpaca (instruction/input/output), messages (OpenAI chat) or sharegpt (conversations)."),
+    record_format: str | None = key_option("data.format", "--format", help="alpaca (instruction/input/output), messages (OpenAI chat) or sharegpt (conversations)."),
     templates_only: bool | None = key_option("data.templates_only", "--templates-only/--no-templates-only", help="Ignore the database and use the built-in templates."),
     tokenizer: str | None = key_option("data.tokenizer", "--tokenizer", help="Model whose tokenizer measures lengths (local folder, .gguf, builtin:...); null = train.model's, 'chars' = a character estimate."),
     max_length: int | None = key_option("train.max_length", "--max-length", help="Training max length in tokens; longer inputs are trimmed (outputs are kept)."),
@@ -82,7 +82,7 @@ def build(
 
     flags = {
         "data.db": db, "data.output": str(output) if output else None, "data.num_samples": num_samples, "data.mix": mix,
-        "data.split": split, "data.seed": seed, "data.format": output_format, "data.templates_only": templates_only,
+        "data.split": split, "data.seed": seed, "data.format": record_format, "data.templates_only": templates_only,
         "data.tokenizer": tokenizer, "train.max_length": max_length, "data.primary_window": primary_window,
         "data.primary_ticker": primary_ticker, "data.threshold_k": threshold_k, "data.dedup_threshold": dedup_threshold,
         "data.embargo_min": embargo_min, "data.tz": tz, "data.add": add_sources(add_dataset or [], add_format or [], add_samples or []),
