@@ -380,8 +380,8 @@ def read_store(path: Path, naive_tz: str | None) -> StoreData:
     if not path.exists():
         raise FinqloraError(
             f"database {path} does not exist",
-            hint="check the path; build a sample with `finqlora db sample --db PATH`, or omit --db "
-            "(or pass --templates-only) to build from the built-in templates",
+            hint="check the path (data.db, `finqlora build --db`); data.db: sample uses the built-in synthetic store, "
+            "data.templates_only: true (--templates-only) the built-in templates",
         )
     conn = store.connect(path, readonly=True)
     try:
@@ -838,7 +838,7 @@ def _build(config: BuildConfig, stage: Any) -> BuildResult:
     if not drafts:
         raise FinqloraError(
             f"no record could be built: {'; '.join(notices) or 'nothing to sample from'}",
-            hint=f"raise --max-length (now {config.max_length}) or check the database with `finqlora db check`",
+            hint=f"raise train.max_length (now {config.max_length}; `finqlora build --max-length`) or check the database with `finqlora db check`",
         )
     records = [_to_record(d, config.format) for d in drafts]
     if len(records) < config.num_samples:
@@ -895,7 +895,7 @@ def _label_setup(config: BuildConfig, data: StoreData, pool: list[store.Event], 
         raise FinqloraError(
             f"too few training-period returns to estimate the volatility of {ctx.primary_ticker or 'any ticker'} at {p} min "
             f"(need {rules.min_estimation_samples})",
-            hint="use a database with more events, or pass --primary-ticker with a ticker that has impacts",
+            hint="use a database with more events, or set data.primary_ticker (--primary-ticker) to a ticker that has impacts",
         )
     stats["split_plan"] = {
         "events_in_pool": len(pool),
