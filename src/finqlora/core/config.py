@@ -376,7 +376,8 @@ def _unknown_key_hint(section_name: str | None, key: str) -> str:
     fields = list(SECTIONS[section_name].model_fields) if section_name else ["name", *SECTIONS]
     candidates = fields if section_name else fields + [f"{n}.{k}" for n, s in SECTIONS.items() for k in s.model_fields]
     synonym = KEY_SYNONYMS.get(key)
-    close = [synonym] if synonym and synonym in fields else difflib.get_close_matches(key, candidates, n=1) or difflib.get_close_matches(
+    known = [c for c in candidates if synonym and c.split(".")[-1] == synonym]
+    close = known[:1] or difflib.get_close_matches(key, candidates, n=1) or difflib.get_close_matches(
         key, [c.split(".")[-1] for c in candidates], n=1
     )
     where = f"section '{section_name}'" if section_name else "the top level"
