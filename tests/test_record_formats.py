@@ -81,6 +81,16 @@ def test_a_dataset_info_entry_is_read_with_its_columns_and_tags(tmp_path: Path) 
     splits = load_splits(f"{tmp_path / 'dataset_info.json'}:finance_chat", val_fraction=0.34, seed=0)
     record = (splits.train + splits.val)[0]
     assert record["messages"] == [{"role": "system", "content": "顾问"}, {"role": "user", "content": "问题一"}, {"role": "assistant", "content": "回答一"}]
+    # As in LLaMA-Factory: an alpaca entry reads `system` only when its columns name it; `openai` is sharegpt with OpenAI names.
+    (tmp_path / "alpaca.json").write_text(json.dumps(ALPACA, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "chat.json").write_text(json.dumps(MESSAGES * 3, ensure_ascii=False), encoding="utf-8")
+    info.update({"plain": {"file_name": "alpaca.json"}, "with_system": {"file_name": "alpaca.json", "columns": {"system": "system"}},
+                 "chat": {"file_name": "chat.json", "formatting": "openai"}})
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    spec = str(tmp_path / "dataset_info.json")
+    assert [m["role"] for m in read_dataset(f"{spec}:plain")[1][0][1]["messages"]] == ["user", "assistant"]
+    assert [m["role"] for m in read_dataset(f"{spec}:with_system")[1][0][1]["messages"]] == ["system", "user", "assistant"]
+    assert record_to_chat(read_dataset(f"{spec}:chat")[1][0][1]).answer == "利率敏感度。"
     with pytest.raises(FinqloraError, match="no dataset named 'other'") as caught:
         read_dataset(f"{tmp_path / 'dataset_info.json'}:other")
     assert "finance_chat" in caught.value.hint

@@ -171,8 +171,8 @@ def dataset_info_entry(info: Path, name: str) -> tuple[Path, dict[str, Any]]:
         why = f"it names {other}, which needs a hub; download the file and point file_name at it" if other else "it has no file_name"
         raise FinqloraError(f"{info}: dataset {name!r} cannot be read here: {why}")
     formatting = entry.get("formatting", "alpaca")
-    if formatting not in ("alpaca", "sharegpt"):
-        raise FinqloraError(f"{info}: dataset {name!r} has formatting {formatting!r}", hint="LLaMA-Factory's formattings are alpaca and sharegpt")
+    if formatting not in ("alpaca", "sharegpt", "openai"):
+        raise FinqloraError(f"{info}: dataset {name!r} has formatting {formatting!r}", hint="LLaMA-Factory's formattings are alpaca, sharegpt and openai")
     if entry.get("ranking"):
         raise FinqloraError(f"{info}: dataset {name!r} is a ranking (preference) set", hint="supervised fine-tuning reads instruction data only")
     file = info.parent / entry["file_name"]
@@ -181,12 +181,26 @@ def dataset_info_entry(info: Path, name: str) -> tuple[Path, dict[str, Any]]:
     return file, entry
 
 
+def _entry_layout(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """normalize()'s arguments for a dataset_info.json entry, with LLaMA-Factory's defaults.
+
+    As in LLaMA-Factory, an entry reads a `system` (and an alpaca `history`) column only when its
+    columns name it, and `openai` is sharegpt with OpenAI's field names.
+    """
+    formatting = entry.get("formatting", "alpaca")
+    columns = {"system": "", **({"history": ""} if formatting == "alpaca" else {}), **(entry.get("columns") or {})}  # "" = no field
+    if formatting == "openai":
+        formatting, columns = "sharegpt", {"messages": "messages", **columns}
+        return {"formatting": formatting, "columns": columns, "tags": {**OPENAI_TAGS, **(entry.get("tags") or {})}}
+    return {"formatting": formatting, "columns": columns, "tags": entry.get("tags")}
+
+
 def read_dataset(spec: str | Path) -> tuple[Path, list[tuple[int, dict[str, Any]]]]:
     """(data file, [(row, normalized record)]) of a dataset file or a `dataset_info.json:NAME` entry."""
     named = split_dataset_info(spec)
     if named is not None:
         file, entry = dataset_info_entry(*named)
-        layout = {"formatting": entry.get("formatting", "alpaca"), "columns": entry.get("columns"), "tags": entry.get("tags")}
+        layout = _entry_layout(entry)
     else:
         file, layout = Path(spec), {}
     if not file.is_file():
