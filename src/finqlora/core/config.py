@@ -72,7 +72,7 @@ def _shares(value: Any) -> Any:
 
 
 def _check_shares(parts: tuple[float, ...]) -> tuple[float, ...]:
-    if len(parts) != 3 or any(p < 0 or not math.isfinite(p) for p in parts) or sum(parts) <= 0:
+    if any(p < 0 or not math.isfinite(p) for p in parts) or sum(parts) <= 0:
         raise ValueError(f"needs three non-negative numbers with a positive sum such as 60,20,20, got {list(parts)}")
     return parts
 
