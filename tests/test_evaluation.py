@@ -183,14 +183,16 @@ def test_from_run_is_the_one_mapping_of_the_run_config(tmp_path: Path) -> None:
     assert options.benchmarks == [BenchmarkSpec("/data/finfe.json", "finfe"), BenchmarkSpec("/data/fpb.txt", "fpb", "pos=利好", None, 50)]
     defaults = EvalOptions(output=tmp_path)
     assert (options.split, options.top_p, options.seed, options.bootstrap_resamples) == (defaults.split, defaults.top_p, defaults.seed, defaults.bootstrap_resamples)
-    # The eval CLI's defaults are EvalOptions' own.
+    # The eval CLI's options are shorthands for eval keys (no default of their own; tests/test_config_schema.py),
+    # and the schema's defaults are EvalOptions' own.
     import inspect
 
     from finqlora.cli.evaluate import eval_main
 
     parameters = inspect.signature(eval_main).parameters
     for cli_name, field_name in (("max_new_tokens", "max_new_tokens"), ("batch_size", "batch_size"), ("scoring", "scoring"), ("bootstrap", "bootstrap_resamples")):
-        assert parameters[cli_name].default.default == getattr(defaults, field_name), cli_name
+        assert parameters[cli_name].default.default is None, cli_name
+        assert RunConfig().eval.model_dump()[field_name] == getattr(defaults, field_name), field_name
 
 
 def test_benchmark_entries_are_validated() -> None:
