@@ -194,3 +194,14 @@ def test_config_check_prints_the_resolved_config_and_its_problems(tmp_path: Path
     ok_values.write_text("name: x\ntrain:\n  dataset: nowhere.jsonl\n", encoding="utf-8")
     files = CliRunner().invoke(app, ["config", "check", str(ok_values)])
     assert files.exit_code == 1 and "train.dataset: nowhere.jsonl does not exist" in files.output
+
+
+def test_an_empty_test_split_hints_the_key_that_run_reads(tmp_path: Path) -> None:
+    """`finqlora run` has no --split option: the hint names eval.split (and the eval command's flag)."""
+    from finqlora.evaluate.evaluation import load_test_records
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "q", "output": "a", "split": "train"}\n', encoding="utf-8")
+    with pytest.raises(FinqloraError, match="no records with split 'test'") as caught:
+        load_test_records(data)
+    assert "eval.split" in caught.value.hint and "finqlora eval --split" in caught.value.hint
