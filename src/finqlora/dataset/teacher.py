@@ -39,6 +39,7 @@ import openai
 
 from finqlora.dataset.answer_parser import parse_direction
 from finqlora.dataset.rationales import realized_numbers
+from finqlora.core.config import DataConfig
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, atomic_write_text
 
@@ -291,7 +292,7 @@ def enrich_dataset_file(
     return stats
 
 
-def enrich_from_config(output: str | os.PathLike[str], data: Any, *, progress: bool = True) -> TeacherStats | None:
+def enrich_from_config(output: str | os.PathLike[str], data: DataConfig, *, progress: bool = True) -> TeacherStats | None:
     """Run the teacher of a run config's `data` section (`data.teacher`...) over a built dataset; None without one."""
     if data.teacher is None:
         return None
