@@ -124,7 +124,7 @@ def _llamafactory_loader():
 
 
 @pytest.mark.parametrize("record_format", ["sharegpt", "alpaca", "messages"])
-def test_built_dataset_trains_in_llamafactory_too(record_format: str, tmp_path: Path) -> None:
+def test_built_dataset_loads_with_llamafactorys_loader(record_format: str, tmp_path: Path) -> None:
     out = tmp_path / "fin.jsonl"
     done = CliRunner().invoke(app, ["build", "--templates-only", "--tokenizer", "chars", "-n", "20", "--format", record_format, "-o", str(out), "-q"])
     assert done.exit_code == 0, done.output
