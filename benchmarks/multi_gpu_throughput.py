@@ -101,7 +101,7 @@ def make_dataset(work: Path, num_samples: int) -> Path:
     db = work / "sample.db"
     if not db.is_file():
         build_sample_db(db, seed=0)
-    command = [sys.executable, "-m", "finqlora", "build", "--db", str(db), "--output", str(data)]
+    command = [sys.executable, "-m", "finqlora", "build", "--db", str(db), "--output", str(data), "--tokenizer", "chars"]
     subprocess.run([*command, "--num-samples", str(num_samples), "--quiet"], check=True)
     return data
 

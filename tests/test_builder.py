@@ -17,7 +17,8 @@ from finqlora.dataset import builder
 from finqlora.core import textdedup
 from finqlora.dataset.answer_parser import parse_direction, parse_number
 from finqlora.dataset.builder import BuildConfig, build_dataset
-from finqlora.core.chat_format import record_to_chat, user_content
+from finqlora.core.chat_format import record_to_chat
+from finqlora.core.records import user_content
 from finqlora.store.db import Event, init_db
 from finqlora.core.errors import FinqloraError
 from finqlora.dataset.labels import LabelRules, direction, threshold_for
@@ -213,7 +214,7 @@ def test_byte_identical_across_processes(sample_db: Path, tmp_path: Path) -> Non
 
 def test_messages_format(sample_db: Path, tmp_path: Path) -> None:
     alpaca = build_dataset(BuildConfig(output=tmp_path / "a.jsonl", db=sample_db, num_samples=40, progress=False))
-    messages = build_dataset(BuildConfig(output=tmp_path / "m.jsonl", db=sample_db, num_samples=40, output_format="messages", progress=False))
+    messages = build_dataset(BuildConfig(output=tmp_path / "m.jsonl", db=sample_db, num_samples=40, format="messages", progress=False))
     for a, m in zip(_read(alpaca.output), _read(messages.output)):
         assert set(m) == {"messages", "id", "type", "split", "event_id", "event_time", "label"}
         assert [x["role"] for x in m["messages"]] == ["user", "assistant"]
@@ -394,7 +395,7 @@ def test_bad_options_are_refused(tmp_path: Path) -> None:
         dict(num_samples=0),
         dict(mix=(1.0, -1.0, 1.0)),
         dict(split=(0.0, 0.5, 0.5)),
-        dict(output_format="csv"),
+        dict(format="csv"),
         dict(max_length=10),
         dict(dedup_threshold=1.5),
     ):
@@ -428,7 +429,7 @@ def test_cli_errors_are_readable(tmp_path: Path) -> None:
     bad_mix = subprocess.run([*FINQLORA, "build", "--mix", "60,40", "--output", str(tmp_path / "x.jsonl")], capture_output=True, text=True, timeout=120)
     assert bad_mix.returncode == 2
     # rich wraps long lines at the terminal width: compare with whitespace collapsed.
-    assert "--mix expects three numbers" in " ".join(bad_mix.stderr.split())
+    assert "'data.mix': Value error, expects three numbers" in " ".join(bad_mix.stderr.split())
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"id": 1}\n{not json\n', encoding="utf-8")
     show = subprocess.run([*FINQLORA, "data", "show", str(broken), "-n", "3"], capture_output=True, text=True, timeout=120)
@@ -442,11 +443,21 @@ def test_build_config_from_run_maps_the_data_section(tmp_path: Path) -> None:
     cfg = RunConfig.model_validate({"name": "x", "data": {"num_samples": 42, "seed": 7, "format": "messages"},
                                     "train": {"model": "builtin:smollm2-135m-instruct", "max_length": 384}})
     config = BuildConfig.from_run(cfg, db=tmp_path / "s.db", output=tmp_path / "d.jsonl")
-    assert (config.num_samples, config.seed, config.output_format) == (42, 7, "messages")
+    assert (config.num_samples, config.seed, config.format) == (42, 7, "messages")
     assert config.tokenizer == "builtin:smollm2-135m-instruct" and config.max_length == 384
     assert config.db == tmp_path / "s.db" and config.output == tmp_path / "d.jsonl"
     cfg.data.tokenizer = "builtin:qwen2.5-coder-0.5b-instruct"
     assert BuildConfig.from_run(cfg, db=tmp_path / "s.db", output=tmp_path / "d.jsonl").tokenizer == cfg.data.tokenizer
+    cfg.data.tokenizer = "chars"  # the character estimate
+    assert BuildConfig.from_run(cfg, db=None, output=tmp_path / "d.jsonl").tokenizer is None
+    # Every builder option is a data key (finqlora run can set them all).
+    rich = RunConfig.model_validate({"data": {"mix": "50,30,20", "split": [70, 15, 15], "primary_window": 30, "threshold_k": 0.8,
+                                              "primary_ticker": "XAGUSD", "dedup_threshold": 0.9, "embargo_min": 60, "tz": "Asia/Shanghai",
+                                              "templates_only": True}})
+    mapped = BuildConfig.from_run(rich, db=None, output=tmp_path / "d.jsonl")
+    assert (mapped.mix, mapped.split, mapped.rules.primary_window, mapped.rules.threshold_k) == ((50, 30, 20), (70, 15, 15), 30, 0.8)
+    assert (mapped.primary_ticker, mapped.dedup_threshold, mapped.embargo_min, mapped.naive_tz, mapped.templates_only) == (
+        "XAGUSD", 0.9, 60, "Asia/Shanghai", True)
 
 
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")

@@ -88,10 +88,10 @@ def test_set_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("name: base\ntrain:\n  learning_rate: 1.0e-4\n  batch_size: 2\n", encoding="utf-8")
     run = load_config(path, ["train.learning_rate=3e-4", "max_length=256", "target_modules=[q_proj, v_proj]",
-                             "train.load_in_4bit=null", "eval.max_prompts=7", "name=other"])
+                             "train.load_in_4bit=null", "eval.max_samples=7", "name=other"])
     assert run.train.learning_rate == 3e-4 and run.train.batch_size == 2
     assert run.train.max_length == 256 and run.train.target_modules == ["q_proj", "v_proj"]
-    assert run.train.load_in_4bit is None and run.eval.max_prompts == 7 and run.name == "other"
+    assert run.train.load_in_4bit is None and run.eval.max_samples == 7 and run.name == "other"
     assert parse_override("train.dataset=\"1e5\"") == (["train", "dataset"], "1e5")
     with pytest.raises(FinqloraError, match="not key=value"):
         parse_override("learning_rate")

@@ -173,8 +173,8 @@ def test_from_run_is_the_one_mapping_of_the_run_config(tmp_path: Path) -> None:
     cfg = RunConfig.model_validate({
         "name": "x",
         "train": {"model": "builtin:smollm2-135m-instruct", "device": "cpu", "max_length": 768, "chat_template": "chatml"},
-        "eval": {"max_prompts": 7, "max_new_tokens": 32, "batch_size": 2, "scoring": "choice",
-                 "benchmarks": ["finfe:/data/finfe.json", {"path": "/data/fpb.txt", "format": "fpb", "max_items": 50, "label_map": "pos=利好"}]},
+        "eval": {"max_samples": 7, "max_new_tokens": 32, "batch_size": 2, "scoring": "choice",
+                 "benchmarks": ["finfe:/data/finfe.json", {"path": "/data/fpb.txt", "format": "fpb", "limit": 50, "label_map": "pos=利好"}]},
     })
     options = EvalOptions.from_run(cfg, output=tmp_path / "eval", data=tmp_path / "d.jsonl", adapter=tmp_path / "adapter", variants=("base",))
     assert (options.model, options.adapter, options.device, options.chat_template) == ("builtin:smollm2-135m-instruct", str(tmp_path / "adapter"), "cpu", "chatml")
@@ -183,20 +183,22 @@ def test_from_run_is_the_one_mapping_of_the_run_config(tmp_path: Path) -> None:
     assert options.benchmarks == [BenchmarkSpec("/data/finfe.json", "finfe"), BenchmarkSpec("/data/fpb.txt", "fpb", "pos=利好", None, 50)]
     defaults = EvalOptions(output=tmp_path)
     assert (options.split, options.top_p, options.seed, options.bootstrap_resamples) == (defaults.split, defaults.top_p, defaults.seed, defaults.bootstrap_resamples)
-    # The eval CLI's defaults are EvalOptions' own.
+    # The eval CLI's options are shorthands for eval keys (no default of their own; tests/test_config_schema.py),
+    # and the schema's defaults are EvalOptions' own.
     import inspect
 
     from finqlora.cli.evaluate import eval_main
 
     parameters = inspect.signature(eval_main).parameters
     for cli_name, field_name in (("max_new_tokens", "max_new_tokens"), ("batch_size", "batch_size"), ("scoring", "scoring"), ("bootstrap", "bootstrap_resamples")):
-        assert parameters[cli_name].default.default == getattr(defaults, field_name), cli_name
+        assert parameters[cli_name].default.default is None, cli_name
+        assert RunConfig().eval.model_dump()[field_name] == getattr(defaults, field_name), field_name
 
 
 def test_benchmark_entries_are_validated() -> None:
     from pydantic import ValidationError
 
-    for bad in (["/data/finfe.json"], ["parquet:/x"], [{"path": "/x", "format": "csv"}], [{"path": "/x", "format": "fpb", "max_items": 0}]):
+    for bad in (["/data/finfe.json"], ["parquet:/x"], [{"path": "/x", "format": "csv"}], [{"path": "/x", "format": "fpb", "limit": 0}]):
         with pytest.raises(ValidationError):
             RunConfig.model_validate({"eval": {"benchmarks": bad}})
     assert BenchmarkSpec.parse("fpb:/data/a@b.txt") == BenchmarkSpec("/data/a@b.txt", "fpb")

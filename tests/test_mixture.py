@@ -66,18 +66,30 @@ def write_cfbenchmark(path: Path) -> Path:
     return path
 
 
-WRITERS = {"finfe": write_finfe, "fpb": write_fpb, "disc": write_disc, "alpaca": write_alpaca, "cfbenchmark": write_cfbenchmark}
+def write_sharegpt(path: Path) -> Path:
+    rows = [{"conversations": [{"from": "human", "value": "什么是市盈率？"}, {"from": "gpt", "value": "股价除以每股收益。"},
+                               {"from": "human", "value": "那市净率呢？"}, {"from": "gpt", "value": "股价除以每股净资产。"}],
+             "system": "你是金融助手。"}]
+    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+WRITERS = {"finfe": write_finfe, "fpb": write_fpb, "disc": write_disc, "alpaca": write_alpaca, "cfbenchmark": write_cfbenchmark,
+           "sharegpt": write_sharegpt}
 
 
 @pytest.mark.parametrize("fmt", mixture.FORMATS)
 def test_every_format_loads(fmt: str, tmp_path: Path) -> None:
-    path = WRITERS[fmt](tmp_path / f"set.{'json' if fmt in ('finfe', 'disc') else 'txt' if fmt == 'fpb' else 'jsonl' if fmt == 'alpaca' else 'd'}")
+    path = WRITERS[fmt](tmp_path / f"set.{'json' if fmt in ('finfe', 'disc', 'sharegpt') else 'txt' if fmt == 'fpb' else 'jsonl' if fmt == 'alpaca' else 'd'}")
     items = load_source(AddSource(path, fmt), seed=0)
     assert items and all(i.instruction and i.output for i in items)
     if fmt == "finfe":
         assert [i.output for i in items[:3]] == ["积极", "中性", "消极"] and items[0].instruction == mixture.FINFE_INSTRUCTION
     if fmt == "fpb":
         assert [i.output for i in items] == ["positive", "neutral", "negative"]
+    if fmt == "sharegpt":  # the last question answered; the earlier turn and the system text kept in the input
+        assert (items[0].instruction, items[0].output) == ("那市净率呢？", "股价除以每股净资产。")
+        assert "什么是市盈率？" in items[0].input and "你是金融助手。" in items[0].input
     if fmt == "disc":
         assert items[1].input.startswith("对话历史：") and "什么是市盈率？" in items[1].input
     if fmt == "cfbenchmark":

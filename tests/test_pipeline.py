@@ -39,7 +39,7 @@ def _write_config(tmp_path: Path, model_dir: Path, **train: object) -> Path:
             "logging_steps": 1,
             **train,
         },
-        "eval": {"max_prompts": 3, "max_new_tokens": 6, "batch_size": 4},
+        "eval": {"max_samples": 3, "max_new_tokens": 6, "batch_size": 4},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")

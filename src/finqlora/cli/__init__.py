@@ -19,7 +19,7 @@ from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import WRITE_ERRNOS, write_error
 
 # Order is the order of `finqlora --help`: the pipeline's stages first, then tools.
-AREAS = ("pipeline", "db", "data", "train", "evaluate", "models", "serve", "ui", "export", "doctor")
+AREAS = ("pipeline", "db", "data", "train", "evaluate", "models", "serve", "ui", "export", "config", "doctor")
 
 app = typer.Typer(
     name="finqlora",

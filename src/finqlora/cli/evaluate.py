@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -10,6 +11,7 @@ import typer
 from rich.table import Table
 
 from finqlora.cli.console import make_console, styled
+from finqlora.cli.config_options import CONFIG_OPTION, SET_OPTION, key_option, resolve
 from finqlora.core.errors import FinqloraError
 
 console = make_console()
@@ -37,7 +39,7 @@ def _print_table(metrics: dict) -> None:
 
 
 def _default(name: str):
-    """The option's default is EvalOptions' (one set of defaults for the CLI, the pipeline and the API)."""
+    """The default of an option that is not a config key: EvalOptions' (one set of defaults for the CLI, the pipeline and the API)."""
     from dataclasses import fields
 
     from finqlora.evaluate.evaluation import EvalOptions
@@ -48,38 +50,41 @@ def _default(name: str):
 @eval_app.callback(invoke_without_command=True)
 def eval_main(
     ctx: typer.Context,
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model: builtin:..., a local folder, a .gguf file or a hub id. Default: the base recorded in the adapter."),
+    config: Optional[Path] = CONFIG_OPTION,
+    set_: list[str] = SET_OPTION,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model: builtin:..., a local folder, a .gguf file or a hub id (config train.model). Default: train.model with --config, else the base recorded in the adapter."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="The fine-tuned adapter folder (output of `finqlora train`)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset JSONL from `finqlora build`; records of --split are evaluated."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for generations, metrics.json and the report (re-running resumes from its cache)."),
-    split: str = typer.Option(_default("split"), help="Which split of --data to evaluate (all records if the file has no splits)."),
-    max_samples: Optional[int] = typer.Option(_default("max_samples"), "--max-samples", min=1, help="Evaluate at most this many records (seeded sample, stratified by type)."),
-    benchmark: list[str] = typer.Option([], "--benchmark", help="External benchmark, FORMAT:PATH (e.g. finfe:train_list.json) or PATH with --benchmark-format (repeatable)."),
+    split: Optional[str] = key_option("eval.split", "--split", help="Which split of --data to evaluate (all records if the file has no splits)."),
+    max_samples: Optional[int] = key_option("eval.max_samples", "--max-samples", min=1, help="Evaluate at most this many records (seeded sample, stratified by type)."),
+    benchmark: list[str] = typer.Option([], "--benchmark", help="External benchmark, FORMAT:PATH (e.g. finfe:train_list.json) or PATH with --benchmark-format (repeatable; replaces eval.benchmarks)."),
     benchmark_format: list[str] = typer.Option([], "--benchmark-format", help="finfe | cfbenchmark | fpb | jsonl (one, or one per --benchmark given as a plain PATH)."),
     label_map: Optional[str] = typer.Option(None, "--label-map", help='Benchmark label mapping, e.g. "0=利空,1=中性,2=利好", or a JSON file.'),
     benchmark_split: Optional[str] = typer.Option(None, "--benchmark-split", help="Split of a CFBenchmark datasets folder (default: test, or the only one)."),
     benchmark_limit: Optional[int] = typer.Option(None, "--benchmark-limit", min=1, help="Score a seeded random sample of this many benchmark rows."),
-    scoring: str = typer.Option(_default("scoring"), help="Closed-option tasks: choice (option log-likelihood) | generate (parsed answers) | both."),
-    max_new_tokens: int = typer.Option(_default("max_new_tokens"), help="Generation length limit (same for both models)."),
-    temperature: float = typer.Option(_default("temperature"), help="0 = greedy decoding (deterministic, recommended for evaluation)."),
-    top_p: float = typer.Option(_default("top_p"), help="Nucleus sampling (only with temperature > 0)."),
+    scoring: Optional[str] = key_option("eval.scoring", "--scoring", help="Closed-option tasks: choice (option log-likelihood) | generate (parsed answers) | both."),
+    max_new_tokens: Optional[int] = key_option("eval.max_new_tokens", "--max-new-tokens", help="Generation length limit (same for both models)."),
+    temperature: Optional[float] = key_option("eval.temperature", "--temperature", help="0 = greedy decoding (deterministic, recommended for evaluation)."),
+    top_p: Optional[float] = key_option("eval.top_p", "--top-p", help="Nucleus sampling (only with temperature > 0)."),
     repetition_penalty: float = typer.Option(_default("repetition_penalty"), help="1.0 = off."),
-    batch_size: int = typer.Option(_default("batch_size"), min=1, help="Prompts generated (or perplexity-scored) together."),
-    choice_batch_size: int = typer.Option(_default("choice_batch_size"), min=1, help="Closed-option items choice-scored together."),
-    device: str = typer.Option(_default("device"), help="auto | cpu | cuda | cuda:N | mps"),
-    dtype: str = typer.Option(_default("dtype"), help="auto | float32 | bfloat16 | float16"),
-    load_in_4bit: Optional[bool] = typer.Option(_default("load_in_4bit"), "--load-in-4bit/--no-load-in-4bit", help="Default: 4-bit on CUDA, full precision elsewhere."),
-    chat_template: Optional[str] = typer.Option(_default("chat_template"), help="Fallback chat template (chatml) for a tokenizer without one."),
-    perplexity: bool = typer.Option(_default("perplexity"), "--perplexity/--no-perplexity", help="Perplexity of the reference answers."),
-    forgetting: bool = typer.Option(_default("forgetting"), "--forgetting/--no-forgetting", help="Perplexity on the shipped general-domain text (forgetting)."),
-    merge_adapter: bool = typer.Option(_default("merge_adapter"), "--merge-adapter/--no-merge-adapter", help="Merge the adapter into unquantized weights for the fine-tuned work (base speed, same logits)."),
-    bootstrap: int = typer.Option(_default("bootstrap_resamples"), min=100, help="Bootstrap resamples for the confidence intervals."),
-    seed: int = typer.Option(_default("seed"), help="Seed for sampling, bootstrap and example selection."),
+    batch_size: Optional[int] = key_option("eval.batch_size", "--batch-size", min=1, help="Prompts generated (or perplexity-scored) together."),
+    choice_batch_size: Optional[int] = key_option("eval.choice_batch_size", "--choice-batch-size", min=1, help="Closed-option items choice-scored together."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps (default: train.device).", show_default=False),
+    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 (default: from train.compute_dtype).", show_default=False),
+    load_in_4bit: Optional[bool] = key_option("train.load_in_4bit", "--load-in-4bit/--no-load-in-4bit", help="4-bit base; null = on CUDA, full precision elsewhere."),
+    chat_template: Optional[str] = key_option("train.chat_template", "--chat-template", help="Fallback chat template (chatml) for a tokenizer without one."),
+    perplexity: Optional[bool] = key_option("eval.perplexity", "--perplexity/--no-perplexity", help="Perplexity of the reference answers."),
+    forgetting: Optional[bool] = key_option("eval.forgetting", "--forgetting/--no-forgetting", help="Perplexity on the shipped general-domain text (forgetting)."),
+    merge_adapter: Optional[bool] = key_option("eval.merge_adapter", "--merge-adapter/--no-merge-adapter", help="Merge the adapter into unquantized weights for the fine-tuned work (base speed, same logits)."),
+    bootstrap: Optional[int] = key_option("eval.bootstrap_resamples", "--bootstrap", min=100, help="Bootstrap resamples for the confidence intervals."),
+    seed: Optional[int] = key_option("eval.seed", "--seed", help="Seed for sampling, bootstrap and example selection."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html / report.md after the metrics."),
     base_only: bool = typer.Option(False, "--base-only", help="Only score the base model (e.g. before training); the full run reuses its outputs."),
 ) -> None:
     """Run base and fine-tuned on the same prompts; cache outputs; write metrics.json + report.
 
+    Options that name a config key (see --help) override --config and --set.
     Example: finqlora eval --adapter runs/demo/adapter --data data/instructions.jsonl --output runs/demo/eval
     """
     if ctx.invoked_subcommand is not None:
@@ -89,18 +94,26 @@ def eval_main(
 
     if output is None:
         raise FinqloraError("--output is required", hint="finqlora eval --adapter ADAPTER --data test.jsonl --output runs/NAME/eval")
+    run = resolve(config, set_, {
+        "train.model": model, "eval.split": split, "eval.max_samples": max_samples, "eval.scoring": scoring,
+        "eval.max_new_tokens": max_new_tokens, "eval.temperature": temperature, "eval.top_p": top_p, "eval.batch_size": batch_size,
+        "eval.choice_batch_size": choice_batch_size, "train.load_in_4bit": load_in_4bit, "train.chat_template": chat_template,
+        "eval.perplexity": perplexity, "eval.forgetting": forgetting, "eval.merge_adapter": merge_adapter,
+        "eval.bootstrap_resamples": bootstrap, "eval.seed": seed,
+    })
     plain = [text for text in benchmark if text.partition(":")[0] not in BENCHMARK_FORMATS]  # not FORMAT:PATH
     if benchmark_format and len(benchmark_format) not in (1, len(plain)):
         raise FinqloraError(f"{len(plain)} --benchmark PATH but {len(benchmark_format)} --benchmark-format", hint="give one format for all, or one per plain PATH")
     formats = iter(benchmark_format * len(plain) if len(benchmark_format) == 1 else benchmark_format)
     extra = {"label_map": label_map, "split": benchmark_split, "limit": benchmark_limit}
     specs = [BenchmarkSpec.parse(text, next(formats, None) if text in plain else None, **extra) for text in benchmark]
-    options = EvalOptions(
-        output=output, model=model, adapter=str(adapter) if adapter else None, data=data, split=split, max_samples=max_samples,
-        benchmarks=specs, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
-        seed=seed, batch_size=batch_size, choice_batch_size=choice_batch_size, device=device, dtype=dtype, load_in_4bit=load_in_4bit, chat_template=chat_template,
-        perplexity=perplexity, forgetting=forgetting, bootstrap_resamples=bootstrap, scoring=scoring, merge_adapter=merge_adapter,
-        variants=("base",) if base_only else VARIANTS,
+    options = EvalOptions.from_run(run, output=output, data=data, adapter=str(adapter) if adapter else None,
+                                   variants=("base",) if base_only else VARIANTS)
+    # Without --model or a config naming one, the base is the one recorded in the adapter.
+    named_model = model or config or any(text.split("=", 1)[0].strip() in ("train.model", "model") for text in set_)
+    options = dataclasses.replace(
+        options, model=run.train.model if named_model else None, benchmarks=specs or options.benchmarks,
+        repetition_penalty=repetition_penalty, device=device or options.device, dtype=dtype or options.dtype,
     )
     metrics = evaluate(options)
     if base_only:
@@ -111,7 +124,7 @@ def eval_main(
     if report:
         from finqlora.report.report import build_report
 
-        paths = build_report(output, output, seed=seed)
+        paths = build_report(output, output, seed=options.seed)
         written += [paths.html, paths.markdown]
     console.print(styled(("wrote", "green"), " " + ", ".join(str(path) for path in written)))
 

@@ -13,6 +13,7 @@ from rich.table import Column
 from rich.table import Table
 
 from finqlora.cli.console import make_console, styled
+from finqlora.core.config import MAX_NEW_TOKENS
 from finqlora.core.errors import FinqloraError
 
 console = make_console()
@@ -94,7 +95,7 @@ def ask(
     system: Annotated[Optional[str], typer.Option(help="System message.")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Show the base model's and the fine-tuned answers side by side (needs --adapter).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt.")] = False,
-    max_new_tokens: MaxTokensOpt = 256,
+    max_new_tokens: MaxTokensOpt = MAX_NEW_TOKENS,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
     repetition_penalty: RepetitionOpt = 1.0,
@@ -146,7 +147,7 @@ def chat(
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
     system: Annotated[Optional[str], typer.Option(help="System message for the whole conversation.")] = None,
-    max_new_tokens: MaxTokensOpt = 512,
+    max_new_tokens: MaxTokensOpt = MAX_NEW_TOKENS,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
     repetition_penalty: RepetitionOpt = 1.0,
@@ -207,7 +208,7 @@ def generate(
     adapter: AdapterOpt = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (left-padded).")] = 8,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over instead of resuming.")] = False,
-    max_new_tokens: MaxTokensOpt = 256,
+    max_new_tokens: MaxTokensOpt = MAX_NEW_TOKENS,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
     repetition_penalty: RepetitionOpt = 1.0,

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finqlora.cli.console import make_console, styled
+from finqlora.cli.config_options import CONFIG_OPTION, SET_OPTION, key_option, resolve
 from finqlora.core.errors import FinqloraError
 
 
@@ -47,18 +48,18 @@ def register(app: typer.Typer) -> None:
 
     @app.command("train")
     def train_command(
-        config: Path | None = typer.Option(None, "--config", "-c", help="Run config YAML (see configs/); defaults apply without one."),
-        set_: list[str] = typer.Option([], "--set", help="Override a config key: --set train.learning_rate=1e-4 (repeatable)."),
-        data: str | None = typer.Option(None, "--data", help="Instruction JSONL (train on split 'train', validate on 'val')."),
-        model: str | None = typer.Option(None, "--model", help="Base model: builtin:NAME, local folder, .gguf file or hub id."),
-        output_dir: str | None = typer.Option(None, "--output-dir", "--output_dir", help="Output folder (default runs/<name>)."),
-        resume_from_checkpoint: str | None = typer.Option(
-            None, "--resume_from_checkpoint", "--resume-from-checkpoint", "--resume",
+        config: Path | None = CONFIG_OPTION,
+        set_: list[str] = SET_OPTION,
+        data: str | None = key_option("train.dataset", "--data", help="Dataset: JSONL or JSON array (alpaca, sharegpt or messages records), or DIR/dataset_info.json:NAME (LLaMA-Factory)."),
+        model: str | None = key_option("train.model", "--model", help="Base model: builtin:NAME, local folder, .gguf file or hub id."),
+        output_dir: str | None = key_option("train.output_dir", "--output-dir", "--output_dir", help="Output folder (null = runs/<name>)."),
+        resume_from_checkpoint: str | None = key_option(
+            "train.resume_from_checkpoint", "--resume_from_checkpoint", "--resume-from-checkpoint", "--resume",
             help="'auto' = newest verified checkpoint in the output folder, or a checkpoint-N folder (verified too).",
         ),
-        batch_size: int | None = typer.Option(None, "--batch_size", "--batch-size", help="Per-device batch size."),
-        max_length: int | None = typer.Option(None, "--max_length", "--max-length", help="Tokens per sample."),
-        profile: str | None = typer.Option(None, "--profile", help="Speed profile (default, t4, fast, cpu, ...)."),
+        batch_size: int | None = key_option("train.batch_size", "--batch_size", "--batch-size", help="Per-device batch size."),
+        max_length: int | None = key_option("train.max_length", "--max_length", "--max-length", help="Tokens per sample."),
+        profile: str | None = key_option("train.profile", "--profile", help="Speed profile (default, t4, fast, cpu, ...)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
         gpus: int | None = typer.Option(
             None, "--gpus", "--nproc",
@@ -70,29 +71,19 @@ def register(app: typer.Typer) -> None:
         Ctrl-C or SIGTERM stops within the step, checkpoints the last complete step and exits;
         continue with --resume_from_checkpoint auto (checkpoints are verified by SHA-256 first).
         """
-        from finqlora.core.config import load_config
-        from finqlora.train.training import train
-
-        overrides = list(set_)
-        # Dedicated flags are shorthands for --set and win over the config file.
-        for key, value in (
-            ("train.dataset", data),
-            ("train.model", model),
-            ("train.output_dir", output_dir),
-            ("train.resume_from_checkpoint", resume_from_checkpoint),
-            ("train.batch_size", batch_size),
-            ("train.max_length", max_length),
-            ("train.profile", profile),
-        ):
-            if value is not None:
-                overrides.append(f"{key}={value}" if not isinstance(value, str) else f"{key}={_yaml_string(value)}")
-        run = load_config(config, overrides)
+        # Dedicated flags are shorthands for keys: typed values that win over the file and --set.
+        run = resolve(config, set_, {
+            "train.dataset": data, "train.model": model, "train.output_dir": output_dir,
+            "train.resume_from_checkpoint": resume_from_checkpoint, "train.batch_size": batch_size,
+            "train.max_length": max_length, "train.profile": profile,
+        })
         if run.train.dataset is None:
             raise FinqloraError(
                 "no training data given",
                 hint="pass --data data/qlora/instructions.jsonl (build one with `finqlora build`) or set train.dataset",
             )
         from finqlora.train import distributed
+        from finqlora.train.training import train  # after the config is checked: a bad key fails in a second
 
         if gpus is not None and gpus > 1 and not distributed.is_distributed():
             distributed.check_process_count(gpus, run.train.device)
@@ -132,9 +123,3 @@ def register(app: typer.Typer) -> None:
             highlight=False,
         )
 
-
-def _yaml_string(value: str) -> str:
-    """Quote a CLI string so that --set parses it as a string (a path like 1e5 or 'null' stays text)."""
-    import json
-
-    return json.dumps(value, ensure_ascii=False)

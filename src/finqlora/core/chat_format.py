@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finqlora.core.errors import FinqloraError
+from finqlora.core.records import normalize, user_content
 
 # ChatML: the fallback for base models that ship no chat template (asked for explicitly).
 CHATML_TEMPLATE = (
@@ -41,14 +42,13 @@ class ChatExample:
     answer: str
 
 
-def user_content(instruction: str, input_text: str | None = None) -> str:
-    instruction = (instruction or "").strip()
-    input_text = (input_text or "").strip()
-    return f"{instruction}\n\n{input_text}" if input_text else instruction
-
-
 def record_to_chat(record: Mapping[str, Any]) -> ChatExample:
-    """Turn an Alpaca-style or messages-style record into prompt messages + answer."""
+    """Turn an Alpaca-style, ShareGPT-style or messages-style record into prompt messages + answer."""
+    if "conversations" in record or record.get("history"):  # sharegpt turns and alpaca history become messages
+        try:
+            record = normalize(record)
+        except ValueError as exc:
+            raise FinqloraError(f"record {record.get('id', '')!s}: {exc}") from None
     if "messages" in record:
         messages = [dict(role=m["role"], content=m["content"]) for m in record["messages"]]
         if messages and messages[-1]["role"] == "assistant":

@@ -16,8 +16,10 @@ name belongs to one section only); values are parsed as YAML, so `3`, `1e-4`, `t
 from __future__ import annotations
 
 import difflib
+import math
 import reprlib
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +28,55 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from finqlora.core.errors import FinqloraError
 from finqlora.core.safe_input import YAMLLimitError, yaml_load
+from finqlora.core.profiles import PROFILE_NAMES
+
+# Defaults that several stages share, declared once (the schema's fields and the options of
+# generation, serving and chat read them from here).
+MAX_NEW_TOKENS = 256
+# Shortest train.max_length: below it a record's prompt template alone does not fit, so the
+# dataset builder and training refuse it with this one bound.
+MIN_MAX_LENGTH = 64
+# Names users know from Hugging Face, LLaMA-Factory or other tools, for did-you-mean hints
+# (`--set train.lr=...` -> learning_rate). They are not accepted as keys: one name per setting.
+KEY_SYNONYMS: dict[str, str] = {
+    "lr": "learning_rate", "epochs": "num_epochs", "num_train_epochs": "num_epochs", "lora_rank": "lora_r", "r": "lora_r",
+    "cutoff_len": "max_length", "per_device_train_batch_size": "batch_size", "lr_scheduler_type": "lr_scheduler",
+    "optimizer": "optim", "per_device_eval_batch_size": "eval_batch_size", "model_name_or_path": "model",
+    "lora_target": "target_modules", "max_prompts": "max_samples", "max_items": "limit", "output_format": "format",
+}
+
+
+def _renamed(section: str, renames: dict[str, str], value: Any) -> Any:
+    """Old key names keep working for one more release, with a FutureWarning naming the new key."""
+    if not isinstance(value, dict):
+        return value
+    value = dict(value)
+    for old, new in renames.items():
+        if old in value:
+            warnings.warn(f"{section}.{old} is deprecated: write {section}.{new}", FutureWarning, stacklevel=2)
+            if new in value:
+                raise ValueError(f"both {old} (deprecated) and {new} are set; keep {new}")
+            value[new] = value.pop(old)
+    return value
+
+
+def _shares(value: Any) -> Any:
+    """'60,20,20' (or '0.6/0.2/0.2', or a list) -> three shares; other values go to validation as given."""
+    if isinstance(value, str):
+        parts = [p for p in value.replace(" ", "").replace("/", ",").split(",") if p]
+        try:
+            value = tuple(float(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"expects three comma-separated numbers such as 60,20,20, got {value!r}") from None
+    if isinstance(value, list | tuple) and len(value) != 3:
+        raise ValueError(f"expects three numbers such as 60,20,20, got {len(value)}")
+    return value
+
+
+def _check_shares(parts: tuple[float, ...]) -> tuple[float, ...]:
+    if any(p < 0 or not math.isfinite(p) for p in parts) or sum(parts) <= 0:
+        raise ValueError(f"needs three non-negative numbers with a positive sum such as 60,20,20, got {list(parts)}")
+    return parts
 
 
 class _Section(BaseModel):
@@ -38,23 +89,68 @@ class AddDatasetConfig(_Section):
     """One public data set mixed into the build (`finqlora build --add-dataset`)."""
 
     path: str = Field(..., min_length=1, description="file or folder of the public set, in its published format")
-    format: Literal["finfe", "cfbenchmark", "fpb", "disc", "alpaca"] = Field(..., description="the set's format (docs/dataset.md)")
+    format: Literal["finfe", "cfbenchmark", "fpb", "disc", "alpaca", "sharegpt"] = Field(..., description="the set's format (docs/dataset.md)")
     samples: int | None = Field(None, ge=1, description="seeded sample of this many rows (null = all)")
 
 
 class DataConfig(_Section):
-    """Dataset build (`finqlora build`), read by the pipeline."""
+    """Dataset build (`finqlora build`, and the pipeline's build stage): every option of the builder."""
 
     db: str = Field("sample", description="path to a finqlora.store.db store, or 'sample' for the built-in synthetic sample DB")
+    output: str = Field(
+        "data/qlora/instructions.jsonl",
+        description="dataset file of `finqlora build` (JSONL; card and stats beside it); `finqlora run` writes into the run folder",
+    )
+    templates_only: bool = Field(False, description="ignore the database and build from the built-in instruction templates only")
     num_samples: int = Field(300, ge=1, description="number of instruction records to build")
+    mix: tuple[float, float, float] = Field((60.0, 20.0, 20.0), description="shares of news_impact, market_analysis, report_qa (e.g. 60,20,20)")
+    split: tuple[float, float, float] = Field((80.0, 10.0, 10.0), description="shares of train, val, test, by event time (e.g. 80,10,10)")
     seed: int = Field(0, description="sampling and split seed (same seed + same DB = same dataset)")
-    format: Literal["alpaca", "messages"] = Field("alpaca", description="record layout of the JSONL file")
-    tokenizer: str | None = Field(None, description="tokenizer for token-aware trimming (default: train.model)")
+    format: Literal["alpaca", "messages", "sharegpt"] = Field(
+        "alpaca",
+        description="record layout: alpaca (instruction/input/output), messages (OpenAI chat) or sharegpt (conversations); "
+        "a LLaMA-Factory dataset_info.json is written beside the file",
+    )
+    tokenizer: str | None = Field(
+        None, description="tokenizer that measures lengths for trimming (null = train.model's; 'chars' = a character estimate)"
+    )
+    primary_window: int = Field(15, ge=1, description="post-event window (minutes) whose return sets the direction label")
+    primary_ticker: str | None = Field(
+        None, description="ticker whose direction is the main label (null = XAUUSD if present, else the one with most returns)"
+    )
+    threshold_k: float = Field(0.5, gt=0, description="direction threshold = k x robust volatility of the ticker at the window")
+    dedup_threshold: float = Field(0.7, gt=0, le=1, description="3-gram Jaccard similarity at which two news texts are near-duplicates")
+    embargo_min: int = Field(120, ge=0, description="leave out events this many minutes after a split boundary")
+    tz: str | None = Field(None, description="zone of a user database's time column written without one (e.g. Asia/Shanghai)")
     add: list[AddDatasetConfig] = Field(default_factory=list, description="public data sets mixed in (records of type public_data)")
     decontaminate: list[str] = Field(
         default_factory=list,
         description="evaluation files whose items no record may duplicate (eval.benchmarks are added automatically)",
     )
+    teacher: str | None = Field(
+        None, description="teacher for richer news-impact analyses: deepseek, kimi, openai, local, or an OpenAI-compatible URL"
+    )
+    teacher_model: str | None = Field(None, description="the teacher's model (null = the provider's, e.g. deepseek-chat)")
+    teacher_cache: str | None = Field(None, description="teacher answer cache (null = <output>.teacher_cache.jsonl)")
+    teacher_concurrency: int = Field(4, ge=1, le=64, description="teacher requests in flight at once")
+    teacher_max_tokens: int = Field(800, ge=16, description="longest teacher answer, in tokens")
+
+    @field_validator("mix", "split", mode="before")
+    @classmethod
+    def _shares_text(cls, value: Any) -> Any:
+        return _shares(value)
+
+    @field_validator("mix", "split")
+    @classmethod
+    def _positive_shares(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        return _check_shares(value)  # type: ignore[return-value]
+
+    @field_validator("split")
+    @classmethod
+    def _train_share(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if value[0] <= 0:
+            raise ValueError("the train share must be positive, e.g. 80,10,10")
+        return value
 
 
 class TrainConfig(_Section):
@@ -69,7 +165,7 @@ class TrainConfig(_Section):
     resume_from_checkpoint: str | None = Field(
         None, description="'auto' (latest complete checkpoint in output_dir) or a checkpoint-N folder"
     )
-    profile: str = Field("default", description="speed profile name from finqlora.train.speedups.PROFILES")
+    profile: str = Field("default", description="speed profile: " + ", ".join(PROFILE_NAMES) + " (docs/performance.md)")
 
     # Hardware and precision.
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu")
@@ -108,7 +204,7 @@ class TrainConfig(_Section):
                    "adafactor"] = Field(
         "auto", description="auto = the speed profile's choice, else paged_adamw_8bit on CUDA, adamw_torch on CPU"
     )
-    max_length: int = Field(512, ge=32, description="tokens per sample; longer prompts are cut in the middle")
+    max_length: int = Field(512, ge=MIN_MAX_LENGTH, description="tokens per sample; longer prompts are cut in the middle")
     seed: int = 0
 
     # Validation, checkpoints, logging.
@@ -148,6 +244,17 @@ class TrainConfig(_Section):
             raise ValueError("must name at least one module")
         return value
 
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, value: str) -> str:
+        # Checked here so a misspelled profile fails at load, not when training starts hours later.
+        key = value.strip().lower()
+        if key not in PROFILE_NAMES:
+            close = difflib.get_close_matches(key, PROFILE_NAMES, n=1)
+            guess = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(f"unknown speed profile; {guess}known: {', '.join(PROFILE_NAMES)}")
+        return key
+
     @field_validator("resume_from_checkpoint")
     @classmethod
     def _resume(cls, value: str | None) -> str | None:
@@ -173,7 +280,7 @@ def split_benchmark_string(entry: str) -> dict[str, str]:
 class BenchmarkConfig(_Section):
     """One external benchmark of `eval.benchmarks` (docs/evaluation.md).
 
-    Written as a mapping `{path, format, label_map, split, max_items}` or as the string
+    Written as a mapping `{path, format, label_map, split, limit}` or as the string
     `FORMAT:PATH` (e.g. `finfe:../shared/data/benchmarks/finfe/train_list.json`).
     """
 
@@ -181,14 +288,20 @@ class BenchmarkConfig(_Section):
     format: Literal["finfe", "cfbenchmark", "fpb", "jsonl"] = Field(..., description="its published format")
     label_map: str | None = Field(None, description='raw label -> class, e.g. "0=利空,1=中性,2=利好" (default: the format\'s own)')
     split: str | None = Field(None, description="split of a CFBenchmark datasets folder")
-    max_items: int | None = Field(None, ge=1, description="score a seeded random sample of this many rows (null = all)")
+    limit: int | None = Field(None, ge=1, description="score a seeded random sample of this many rows (null = all)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, value: Any) -> Any:
+        return _renamed("eval.benchmarks[]", {"max_items": "limit"}, value)
 
 
 class EvalConfig(_Section):
     """Before/after evaluation (`finqlora eval`), read by the pipeline."""
 
-    max_prompts: int = Field(50, ge=1, description="test-split prompts evaluated (a seeded sample, stratified by record type)")
-    max_new_tokens: int = Field(256, ge=1)
+    max_samples: int = Field(50, ge=1, description="test-split prompts evaluated (a seeded sample, stratified by record type)")
+    split: str = Field("test", min_length=1, description="which split of the dataset is evaluated (all records if the file has no splits)")
+    max_new_tokens: int = Field(MAX_NEW_TOKENS, ge=1, description="generation length limit (same for both models)")
     batch_size: int = Field(8, ge=1)
     choice_batch_size: int = Field(16, ge=1, description="closed-option items scored together (choice scoring)")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
@@ -196,6 +309,17 @@ class EvalConfig(_Section):
     scoring: Literal["choice", "generate", "both"] = Field(
         "both", description="closed-option tasks: option log-likelihood (choice), parsed answers (generate), or both"
     )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling (only with temperature > 0)")
+    seed: int = Field(0, description="seed of the prompt sample, the bootstrap and the report's examples")
+    perplexity: bool = Field(True, description="perplexity of the reference answers")
+    forgetting: bool = Field(True, description="perplexity on the shipped general-domain text (forgetting)")
+    merge_adapter: bool = Field(True, description="merge the adapter into unquantized weights for the fine-tuned work (base speed, same logits)")
+    bootstrap_resamples: int = Field(1000, ge=100, description="bootstrap resamples for the confidence intervals")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, value: Any) -> Any:
+        return _renamed("eval", {"max_prompts": "max_samples"}, value)
 
     @field_validator("benchmarks", mode="before")
     @classmethod
@@ -206,6 +330,27 @@ class EvalConfig(_Section):
         return [split_benchmark_string(entry) if isinstance(entry, str) else entry for entry in value]
 
 
+class ServeConfig(_Section):
+    """The OpenAI-compatible server (`finqlora serve`); the model is train.model, loaded as train.load_in_4bit and train.chat_template say."""
+
+    adapters: list[str] = Field(default_factory=list, description="NAME=PATH of each LoRA adapter served (clients select it with model=NAME)")
+    base_name: str = Field("base", min_length=1, description="the `model` name that selects the plain base model")
+    host: str = Field("127.0.0.1", description="interface to bind; keep the default unless the API must be reachable from other machines")
+    port: int = Field(8000, ge=1, le=65535)
+    engine: Literal["native", "vllm"] = Field("native", description="native (this process, dynamic batching) or vllm (exec vLLM's OpenAI server)")
+    max_batch_size: int = Field(8, ge=1, description="requests decoded together in one batch")
+    max_queue: int = Field(64, ge=1, description="requests allowed to wait; more are answered 429 with Retry-After")
+    batch_window_ms: float = Field(10.0, ge=0, description="how long the oldest request waits for others to batch with")
+    max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted (longer: 400 context_length_exceeded)")
+    max_tokens: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(MAX_NEW_TOKENS, ge=1, description="max_tokens when a request does not set it")
+    request_timeout: float = Field(300.0, ge=1, description="seconds a request may take (queue + generation) before a 504")
+    max_prompt_chars: int | None = Field(None, ge=1, description="longest prompt text in characters, checked before tokenizing (null = 16 x max_prompt_tokens)")
+    max_body_bytes: int = Field(1024 * 1024, ge=1, description="largest request body accepted (larger: 413, before any parsing)")
+    body_timeout: float = Field(30.0, ge=0.1, description="seconds a request's body may take to arrive (later: 408)")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (null = torch's choice)")
+
+
 class RunConfig(_Section):
     """One run: dataset build, training and evaluation, repeatable from this file alone."""
 
@@ -213,6 +358,7 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")
     def _default_output_dir(self) -> RunConfig:
@@ -221,7 +367,7 @@ class RunConfig(_Section):
         return self
 
 
-SECTIONS: dict[str, type[_Section]] = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+SECTIONS: dict[str, type[_Section]] = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "serve": ServeConfig}
 
 
 def _allowed_values(section: type[_Section], key: str) -> str | None:
@@ -238,7 +384,9 @@ def _allowed_values(section: type[_Section], key: str) -> str | None:
 def _unknown_key_hint(section_name: str | None, key: str) -> str:
     fields = list(SECTIONS[section_name].model_fields) if section_name else ["name", *SECTIONS]
     candidates = fields if section_name else fields + [f"{n}.{k}" for n, s in SECTIONS.items() for k in s.model_fields]
-    close = difflib.get_close_matches(key, candidates, n=1) or difflib.get_close_matches(
+    synonym = KEY_SYNONYMS.get(key)
+    known = [c for c in candidates if synonym and c.split(".")[-1] == synonym]
+    close = known[:1] or difflib.get_close_matches(key, candidates, n=1) or difflib.get_close_matches(
         key, [c.split(".")[-1] for c in candidates], n=1
     )
     where = f"section '{section_name}'" if section_name else "the top level"
@@ -253,6 +401,12 @@ _short_repr = _SHORT.repr
 
 
 def _validation_error(exc: ValidationError, origin: str) -> FinqloraError:
+    lines, hint = validation_problems(exc)
+    return FinqloraError(f"invalid config {origin}: " + "; ".join(lines), hint=hint or "see docs/training.md for every key")
+
+
+def validation_problems(exc: ValidationError) -> tuple[list[str], str | None]:
+    """One line per problem of a failed validation, and a hint (did-you-mean, or the key's description)."""
     lines = []
     hint = None
     for err in exc.errors():
@@ -261,8 +415,10 @@ def _validation_error(exc: ValidationError, origin: str) -> FinqloraError:
         section_name = loc[0] if len(loc) > 1 and loc[0] in SECTIONS else None
         key = loc[-1] if loc else ""
         if err["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{dotted}'")
-            hint = hint or _unknown_key_hint(section_name, key)
+            key_hint = _unknown_key_hint(section_name, key)
+            guess = key_hint.partition("? ")[0] + "?" if key_hint.startswith("did you mean") else ""
+            lines.append(f"unknown key '{dotted}'" + (f" ({guess})" if guess else ""))
+            hint = hint or key_hint
             continue
         allowed = _allowed_values(SECTIONS[section_name], key) if section_name else None
         got = err.get("input")
@@ -273,7 +429,7 @@ def _validation_error(exc: ValidationError, origin: str) -> FinqloraError:
         field = SECTIONS[section_name].model_fields.get(key) if section_name else None
         if field is not None and field.description and hint is None:
             hint = f"{dotted}: {field.description}"
-    return FinqloraError(f"invalid config {origin}: " + "; ".join(lines), hint=hint or "see docs/training.md for every key")
+    return lines, hint
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -329,7 +485,7 @@ MAX_CONFIG_BYTES = 1_000_000
 
 def _read_config_text(file: Path) -> str:
     """The config file's text, or a FinqloraError saying why it is not a YAML config (binary, huge)."""
-    not_yaml = "pass a YAML run config, e.g. configs/demo-cpu.yaml"
+    not_yaml = "pass a YAML run config (`finqlora config init FILE` writes one)"
     size = file.stat().st_size
     if size > MAX_CONFIG_BYTES:
         raise FinqloraError(f"{file}: {size:,} bytes is not a run config (a YAML config is a few KB)", hint=not_yaml)
@@ -343,36 +499,60 @@ def _read_config_text(file: Path) -> str:
     return text
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config (or the defaults when `path` is None) and apply `--set` overrides."""
+def read_config_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's top-level mapping (not validated); errors name the file and say why."""
+    file = Path(path)
+    if not file.is_file():
+        configs = sorted(p.name for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
+        raise FinqloraError(
+            f"config file not found: {file}",
+            hint=f"configs in ./configs: {', '.join(configs)}" if configs else
+            "write one with every key at its default: `finqlora config init FILE` (then edit it)",
+        )
+    try:
+        loaded = yaml_load(_read_config_text(file))
+    except YAMLLimitError as exc:
+        raise FinqloraError(f"{file}: {exc}", hint="a run config is a small mapping: write its values out") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise FinqloraError(f"{file}: not valid YAML{where}", hint=str(exc)) from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise FinqloraError(f"{file}: the top level must be a mapping (name:, data:, train:, eval:)")
+    return loaded
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, values: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults when `path` is None), apply `--set` overrides, then typed `values`.
+
+    `values` maps dotted keys (`data.num_samples`) to Python values, as a command's flags give
+    them; they are validated with the rest, so a flag is checked exactly like its key.
+    """
     raw: dict[str, Any] = {}
     origin = "(defaults)"
     if path is not None:
-        file = Path(path)
-        origin = str(file)
-        if not file.is_file():
-            configs = sorted(p.name for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
-            raise FinqloraError(
-                f"config file not found: {file}",
-                hint=f"configs in ./configs: {', '.join(configs)}" if configs else "pass a YAML file, e.g. configs/demo-cpu.yaml",
-            )
-        try:
-            loaded = yaml_load(_read_config_text(file))
-        except YAMLLimitError as exc:
-            raise FinqloraError(f"{file}: {exc}", hint="a run config is a small mapping: write its values out") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise FinqloraError(f"{file}: not valid YAML{where}", hint=str(exc)) from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise FinqloraError(f"{file}: the top level must be a mapping (name:, data:, train:, eval:)")
-        raw = loaded
+        origin = str(path)
+        raw = read_config_mapping(path)
     if overrides:
         raw = apply_overrides(raw, overrides)
         origin += " with --set " + " ".join(overrides)
+    if values:
+        raw = _assign(raw, values)
+        origin += " with the command's options"
     return config_from_mapping(raw, origin=origin)
+
+
+def _assign(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """Typed values for dotted keys set into a raw config mapping (validated afterwards with the rest)."""
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for key, value in values.items():
+        section, name = key.split(".")
+        if not isinstance(merged.setdefault(section, {}), dict):
+            raise FinqloraError(f"config section '{section}' is not a mapping", hint="fix the YAML file")
+        merged[section][name] = value
+    return merged
 
 
 def dump_config(config: RunConfig) -> str:

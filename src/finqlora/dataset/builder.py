@@ -43,11 +43,12 @@ from finqlora.dataset import labels as lab
 from finqlora.dataset import mixture, rationales, report_qa, templates
 from finqlora.dataset import relevance as rel
 from finqlora.core import textdedup
-from finqlora.core.config import RunConfig
-from finqlora.core.chat_format import assistant_turn_suffix, render_prompt, user_content
+from finqlora.core.config import MIN_MAX_LENGTH, RunConfig
+from finqlora.core.chat_format import assistant_turn_suffix, render_prompt
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, atomic_write_text, sha256_file
 from finqlora.core.safe_input import InputError, json_loads
+from finqlora.core.records import RECORD_FORMATS, user_content, write_dataset_info
 
 TYPES = ("news_impact", "market_analysis", "report_qa")
 PUBLIC = "public_data"  # records from --add-dataset sources
@@ -94,10 +95,10 @@ class BuildConfig:
     output: Path
     db: Path | None = None
     num_samples: int = 300
-    mix: tuple[float, float, float] = (0.6, 0.2, 0.2)  # news_impact, market_analysis, report_qa
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    mix: tuple[float, float, float] = (60.0, 20.0, 20.0)  # news_impact, market_analysis, report_qa
+    split: tuple[float, float, float] = (80.0, 10.0, 10.0)
     seed: int = 0
-    output_format: str = "alpaca"  # or "messages"
+    format: str = "alpaca"  # or "messages" or "sharegpt"
     templates_only: bool = False
     tokenizer: str | None = None
     max_length: int = 512
@@ -111,21 +112,31 @@ class BuildConfig:
     decontaminate: tuple[Path, ...] = ()  # evaluation files no record may duplicate
 
     @classmethod
-    def from_run(cls, cfg: RunConfig, *, db: Path, output: Path) -> BuildConfig:
+    def from_run(cls, cfg: RunConfig, *, db: Path | None, output: Path) -> BuildConfig:
         """The one mapping from a run config's `data` section (and the train settings it needs).
 
-        Lengths are counted with the tokenizer that will train (`data.tokenizer`, else
-        `train.model`) against `train.max_length`, so trimming matches what training sees.
+        Every field has the key's name, except where the builder's object says more: `rules`
+        holds the label keys, `naive_tz` is `data.tz`. Lengths are counted with the tokenizer
+        that will train (`data.tokenizer`, else `train.model`; 'chars' = a character estimate)
+        against `train.max_length`, so trimming matches what training sees.
         """
         data = cfg.data
         return cls(
             output=Path(output),
-            db=Path(db),
+            db=Path(db) if db is not None else None,
             num_samples=data.num_samples,
+            mix=data.mix,
+            split=data.split,
             seed=data.seed,
-            output_format=data.format,
-            tokenizer=data.tokenizer or cfg.train.model,
+            format=data.format,
+            templates_only=data.templates_only,
+            tokenizer=None if data.tokenizer == "chars" else data.tokenizer or cfg.train.model,
             max_length=cfg.train.max_length,
+            rules=lab.LabelRules(primary_window=data.primary_window, threshold_k=data.threshold_k),
+            primary_ticker=data.primary_ticker,
+            dedup_threshold=data.dedup_threshold,
+            embargo_min=data.embargo_min,
+            naive_tz=data.tz,
             add=tuple(mixture.AddSource(Path(a.path), a.format, a.samples) for a in data.add),
             decontaminate=tuple(Path(p) for p in (*data.decontaminate, *_benchmark_paths(cfg))),
         )
@@ -139,9 +150,9 @@ class BuildConfig:
                                     hint=f"e.g. {name} 60,20,20")
         if self.split[0] <= 0:
             raise FinqloraError("the train share of --split must be positive", hint="e.g. --split 80,10,10")
-        if self.output_format not in ("alpaca", "messages"):
-            raise FinqloraError(f"unknown --format {self.output_format!r}", hint="use alpaca or messages")
-        if self.max_length < 64:
+        if self.format not in RECORD_FORMATS:
+            raise FinqloraError(f"unknown --format {self.format!r}", hint=f"use one of {', '.join(RECORD_FORMATS)}")
+        if self.max_length < MIN_MAX_LENGTH:  # the bound of train.max_length, so a config training accepts builds
             raise FinqloraError(f"--max-length {self.max_length} is too small for any record", hint="use 256 or more (default 512)")
         if not 0 < self.dedup_threshold <= 1:
             raise FinqloraError(f"--dedup-threshold must be in (0, 1], got {self.dedup_threshold}")
@@ -370,8 +381,8 @@ def read_store(path: Path, naive_tz: str | None) -> StoreData:
     if not path.exists():
         raise FinqloraError(
             f"database {path} does not exist",
-            hint="check the path; build a sample with `finqlora db sample --db PATH`, or omit --db "
-            "(or pass --templates-only) to build from the built-in templates",
+            hint="check the path (data.db, `finqlora build --db`); data.db: sample uses the built-in synthetic store, "
+            "data.templates_only: true (--templates-only) the built-in templates",
         )
     conn = store.connect(path, readonly=True)
     try:
@@ -829,9 +840,9 @@ def _build(config: BuildConfig, stage: Any) -> BuildResult:
     if not drafts:
         raise FinqloraError(
             f"no record could be built: {'; '.join(notices) or 'nothing to sample from'}",
-            hint=f"raise --max-length (now {config.max_length}) or check the database with `finqlora db check`",
+            hint=f"raise train.max_length (now {config.max_length}; `finqlora build --max-length`) or check the database with `finqlora db check`",
         )
-    records = [_to_record(d, config.output_format) for d in drafts]
+    records = [_to_record(d, config.format) for d in drafts]
     if len(records) < config.num_samples:
         notices.append(f"asked for {config.num_samples} samples, made {len(records)}")
     lengths = counter.record_lengths(drafts)
@@ -840,6 +851,7 @@ def _build(config: BuildConfig, stage: Any) -> BuildResult:
     output = Path(config.output)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     atomic_write_text(output, text)
+    write_dataset_info(output, records, config.format)
     stats_path = output.with_name(output.stem + ".stats.json")
     card_path = output.with_name(output.stem + ".card.md")
     atomic_write_json(stats_path, stats)
@@ -885,7 +897,7 @@ def _label_setup(config: BuildConfig, data: StoreData, pool: list[store.Event], 
         raise FinqloraError(
             f"too few training-period returns to estimate the volatility of {ctx.primary_ticker or 'any ticker'} at {p} min "
             f"(need {rules.min_estimation_samples})",
-            hint="use a database with more events, or pass --primary-ticker with a ticker that has impacts",
+            hint="use a database with more events, or set data.primary_ticker (--primary-ticker) to a ticker that has impacts",
         )
     stats["split_plan"] = {
         "events_in_pool": len(pool),
@@ -1064,7 +1076,7 @@ def _check_cross_split(drafts: list[Draft], threshold: float, notices: list[str]
     return [d for g, group in enumerate(groups) for i, d in enumerate(group) if (g, i) not in drop] + others
 
 
-def _to_record(draft: Draft, output_format: str) -> dict[str, Any]:
+def _to_record(draft: Draft, record_format: str) -> dict[str, Any]:
     meta = {
         "id": draft.record_id,
         "type": draft.type,
@@ -1073,12 +1085,15 @@ def _to_record(draft: Draft, output_format: str) -> dict[str, Any]:
         "event_time": draft.event_time,
         "label": draft.label,
     }
-    if output_format == "messages":
+    if record_format == "messages":
         messages = [
             {"role": "user", "content": user_content(draft.instruction, draft.input)},
             {"role": "assistant", "content": draft.output},
         ]
         return {"messages": messages, **meta}
+    if record_format == "sharegpt":
+        turns = [{"from": "human", "value": user_content(draft.instruction, draft.input)}, {"from": "gpt", "value": draft.output}]
+        return {"conversations": turns, **meta}
     return {"id": draft.record_id, "type": draft.type, "instruction": draft.instruction, "input": draft.input,
             "output": draft.output, **{k: v for k, v in meta.items() if k not in ("id", "type")}}
 
@@ -1151,7 +1166,7 @@ def _stats(config: BuildConfig, drafts: Sequence[Draft], lengths: Sequence[tuple
             "seed": config.seed,
             "mix": list(config.mix),
             "split": list(config.split),
-            "format": config.output_format,
+            "format": config.format,
             "tokenizer": config.tokenizer,
             "max_length": config.max_length,
             "templates_only": config.templates_only,

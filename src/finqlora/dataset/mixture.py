@@ -35,8 +35,9 @@ from typing import Any
 from finqlora.core import textdedup
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import iter_jsonl, load_datasets_folder
+from finqlora.core.records import iter_records, normalize
 
-FORMATS = ("finfe", "cfbenchmark", "fpb", "disc", "alpaca")
+FORMATS = ("finfe", "cfbenchmark", "fpb", "disc", "alpaca", "sharegpt")
 FINFE_WORDS = {0: "消极", 1: "中性", 2: "积极"}
 FPB_LABELS = ("positive", "neutral", "negative")
 # The FinFE form is the benchmark's own wording, so a model trained on it is asked the same way.
@@ -47,7 +48,8 @@ LICENCE_NOTES = {
     "cfbenchmark": "CFBenchmark (TongjiFinLab): see the licence of the copy you use",
     "fpb": "Financial PhraseBank (Malo et al. 2014): CC BY-NC-SA 3.0",
     "disc": "DISC-Fin-SFT (FudanDISC/DISC-FinLLM): Apache-2.0",
-    "alpaca": "user-supplied Alpaca JSONL: the licence of its source",
+    "alpaca": "user-supplied Alpaca file (JSONL or a JSON array): the licence of its source",
+    "sharegpt": "user-supplied ShareGPT file (JSONL or a JSON array): the licence of its source",
 }
 
 
@@ -145,16 +147,41 @@ def _disc(path: Path) -> Iterator[MixItem]:
         history = row.get("history") or []
         if not isinstance(history, list) or any(not (isinstance(t, list) and len(t) == 2) for t in history):
             raise _bad(path, line, "'history' must be a list of [question, answer] pairs", "fix or empty that row's history")
-        if history:
-            turns = "\n".join(f"问：{q}\n答：{a}" for q, a in history)
-            item = MixItem(item.instruction, f"对话历史：\n{turns}\n\n{item.input}".strip(), item.output, {})
-        yield item
+        yield _history_item(item, history)
+
+
+def _history_item(item: MixItem, history: list) -> MixItem:
+    """Earlier turns go into the input (a mixed-in record is one question and its answer), as for DISC."""
+    if not history:
+        return item
+    turns = "\n".join(f"问：{q}\n答：{a}" for q, a in history)
+    return MixItem(item.instruction, f"对话历史：\n{turns}\n\n{item.input}".strip(), item.output, {})
 
 
 def _alpaca(path: Path) -> Iterator[MixItem]:
-    hint = "each line is one JSON object with instruction, input and output; fix or delete that line"
-    for line, row in iter_jsonl(path, what="Alpaca JSONL file", hint=hint):
-        yield _instruction_row(path, line, row, "output")
+    """Alpaca rows (JSONL or LLaMA-Factory's JSON array), `history` folded into the input."""
+    for line, row in iter_records(path, what="Alpaca file"):
+        item = _instruction_row(path, line, row, "output")
+        history = row.get("history") or []
+        if not isinstance(history, list) or any(not (isinstance(t, list) and len(t) == 2) for t in history):
+            raise _bad(path, line, "'history' must be a list of [question, answer] pairs", "fix or empty that row's history")
+        yield _history_item(item, history)
+
+
+def _sharegpt(path: Path) -> Iterator[MixItem]:
+    """ShareGPT rows: the last human turn and the gpt answer; earlier turns folded into the input."""
+    for line, row in iter_records(path, what="ShareGPT file"):
+        try:
+            messages = normalize(row, "sharegpt")["messages"]
+        except ValueError as exc:
+            raise _bad(path, line, str(exc), "each row needs conversations of human/gpt turns ending with gpt") from None
+        system = [m["content"] for m in messages if m["role"] == "system"]
+        turns = [m for m in messages if m["role"] != "system"]
+        if len(turns) < 2 or turns[-1]["role"] != "assistant" or turns[-2]["role"] != "user" or not turns[-1]["content"].strip():
+            raise _bad(path, line, "the conversation must end with a human turn and a non-empty gpt answer", "fix or delete that row")
+        pairs = [[turns[i]["content"], turns[i + 1]["content"]] for i in range(0, len(turns) - 2, 2)]
+        item = MixItem(turns[-2]["content"].strip(), "\n".join(system).strip(), turns[-1]["content"].strip(), {})
+        yield _history_item(item, pairs)
 
 
 def _cfbenchmark(path: Path) -> Iterator[MixItem]:
@@ -171,7 +198,7 @@ def _cfbenchmark(path: Path) -> Iterator[MixItem]:
             raise FinqloraError(str(exc).replace(f"{path}:{row_number}:", f"{path}: row {row_number}:"), hint=exc.hint) from None
 
 
-_LOADERS = {"finfe": _finfe, "cfbenchmark": _cfbenchmark, "fpb": _fpb, "disc": _disc, "alpaca": _alpaca}
+_LOADERS = {"finfe": _finfe, "cfbenchmark": _cfbenchmark, "fpb": _fpb, "disc": _disc, "alpaca": _alpaca, "sharegpt": _sharegpt}
 
 
 def load_source(source: AddSource, seed: int) -> list[MixItem]:

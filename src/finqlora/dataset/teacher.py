@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ import openai
 
 from finqlora.dataset.answer_parser import parse_direction
 from finqlora.dataset.rationales import realized_numbers
+from finqlora.core.config import DataConfig
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, atomic_write_text
 
@@ -292,46 +293,21 @@ def enrich_dataset_file(
     return stats
 
 
-def add_teacher_options(build_command: Callable[..., Any]) -> Callable[..., Any]:
-    """`finqlora build` with --teacher, --teacher-model, --teacher-cache, --teacher-concurrency, --teacher-max-tokens.
-
-    The builder's command is left exactly as its owner wrote it: this wrapper runs it, then
-    runs the teacher over the file it wrote. Typer reads the options from the signature, so
-    the wrapper's signature is the build command's plus the teacher's options.
-    """
-    import functools
-    import inspect
-
-    import typer
+def enrich_from_config(output: str | os.PathLike[str], data: DataConfig, *, progress: bool = True) -> TeacherStats | None:
+    """Run the teacher of a run config's `data` section (`data.teacher`...) over a built dataset; None without one."""
+    if data.teacher is None:
+        return None
     from rich.console import Console
 
-    extra = {
-        "teacher": (str | None, typer.Option(None, "--teacher", help="Teacher for richer news-impact analyses: deepseek, kimi, openai, local, or an OpenAI-compatible URL.", show_default=False)),
-        "teacher_model": (str | None, typer.Option(None, "--teacher-model", help="The teacher's model (default: the provider's, e.g. deepseek-chat).", show_default=False)),
-        "teacher_cache": (Path | None, typer.Option(None, "--teacher-cache", help="Answer cache (default: <output>.teacher_cache.jsonl).", show_default=False)),
-        "teacher_concurrency": (int, typer.Option(4, "--teacher-concurrency", min=1, max=64, help="Teacher requests in flight at once.")),
-        "teacher_max_tokens": (int, typer.Option(800, "--teacher-max-tokens", min=16, help="Longest teacher answer, in tokens.")),
-    }
-
-    @functools.wraps(build_command)
-    def build_with_teacher(**kwargs: Any) -> None:
-        teacher, model, cache, concurrency, max_tokens = (kwargs.pop(name) for name in extra)
-        build_command(**kwargs)
-        if teacher is None:
-            return
-        stats = enrich_dataset_file(
-            kwargs["output"], teacher, model, cache_path=cache, concurrency=concurrency, max_tokens=max_tokens, progress=not kwargs.get("quiet")
-        )
-        Console(stderr=True).print(
-            f"teacher: {stats.accepted} of {stats.candidates} news-impact answers accepted, "
-            f"{stats.rejected_direction} rejected (other direction), {stats.rejected_unparseable} rejected (no direction), "
-            f"{stats.rejected_realized_numbers} rejected (realized numbers), {stats.rejected_length} rejected (length); "
-            f"{stats.cache_hits} from the cache",
-            highlight=False,
-        )
-
-    signature = inspect.signature(build_command, eval_str=True)
-    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind) for name, (kind, option) in extra.items()]
-    build_with_teacher.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *added])  # type: ignore[attr-defined]
-    build_with_teacher.__annotations__ = {**build_command.__annotations__, **{name: kind for name, (kind, _) in extra.items()}}
-    return build_with_teacher
+    stats = enrich_dataset_file(
+        output, data.teacher, data.teacher_model, cache_path=data.teacher_cache, concurrency=data.teacher_concurrency,
+        max_tokens=data.teacher_max_tokens, progress=progress,
+    )
+    Console(stderr=True).print(
+        f"teacher: {stats.accepted} of {stats.candidates} news-impact answers accepted, "
+        f"{stats.rejected_direction} rejected (other direction), {stats.rejected_unparseable} rejected (no direction), "
+        f"{stats.rejected_realized_numbers} rejected (realized numbers), {stats.rejected_length} rejected (length); "
+        f"{stats.cache_hits} from the cache",
+        highlight=False,
+    )
+    return stats

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finqlora.core.chat_format import record_to_chat, render_prompt
-from finqlora.core.config import BENCHMARK_FORMATS, split_benchmark_string
+from finqlora.core.config import BENCHMARK_FORMATS, MAX_NEW_TOKENS, split_benchmark_string
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, atomic_write_jsonl, read_jsonl, sha256_file
 from finqlora.dataset.answer_parser import DIRECTIONS
@@ -62,7 +62,7 @@ class BenchmarkSpec:
     @classmethod
     def from_config(cls, entry: BenchmarkConfig) -> BenchmarkSpec:
         """One `eval.benchmarks` entry of a run config."""
-        return cls(entry.path, entry.format, entry.label_map, entry.split, entry.max_items)
+        return cls(entry.path, entry.format, entry.label_map, entry.split, entry.limit)
 
     @classmethod
     def parse(cls, text: str, fmt: str | None = None, **fields: Any) -> BenchmarkSpec:
@@ -96,7 +96,7 @@ class EvalOptions:
     split: str = "test"
     max_samples: int | None = None
     benchmarks: list[BenchmarkSpec] = field(default_factory=list)
-    max_new_tokens: int = 256
+    max_new_tokens: int = MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
@@ -124,17 +124,24 @@ class EvalOptions:
     variants: tuple[str, ...] = VARIANTS
 
     @classmethod
-    def from_run(cls, cfg: RunConfig, *, output: Path, data: Path, adapter: str | None = None, variants: Sequence[str] = VARIANTS) -> EvalOptions:
+    def from_run(cls, cfg: RunConfig, *, output: Path, data: Path | None, adapter: str | None = None, variants: Sequence[str] = VARIANTS) -> EvalOptions:
         """The one mapping from a run config (`finqlora run`) to the evaluation's options."""
         return cls(
             output=Path(output),
             model=cfg.train.model,
             adapter=str(adapter) if adapter else None,
-            data=Path(data),
-            max_samples=cfg.eval.max_prompts,
+            data=Path(data) if data is not None else None,
+            split=cfg.eval.split,
+            max_samples=cfg.eval.max_samples,
             benchmarks=[BenchmarkSpec.from_config(entry) for entry in cfg.eval.benchmarks],
             max_new_tokens=cfg.eval.max_new_tokens,
             temperature=cfg.eval.temperature,
+            top_p=cfg.eval.top_p,
+            seed=cfg.eval.seed,
+            perplexity=cfg.eval.perplexity,
+            forgetting=cfg.eval.forgetting,
+            merge_adapter=cfg.eval.merge_adapter,
+            bootstrap_resamples=cfg.eval.bootstrap_resamples,
             batch_size=cfg.eval.batch_size,
             choice_batch_size=cfg.eval.choice_batch_size,
             device=cfg.train.device,
@@ -162,7 +169,7 @@ def load_test_records(path: Path, *, split: str = "test", max_samples: int | Non
         chosen = [row for row in rows if row.get("split") == split]
         if not chosen:
             found = sorted({str(row.get("split")) for row in rows})
-            raise FinqloraError(f"{path}: no records with split {split!r} (found: {', '.join(found)})", hint="pass --split with one of those")
+            raise FinqloraError(f"{path}: no records with split {split!r} (found: {', '.join(found)})", hint="set eval.split to one of those (`finqlora eval --split`, or --set eval.split=NAME)")
     else:
         chosen = rows
     if max_samples is None or max_samples >= len(chosen):

@@ -16,10 +16,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from finqlora.core.chat_format import record_to_chat, render_prompt, stop_token_ids, user_content
+from finqlora.core.chat_format import record_to_chat, render_prompt, stop_token_ids
+from finqlora.core.config import MAX_NEW_TOKENS
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json
 from finqlora.core.safe_input import InputError, json_loads
+from finqlora.core.records import user_content
 
 Messages = Sequence[Mapping[str, str]]
 
@@ -28,7 +30,7 @@ Messages = Sequence[Mapping[str, str]]
 class GenerationSettings:
     """Decoding options. temperature 0 means greedy (deterministic)."""
 
-    max_new_tokens: int = 256
+    max_new_tokens: int = MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     repetition_penalty: float = 1.0

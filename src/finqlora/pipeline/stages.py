@@ -116,10 +116,13 @@ class BuildStage:
     @staticmethod
     def run(ctx: StageContext, _resume: bool) -> dict[str, Any]:
         from finqlora.dataset.builder import BuildConfig, build_dataset
+        from finqlora.dataset.teacher import enrich_from_config
 
-        result = build_dataset(BuildConfig.from_run(ctx.config, db=ctx.database(), output=ctx.paths.dataset))
+        data = ctx.config.data
+        result = build_dataset(BuildConfig.from_run(ctx.config, db=None if data.templates_only else ctx.database(), output=ctx.paths.dataset))
         for notice in result.notices:
             print(f"  note: {notice}")
+        enrich_from_config(ctx.paths.dataset, data, progress=False)
         return {"records": len(result.records), "by_split": result.stats.get("by_split")}
 
     @staticmethod

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from finqlora.core.config import MAX_NEW_TOKENS
+
 log = logging.getLogger(__name__)
 
 
@@ -54,7 +56,7 @@ class BatchLimits:
     batch_window_ms: float = 10.0  # how long the oldest job waits for companions
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 1024  # the largest max_tokens a request may ask for
-    default_max_new_tokens: int = 256  # when a request does not say
+    default_max_new_tokens: int = MAX_NEW_TOKENS  # when a request does not say
     request_timeout_s: float = 300.0  # queueing + generation; then the job fails with 504
     # Characters of prompt text accepted before tokenizing (None: CHARS_PER_TOKEN_BOUND per
     # allowed token), so that a huge prompt is refused without paying for its tokenization.
@@ -78,7 +80,7 @@ class BatchLimits:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 256
+    max_new_tokens: int = MAX_NEW_TOKENS
     temperature: float = 0.0  # 0 = greedy (deterministic)
     top_p: float = 1.0
     seed: int | None = None

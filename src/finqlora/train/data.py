@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from finqlora.core.errors import FinqloraError
-from finqlora.core.fileio import iter_jsonl, sha256_file
+from finqlora.core.fileio import sha256_file
+from finqlora.core.records import dataset_info_entry, read_dataset, split_dataset_info
 
 
 @dataclass
@@ -31,17 +32,14 @@ class DatasetSplits:
 
 
 def read_instruction_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each non-blank line; errors name the file and line."""
-    file = Path(path)
-    if not file.is_file():
-        raise FinqloraError(
-            f"dataset not found: {file}",
-            hint="build one with `finqlora build --output data/qlora/instructions.jsonl`, or pass --data PATH",
-        )
-    rows = []
-    for lineno, record in iter_jsonl(file, what="dataset"):
+    """(row number, record) of a dataset in any layout of finqlora.core.records; errors name the file and row.
+
+    `path` is a JSONL file, a JSON array file, or `DIR/dataset_info.json:NAME` (LLaMA-Factory).
+    Records come back as Alpaca records or `messages` records.
+    """
+    file, rows = read_dataset(path)
+    for lineno, record in rows:
         _check_record(file, lineno, record)
-        rows.append((lineno, record))
     if not rows:
         raise FinqloraError(f"{file} has no records", hint="build a dataset first with `finqlora build`")
     return rows
@@ -77,7 +75,7 @@ def _answer_text(record: Mapping[str, Any]) -> str:
 def load_splits(path: str | Path, *, val_fraction: float, seed: int) -> DatasetSplits:
     """Train and validation records of an instruction JSONL (see the module docstring)."""
     rows = read_instruction_jsonl(path)
-    records = [record for _, record in rows]
+    records = [record for _, record in rows]  # alpaca or messages records (finqlora.core.records)
     has_split = any("split" in record for record in records)
     test_records = sum(1 for r in records if r.get("split") == "test")
     if has_split:
@@ -96,7 +94,9 @@ def load_splits(path: str | Path, *, val_fraction: float, seed: int) -> DatasetS
         val_source = f"no split field: held out {val_fraction:g} of the records (seed {seed})"
     if not train:
         raise FinqloraError(f"{path}: too few records to train ({len(records)})", hint="build a larger dataset")
-    return DatasetSplits(train, val, Path(path), sha256_file(path), len(records), test_records, val_source)
+    named = split_dataset_info(path)
+    file = dataset_info_entry(*named)[0] if named else Path(path)  # the data file, whose content the run records
+    return DatasetSplits(train, val, Path(path), sha256_file(file), len(records), test_records, val_source)
 
 
 def _hold_out(records: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:

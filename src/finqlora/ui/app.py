@@ -36,6 +36,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 
+from finqlora.core.config import MAX_NEW_TOKENS
 from finqlora.core.errors import FinqloraError
 from finqlora.evaluate import ratings as R
 from finqlora.pipeline.engine import RunPaths
@@ -123,7 +124,7 @@ class RatingBody(BaseModel):
 class DeepSeekBody(BaseModel):
     prompt: UnicodeText = Field(min_length=1, max_length=8000)
     temperature: float = Field(0.0, ge=0, le=2)
-    max_tokens: int = Field(256, ge=1, le=4096)
+    max_tokens: int = Field(MAX_NEW_TOKENS, ge=1, le=4096)
 
 
 def _lang(request: Request) -> str:
