@@ -13,6 +13,7 @@ import pytest
 
 from finqlora.core.errors import FinqloraError
 from finqlora.evaluate.evaluation import compute_metrics
+from finqlora.report import i18n
 from finqlora.report.report import NO_CAPABILITY_GAIN, build_report, select_examples
 
 DIRECTIONS = ["利好", "利空", "中性"]
@@ -79,10 +80,21 @@ def make_eval_dir(root: Path) -> tuple[Path, Path]:
     return eval_dir, train_dir
 
 
+RATES = ("accuracy", "macro_f1", "parse_rate", "rouge_l", "repetition_rate")
+
+
 def _formatted(row: dict, value: float) -> str:
     """An independent statement of the report's number format: rates in %, others 2 decimals."""
-    is_rate = any(row["key"].endswith(s) for s in ("accuracy", "macro_f1", "parse_rate", "rouge_l"))
+    is_rate = any(row["key"].endswith(s) for s in RATES)
     return f"{value * 100:.1f}%" if is_rate else f"{value:.2f}"
+
+
+def _formatted_delta(row: dict, value: float, unit: str = "百分点") -> str:
+    """Differences of rates in percentage points, others signed with 2 decimals."""
+    sign = "+" if value > 0 else ""
+    if any(row["key"].endswith(s) for s in RATES):
+        return f"{sign}{value * 100:.1f} {unit}"
+    return f"{sign}{value:.2f}"
 
 
 @pytest.fixture()
@@ -117,7 +129,12 @@ def test_model_text_is_escaped(tmp_path: Path) -> None:
     paths = build_report(eval_dir, tmp_path / "report", examples_per_group=5)
     html = paths.html.read_text(encoding="utf-8")
     assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
-    assert "&lt;script&gt;" in paths.markdown.read_text(encoding="utf-8")
+    # Markdown has no entities: the answer stays literal inside a fenced code block, where no
+    # Markdown renderer reads it as markup.
+    markdown = paths.markdown.read_text(encoding="utf-8")
+    assert "```text\n<script>alert(1)</script> | 方向：利好\n```" in markdown
+    outside_fences = re.sub(r"(?ms)^```text\n.*?^```$", "", markdown)
+    assert "<script>" not in outside_fences
 
 
 def test_metrics_are_computed_from_the_cache(report_dir: Path) -> None:
@@ -156,9 +173,8 @@ def test_html_is_self_contained_and_shows_the_numbers(report_dir: Path) -> None:
     for row in metrics["table"]:
         for key in ("base", "finetuned"):
             assert _formatted(row, row[key]) in html, (row["key"], key)
-        delta = _formatted(row, row["delta"])
-        assert (("+" + delta) if row["delta"] > 0 else delta) in html
-        assert row["verdict"] in html
+        assert _formatted_delta(row, row["delta"]) in html, row["key"]
+        assert i18n.verdict(row["verdict"], "zh") in html
     assert "0.070" in html  # McNemar p of the news accuracy, 2 * 9 / 256
     # offline: nothing fetched from elsewhere
     assert not re.search(r"""(src|href)\s*=\s*['"]?(https?:)?//""", html)
@@ -167,8 +183,8 @@ def test_html_is_self_contained_and_shows_the_numbers(report_dir: Path) -> None:
     for name in ("loss_curve.png", "metrics_chart.png", "metrics_table.png", "confusion.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "report.md").read_text(encoding="utf-8")
-    assert "| metric | n |" in markdown and "![loss_curve](loss_curve.png)" in markdown
-    assert "wins 7, losses 1, ties 4" in markdown and "wins 7, losses 1, ties 4" in html
+    assert "| 指标 | 样本数 |" in markdown and "![loss_curve](loss_curve.png)" in markdown
+    assert "胜 7，负 1，平 4" in markdown and "胜 7，负 1，平 4" in html
     assert "lora_r" in html and "512.3" in html  # hyperparameters and training time
     assert "tok:zh" in html and "smooth:exp" in html  # the BLEU is cited by its sacreBLEU signature
 
@@ -227,7 +243,7 @@ def test_the_summary_says_plainly_when_no_capability_metric_improved(report_dir:
     # The fixture's news accuracy rises 4/12 -> 9/12, but 7 wins against 1 loss is McNemar p = 0.07.
     metrics = json.loads((report_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert not any("better" in row["verdict"] for row in metrics["table"] if row["test"] == "McNemar exact")
-    assert NO_CAPABILITY_GAIN in (report_dir / "report" / "report.md").read_text(encoding="utf-8")
+    assert i18n.text("zh", "no_gain") in (report_dir / "report" / "report.md").read_text(encoding="utf-8")
 
 
 def test_the_summary_does_not_deny_a_significant_gain(tmp_path: Path) -> None:
@@ -245,5 +261,7 @@ def test_the_summary_does_not_deny_a_significant_gain(tmp_path: Path) -> None:
     compute_metrics(eval_dir)
     metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
     assert any("better" in row["verdict"] for row in metrics["table"] if row["test"] == "McNemar exact")
-    paths = build_report(eval_dir, tmp_path / "report")
-    assert NO_CAPABILITY_GAIN not in paths.markdown.read_text(encoding="utf-8")
+    paths = build_report(eval_dir, tmp_path / "report", lang="en")
+    markdown = paths.markdown.read_text(encoding="utf-8")
+    assert NO_CAPABILITY_GAIN not in markdown
+    assert "News direction (parsed generations, n=36): fine-tuned 83.3%, base 33.3%, difference +50.0 percentage points" in markdown

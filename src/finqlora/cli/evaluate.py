@@ -22,18 +22,25 @@ eval_app = typer.Typer(
 
 
 def _print_table(metrics: dict) -> None:
-    from finqlora.report.report import format_interval, format_p, format_value
+    from finqlora.report.report import format_delta, format_delta_interval, format_p, format_value
 
     table = Table(title="base vs fine-tuned", show_lines=False)
-    for column in ("metric", "n", "base", "fine-tuned", "delta [95% CI]", "p", "verdict"):
+    for column in ("metric", "n", "base", "fine-tuned", "delta [95% CI] (rates: pp)", "p", "verdict"):
         table.add_column(column, overflow="fold")
     for row in metrics["table"]:
         table.add_row(
             row["name"], str(row["n"]), format_value(row, row["base"]), format_value(row, row["finetuned"]),
-            f"{format_value(row, row['delta'], signed=True)} {format_interval(row, row['delta_ci'], signed=True)}",
+            f"{format_delta(row, row['delta'], 'en')} {format_delta_interval(row, row['delta_ci'], 'en')}",
             format_p(row.get("p_value")), row["verdict"],
         )
     console.print(table)
+
+
+def _report_lang() -> str:
+    """The report language's one default: the run config's eval.report_lang."""
+    from finqlora.core.config import EvalConfig
+
+    return EvalConfig.model_fields["report_lang"].default
 
 
 def _default(name: str):
@@ -63,7 +70,8 @@ def eval_main(
     max_new_tokens: int = typer.Option(_default("max_new_tokens"), help="Generation length limit (same for both models)."),
     temperature: float = typer.Option(_default("temperature"), help="0 = greedy decoding (deterministic, recommended for evaluation)."),
     top_p: float = typer.Option(_default("top_p"), help="Nucleus sampling (only with temperature > 0)."),
-    repetition_penalty: float = typer.Option(_default("repetition_penalty"), help="1.0 = off."),
+    repetition_penalty: float = typer.Option(_default("repetition_penalty"), help="Penalty on tokens already in the answer (1.0 = off); config eval.repetition_penalty."),
+    no_repeat_ngram_size: int = typer.Option(_default("no_repeat_ngram_size"), min=0, help="No n-gram of this many tokens twice in an answer (0 = off); config eval.no_repeat_ngram_size."),
     batch_size: int = typer.Option(_default("batch_size"), min=1, help="Prompts generated (or perplexity-scored) together."),
     choice_batch_size: int = typer.Option(_default("choice_batch_size"), min=1, help="Closed-option items choice-scored together."),
     device: str = typer.Option(_default("device"), help="auto | cpu | cuda | cuda:N | mps"),
@@ -76,6 +84,7 @@ def eval_main(
     bootstrap: int = typer.Option(_default("bootstrap_resamples"), min=100, help="Bootstrap resamples for the confidence intervals."),
     seed: int = typer.Option(_default("seed"), help="Seed for sampling, bootstrap and example selection."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html / report.md after the metrics."),
+    lang: str = typer.Option(_report_lang(), "--lang", help="Report language: zh | en (config eval.report_lang)."),
     base_only: bool = typer.Option(False, "--base-only", help="Only score the base model (e.g. before training); the full run reuses its outputs."),
 ) -> None:
     """Run base and fine-tuned on the same prompts; cache outputs; write metrics.json + report.
@@ -98,7 +107,7 @@ def eval_main(
     options = EvalOptions(
         output=output, model=model, adapter=str(adapter) if adapter else None, data=data, split=split, max_samples=max_samples,
         benchmarks=specs, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
-        seed=seed, batch_size=batch_size, choice_batch_size=choice_batch_size, device=device, dtype=dtype, load_in_4bit=load_in_4bit, chat_template=chat_template,
+        no_repeat_ngram_size=no_repeat_ngram_size, seed=seed, batch_size=batch_size, choice_batch_size=choice_batch_size, device=device, dtype=dtype, load_in_4bit=load_in_4bit, chat_template=chat_template,
         perplexity=perplexity, forgetting=forgetting, bootstrap_resamples=bootstrap, scoring=scoring, merge_adapter=merge_adapter,
         variants=("base",) if base_only else VARIANTS,
     )
@@ -111,7 +120,7 @@ def eval_main(
     if report:
         from finqlora.report.report import build_report
 
-        paths = build_report(output, output, seed=seed)
+        paths = build_report(output, output, seed=seed, lang=lang)
         written += [paths.html, paths.markdown]
     console.print("[green]wrote[/] " + ", ".join(str(path) for path in written))
 
@@ -181,13 +190,14 @@ def report_command(
     training_dir: Optional[Path] = typer.Option(None, "--training-dir", help="Training output folder (default: the evaluated adapter's)."),
     examples: int = typer.Option(2, min=0, help="Examples shown per group (win / loss / tie)."),
     seed: int = typer.Option(0, help="Seed of the example draw."),
+    lang: str = typer.Option(_report_lang(), "--lang", help="Report language: zh (Chinese) | en (English); config eval.report_lang."),
 ) -> None:
     """Rebuild report.html / report.md and its charts from metrics.json and the caches (no model is run)."""
     from finqlora.report.report import build_report
 
     if output is None and (run / "pipeline_state.json").exists():
         output = run / "report"  # where `finqlora run` puts it
-    paths = build_report(run, output, training_dir=training_dir, examples_per_group=examples, seed=seed)
+    paths = build_report(run, output, training_dir=training_dir, examples_per_group=examples, seed=seed, lang=lang)
     console.print(f"[green]wrote[/] {paths.html}, {paths.markdown}" + "".join(f", {p}" for p in paths.images.values()))
 
 

@@ -225,7 +225,8 @@ class ReportStage:
         from finqlora.report.report import build_report
 
         paths = ctx.paths
-        report = build_report(paths.eval_dir, paths.report_dir, training_dir=paths.adapter, title=f"finqlora run: {ctx.config.name}")
+        report = build_report(paths.eval_dir, paths.report_dir, training_dir=paths.adapter, title=f"finqlora run: {ctx.config.name}",
+                              lang=ctx.config.eval.report_lang)
         return {"html": str(report.html)}
 
     @staticmethod

@@ -64,7 +64,7 @@ EN = {
     "report": "Report (report.html)", "no_runs": "No run folders yet.", "progress": "Progress", "step": "step",
     "eta": "ETA", "loss_chart": "Loss", "train_loss": "train loss", "val_loss": "val loss",
     "metrics": "Metrics (95% CI)", "metric": "Metric", "n": "n", "base": "base", "finetuned": "fine-tuned",
-    "delta": "delta", "test": "test", "p": "p", "verdict": "verdict", "dataset_card": "Dataset card",
+    "delta": "delta (rates: pp)", "test": "test", "p": "p", "verdict": "verdict", "dataset_card": "Dataset card",
     "no_metrics": "No evaluation yet.", "rating_title": "Blind A/B rating", "new_round": "New round", "run": "Run",
     "raters": "Raters (comma-separated)", "pairs_limit": "Pairs (empty = all)", "round_name": "Round name (optional)",
     "create": "Create", "links": "Rater links (send each rater their own)", "rounds": "Rounds",
