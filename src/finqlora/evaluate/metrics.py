@@ -171,7 +171,7 @@ REPETITION_NGRAM = 4
 def repetition_rate(text: str, n: int = REPETITION_NGRAM) -> float:
     """Share of the text's n-grams (`overlap_tokens`) that repeat an earlier n-gram (0-1).
 
-    0 = no n-gram occurs twice; "ABCDABCDABCD" (n = 4) has 9 n-grams, 4 distinct: 5/9. A text
+    0 = no n-gram occurs twice; "甲乙丙丁" * 3 (n = 4) has 9 n-grams, 4 distinct: 5/9. A text
     of fewer than n tokens has no n-grams and rate 0.
     """
     tokens = overlap_tokens(text)

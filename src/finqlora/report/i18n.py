@@ -98,6 +98,7 @@ TEXT: dict[str, dict[str, str]] = {
         "card_training": "训练数据", "card_generation": "生成设置（两模型相同）", "card_model": "模型", "card_device": "设备",
         "card_cost": "生成开销（{variant}）", "card_speed": "同一运行中的生成速度", "card_bleu": "BLEU（sacreBLEU 签名）",
         "merged": "（评估时已合并）", "unparsed": "（未解析）",
+        "label_line": "标签：{direction}（{ticker} 发布后 {window} 分钟，阈值 {threshold}）",
     },
     "en": {
         "title": "finqlora evaluation: {model} before vs after fine-tuning",
@@ -142,6 +143,7 @@ TEXT: dict[str, dict[str, str]] = {
         "card_training": "training data", "card_generation": "generation (both models)", "card_model": "model", "card_device": "device",
         "card_cost": "generation ({variant})", "card_speed": "generation speed, same run", "card_bleu": "BLEU (sacreBLEU signature)",
         "merged": " (merged for evaluation)", "unparsed": "(unparsed)",
+        "label_line": "label: {direction} ({ticker} @ {window} min, threshold {threshold})",
     },
 }
 

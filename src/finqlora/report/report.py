@@ -440,7 +440,7 @@ def question_text(item: dict[str, Any]) -> str:
     return "\n\n".join(m["content"] for m in item["messages"] if m["role"] != "system")
 
 
-def _returns_text(item: dict[str, Any]) -> str:
+def _returns_text(item: dict[str, Any], lang: str = DEFAULT_LANG) -> str:
     label = item.get("label") or {}
     returns = label.get("returns") or {}
     parts = []
@@ -449,7 +449,8 @@ def _returns_text(item: dict[str, Any]) -> str:
         shown = ", ".join(f"{int(w):+d}min {r * 100:+.2f}%" for w, r in windows if r is not None)
         parts.append(f"{ticker}: {shown}")
     if label.get("direction"):
-        parts.append(f"label: {label['direction']} ({label.get('ticker')} @ {label.get('window_min')} min, threshold {label.get('threshold')})")
+        parts.append(i18n.text(lang, "label_line", direction=label["direction"], ticker=label.get("ticker"), window=label.get("window_min"),
+                                threshold=label.get("threshold")))
     return "\n".join(parts)
 
 
@@ -503,7 +504,7 @@ def _example_views(examples: dict[str, dict[str, Any]], outputs: dict[str, dict[
                     note, warnings = _answer_note(answer, scores.get(v, {}), lang)
                     answers[v] = {"text": answer if answer is not None else i18n.text(lang, "not_generated"), "note": note, "warnings": warnings}
                 shown.append({"group": group, "group_name": i18n.text(lang, group), "id": item["id"], "question": question_text(item),
-                              "returns": _returns_text(item), "reference": item.get("reference", ""), "answers": answers})
+                              "returns": _returns_text(item, lang), "reference": item.get("reference", ""), "answers": answers})
         views.append({"task": i18n.task_name(task, lang), "counts": i18n.text(lang, "counts", **chosen["counts"]), "shown": shown})
     return views
 

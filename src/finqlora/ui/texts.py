@@ -31,7 +31,7 @@ ZH = {
     "open": "打开", "report": "报告 (report.html)", "no_runs": "还没有运行文件夹。",
     "progress": "进度", "step": "步", "eta": "预计剩余", "loss_chart": "损失曲线",
     "train_loss": "训练损失", "val_loss": "验证损失", "metrics": "评估指标（95% 置信区间）",
-    "metric": "指标", "n": "样本数", "base": "基座", "finetuned": "微调后", "delta": "差值",
+    "metric": "指标", "n": "样本数", "base": "基座", "finetuned": "微调后", "delta": "差值（率：百分点）",
     "test": "检验", "p": "p 值", "verdict": "结论", "dataset_card": "数据集说明", "no_metrics": "尚无评估结果。",
     "rating_title": "盲评（A/B 人工评估）", "new_round": "新建评估轮次", "run": "运行", "raters": "评审人（逗号分隔）",
     "pairs_limit": "题目数（留空 = 全部）", "round_name": "轮次名称（可留空）", "create": "创建",
