@@ -134,7 +134,9 @@ class EvalBaseStage:
 
     @staticmethod
     def inputs(ctx: StageContext) -> dict[str, Any]:
-        return {"dataset": fingerprint_path(ctx.paths.dataset), "eval": ctx.config.eval.model_dump(), "model": ctx.config.train.model}
+        # The report's language is the report stage's input only: a new one must not rerun the models.
+        return {"dataset": fingerprint_path(ctx.paths.dataset), "eval": ctx.config.eval.model_dump(exclude={"report_lang"}),
+                "model": ctx.config.train.model}
 
     @staticmethod
     def run(ctx: StageContext, _resume: bool) -> dict[str, Any]:
@@ -218,7 +220,7 @@ class ReportStage:
     def inputs(ctx: StageContext) -> dict[str, Any]:
         eval_dir = ctx.paths.eval_dir
         caches = [fingerprint_path(eval_dir / name) for name in (*BASE_EVAL_FILES, "generations_finetuned.jsonl", "metrics.json")]
-        return {"eval": caches, "training": fingerprint_path(ctx.paths.adapter / "training_info.json")}
+        return {"eval": caches, "training": fingerprint_path(ctx.paths.adapter / "training_info.json"), "lang": ctx.config.eval.report_lang}
 
     @staticmethod
     def run(ctx: StageContext, _resume: bool) -> dict[str, Any]:
