@@ -224,11 +224,12 @@ class ReportStage:
 
     @staticmethod
     def run(ctx: StageContext, _resume: bool) -> dict[str, Any]:
+        from finqlora.report import i18n
         from finqlora.report.report import build_report
 
-        paths = ctx.paths
-        report = build_report(paths.eval_dir, paths.report_dir, training_dir=paths.adapter, title=f"finqlora run: {ctx.config.name}",
-                              lang=ctx.config.eval.report_lang)
+        paths, lang = ctx.paths, ctx.config.eval.report_lang
+        title = i18n.text(lang, "run_title", name=ctx.config.name, model=ctx.config.train.model)
+        report = build_report(paths.eval_dir, paths.report_dir, training_dir=paths.adapter, title=title, lang=lang)
         return {"html": str(report.html)}
 
     @staticmethod

@@ -57,6 +57,7 @@ ASCII_CLASSES = {
 TEXT: dict[str, dict[str, str]] = {
     "zh": {
         "title": "finqlora 评估报告：{model} 微调前后对比",
+        "run_title": "finqlora 运行 {name}：{model} 微调前后对比",
         "generated": "生成于 {created}。显著性水平 {significance}；区间为 95% 百分位自助法区间（对测试样本重抽 {resamples} 次，差值为配对重抽）。",
         "summary": "结论摘要", "metrics": "评估指标", "metric": "指标", "n": "样本数", "base": "基座模型", "finetuned": "微调模型",
         "delta": "差值", "delta_pp": "差值（率的差以百分点计）", "test": "检验", "p": "p 值", "verdict": "结论",
@@ -102,6 +103,7 @@ TEXT: dict[str, dict[str, str]] = {
     },
     "en": {
         "title": "finqlora evaluation: {model} before vs after fine-tuning",
+        "run_title": "finqlora run {name}: {model} before vs after fine-tuning",
         "generated": "Generated {created}. Significance level {significance}; intervals are 95% percentile bootstrap ({resamples} resamples of test items, paired for deltas).",
         "summary": "Summary", "metrics": "Metrics", "metric": "metric", "n": "n", "base": "base", "finetuned": "fine-tuned",
         "delta": "delta", "delta_pp": "delta (rates in percentage points)", "test": "test", "p": "p", "verdict": "verdict",
