@@ -95,6 +95,21 @@ def test_stream_yields_the_same_text_as_generate(smol):
     assert "".join(pieces).strip() == generate_answers(smol.model, smol.tokenizer, [FRANCE], settings, progress=False)[0]
 
 
+def test_no_repeat_ngram_size_keeps_a_looping_model_from_repeating(smol):
+    """Asked to repeat a word, greedy SmolLM2 loops; with no_repeat_ngram_size=3 no 3-token sequence recurs."""
+    prompt = [{"role": "user", "content": "Write the word gold forty times, separated by spaces."}]
+
+    def token_trigrams(settings: GenerationSettings) -> list[tuple[int, ...]]:
+        text = generate(smol.model, smol.tokenizer, [prompt], settings, progress=False)[0].text
+        ids = smol.tokenizer.encode(text, add_special_tokens=False)
+        return [tuple(ids[i : i + 3]) for i in range(len(ids) - 2)]
+
+    free = token_trigrams(GenerationSettings(max_new_tokens=48))
+    assert len(set(free)) < len(free)  # without the control the random model repeats itself
+    controlled = token_trigrams(GenerationSettings(max_new_tokens=48, no_repeat_ngram_size=3))
+    assert controlled and len(set(controlled)) == len(controlled)
+
+
 def test_build_messages_follows_the_dataset_layout():
     assert build_messages("美联储宣布加息25个基点") == [{"role": "user", "content": "美联储宣布加息25个基点"}]
     assert build_messages("新闻", instruction="分析影响", system="你是分析师") == [

@@ -68,6 +68,12 @@ def test_full_run_then_rerun_skips_everything(tmp_path: Path, tiny_model_dir: Pa
     second = run_pipeline(config, make_stages, log=_quiet)
     assert [s.status for s in second.stages] == ["skipped"] * len(STAGES)
 
+    # A new report language rebuilds the report only: no model runs again.
+    english = load_config(_write_config(tmp_path, tiny_model_dir), ["eval.report_lang=en"])
+    assert {s.name for s in run_pipeline(english, make_stages, log=_quiet).stages if s.status == "ran"} == {"report"}
+    assert (root / "report" / "report.md").read_text(encoding="utf-8").startswith("# finqlora run pipe: ")
+    assert "## Summary" in (root / "report" / "report.md").read_text(encoding="utf-8")
+
     # Changing an eval setting reruns the evaluations and the report, not the build or training.
     changed = load_config(_write_config(tmp_path, tiny_model_dir), ["eval.max_new_tokens=5"])
     third = run_pipeline(changed, make_stages, log=_quiet)

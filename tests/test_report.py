@@ -13,6 +13,7 @@ import pytest
 
 from finqlora.core.errors import FinqloraError
 from finqlora.evaluate.evaluation import compute_metrics
+from finqlora.report import i18n
 from finqlora.report.report import NO_CAPABILITY_GAIN, build_report, select_examples
 
 DIRECTIONS = ["利好", "利空", "中性"]
@@ -79,10 +80,21 @@ def make_eval_dir(root: Path) -> tuple[Path, Path]:
     return eval_dir, train_dir
 
 
+RATES = ("accuracy", "macro_f1", "parse_rate", "rouge_l", "repetition_rate")
+
+
 def _formatted(row: dict, value: float) -> str:
     """An independent statement of the report's number format: rates in %, others 2 decimals."""
-    is_rate = any(row["key"].endswith(s) for s in ("accuracy", "macro_f1", "parse_rate", "rouge_l"))
+    is_rate = any(row["key"].endswith(s) for s in RATES)
     return f"{value * 100:.1f}%" if is_rate else f"{value:.2f}"
+
+
+def _formatted_delta(row: dict, value: float, unit: str = "百分点") -> str:
+    """Differences of rates in percentage points, others signed with 2 decimals."""
+    sign = "+" if value > 0 else ""
+    if any(row["key"].endswith(s) for s in RATES):
+        return f"{sign}{value * 100:.1f} {unit}"
+    return f"{sign}{value:.2f}"
 
 
 @pytest.fixture()
@@ -117,7 +129,12 @@ def test_model_text_is_escaped(tmp_path: Path) -> None:
     paths = build_report(eval_dir, tmp_path / "report", examples_per_group=5)
     html = paths.html.read_text(encoding="utf-8")
     assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
-    assert "&lt;script&gt;" in paths.markdown.read_text(encoding="utf-8")
+    # Markdown has no entities: the answer stays literal inside a fenced code block, where no
+    # Markdown renderer reads it as markup.
+    markdown = paths.markdown.read_text(encoding="utf-8")
+    assert "```text\n<script>alert(1)</script> | 方向：利好\n```" in markdown
+    outside_fences = re.sub(r"(?ms)^```text\n.*?^```$", "", markdown)
+    assert "<script>" not in outside_fences
 
 
 def test_metrics_are_computed_from_the_cache(report_dir: Path) -> None:
@@ -156,9 +173,8 @@ def test_html_is_self_contained_and_shows_the_numbers(report_dir: Path) -> None:
     for row in metrics["table"]:
         for key in ("base", "finetuned"):
             assert _formatted(row, row[key]) in html, (row["key"], key)
-        delta = _formatted(row, row["delta"])
-        assert (("+" + delta) if row["delta"] > 0 else delta) in html
-        assert row["verdict"] in html
+        assert _formatted_delta(row, row["delta"]) in html, row["key"]
+        assert i18n.verdict(row["verdict"], "zh") in html
     assert "0.070" in html  # McNemar p of the news accuracy, 2 * 9 / 256
     # offline: nothing fetched from elsewhere
     assert not re.search(r"""(src|href)\s*=\s*['"]?(https?:)?//""", html)
@@ -167,8 +183,8 @@ def test_html_is_self_contained_and_shows_the_numbers(report_dir: Path) -> None:
     for name in ("loss_curve.png", "metrics_chart.png", "metrics_table.png", "confusion.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "report.md").read_text(encoding="utf-8")
-    assert "| metric | n |" in markdown and "![loss_curve](loss_curve.png)" in markdown
-    assert "wins 7, losses 1, ties 4" in markdown and "wins 7, losses 1, ties 4" in html
+    assert "| 指标 | 样本数 |" in markdown and "![loss_curve](loss_curve.png)" in markdown
+    assert "胜 7，负 1，平 4" in markdown and "胜 7，负 1，平 4" in html
     assert "lora_r" in html and "512.3" in html  # hyperparameters and training time
     assert "tok:zh" in html and "smooth:exp" in html  # the BLEU is cited by its sacreBLEU signature
 
@@ -227,7 +243,7 @@ def test_the_summary_says_plainly_when_no_capability_metric_improved(report_dir:
     # The fixture's news accuracy rises 4/12 -> 9/12, but 7 wins against 1 loss is McNemar p = 0.07.
     metrics = json.loads((report_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert not any("better" in row["verdict"] for row in metrics["table"] if row["test"] == "McNemar exact")
-    assert NO_CAPABILITY_GAIN in (report_dir / "report" / "report.md").read_text(encoding="utf-8")
+    assert i18n.text("zh", "no_gain") in (report_dir / "report" / "report.md").read_text(encoding="utf-8")
 
 
 def test_the_summary_does_not_deny_a_significant_gain(tmp_path: Path) -> None:
@@ -245,5 +261,244 @@ def test_the_summary_does_not_deny_a_significant_gain(tmp_path: Path) -> None:
     compute_metrics(eval_dir)
     metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
     assert any("better" in row["verdict"] for row in metrics["table"] if row["test"] == "McNemar exact")
+    paths = build_report(eval_dir, tmp_path / "report", lang="en")
+    markdown = paths.markdown.read_text(encoding="utf-8")
+    assert NO_CAPABILITY_GAIN not in markdown
+    assert "News direction (parsed generations, n=36): fine-tuned 83.3%, base 33.3%, difference +50.0 percentage points" in markdown
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 27: the report in Chinese (and English), honest and readable
+
+ENTITY = re.compile(r"&(?:[A-Za-z]+|#\d+|#x[0-9A-Fa-f]+);")
+
+
+def _with_mcc(eval_dir: Path) -> dict:
+    """metrics.json as it is once the direction task carries its MCC (keys mcc, mcc_ci per model)."""
+    metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
+    block = metrics["tasks"]["news_impact"]
+    block["base"].update(mcc=0.0, mcc_ci=[0.0, 0.0])
+    block["finetuned"].update(mcc=0.775, mcc_ci=[0.41, 1.0])
+    (eval_dir / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False), encoding="utf-8")
+    return metrics
+
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_report_md_holds_no_html_entities(tmp_path: Path, lang: str) -> None:
+    eval_dir, _ = make_eval_dir(tmp_path)
+    generations = eval_dir / "generations_base.jsonl"
+    rows = [json.loads(line) for line in generations.read_text(encoding="utf-8").splitlines()]
+    for row in rows:
+        row["output"] = 'A&B -> "利好" <b>x</b> & 1 < 2'
+    _jsonl(generations, rows)
+    compute_metrics(eval_dir)
+    markdown = build_report(eval_dir, tmp_path / "report", examples_per_group=5, lang=lang).markdown.read_text(encoding="utf-8")
+    assert not ENTITY.findall(markdown), ENTITY.findall(markdown)[:5]
+    assert 'A&B -> "利好" <b>x</b> & 1 < 2' in markdown
+    assert ("财报问答" if lang == "zh" else "Report Q&A") in markdown
+
+
+def test_the_report_is_chinese_by_default_and_english_with_lang_en(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from finqlora.cli import app
+
+    eval_dir, _ = make_eval_dir(tmp_path)
+    compute_metrics(eval_dir)
+    runner = CliRunner()
+    result = runner.invoke(app, ["report", "--run", str(eval_dir), "--output", str(tmp_path / "zh")])
+    assert result.exit_code == 0, result.output
+    zh = (tmp_path / "zh" / "report.md").read_text(encoding="utf-8")
+    assert "## 结论摘要" in zh and "新闻影响方向：准确率" in zh and "+50.0 百分点" in zh and "无显著差异" in zh
+    result = runner.invoke(app, ["report", "--run", str(eval_dir), "--output", str(tmp_path / "en"), "--lang", "en"])
+    assert result.exit_code == 0, result.output
+    en = (tmp_path / "en" / "report.md").read_text(encoding="utf-8")
+    assert "## Summary" in en and "News direction: accuracy" in en and "+50.0 pp" in en and "结论摘要" not in en
+    result = runner.invoke(app, ["report", "--run", str(eval_dir), "--output", str(tmp_path / "fr"), "--lang", "fr"])
+    # `finqlora` (cli.main) prints a FinqloraError as "error: ... hint: ..."; the runner keeps the exception.
+    assert result.exit_code != 0 and isinstance(result.exception, FinqloraError) and "unknown report language 'fr'" in str(result.exception)
+
+
+def test_report_lang_is_one_config_key_with_one_default(tmp_path: Path) -> None:
+    from finqlora.core.config import load_config
+
+    assert load_config().eval.report_lang == "zh"
+    assert load_config(overrides=["eval.report_lang=en"]).eval.report_lang == "en"
+    with pytest.raises(FinqloraError, match="report_lang"):
+        load_config(overrides=["eval.report_lang=fr"])
+
+
+def test_the_summary_has_one_sentence_per_task_with_baselines_and_mcc(tmp_path: Path) -> None:
+    eval_dir, _ = make_eval_dir(tmp_path)
+    compute_metrics(eval_dir)
+    _with_mcc(eval_dir)
+    paths = build_report(eval_dir, tmp_path / "report", lang="zh")
+    markdown = paths.markdown.read_text(encoding="utf-8")
+    summary = markdown.split("## 结论摘要", 1)[1].split("## ", 1)[0]
+    sentences = [line for line in summary.splitlines() if line.startswith("- ")]
+    news, qa, no_gain = sentences  # one per closed-label task, then the plain statement
+    # 10/12 right, majority (always 利好) 4/12: one-sided binomial P(X >= 10 | 12, 1/3) < 0.001.
+    assert "新闻影响方向（解析生成的回答，n=12）：微调模型 83.3%，基座模型 33.3%，差 +50.0 个百分点（McNemar 精确检验 p=0.070，无显著差异）" in news
+    assert "多数类基线 33.3%（总是答“利好”），随机基线 33.3%" in news and "p<0.001，显著高于基线" in news
+    assert "MCC 基座 +0.000 [+0.000, +0.000] → 微调 +0.775 [+0.410, +1.000]" in news
+    assert qa.startswith("- 财报问答") and "数值题没有多数类基线" in qa
+    assert no_gain == "- " + i18n.text("zh", "no_gain")
+    assert "| 新闻影响方向 (解析生成的回答) | +0.000 [+0.000, +0.000] | +0.775 [+0.410, +1.000] |" in markdown  # MCC table
+
+
+def test_binomial_baseline_test_matches_a_hand_computed_tail() -> None:
+    from finqlora.report.report import binomial_greater_p
+
+    # P(X >= 10) for X ~ Bin(12, 1/3) = sum_{k=10..12} C(12,k) (1/3)^k (2/3)^(12-k)
+    import math
+
+    expected = sum(math.comb(12, k) * (1 / 3) ** k * (2 / 3) ** (12 - k) for k in range(10, 13))
+    assert binomial_greater_p(10, 12, 1 / 3) == pytest.approx(expected)
+    assert binomial_greater_p(0, 12, 0.5) == 1.0
+
+
+def test_key_hyperparameters_in_a_short_table_and_the_rest_folded(tmp_path: Path) -> None:
+    eval_dir, train_dir = make_eval_dir(tmp_path)
+    info = json.loads((train_dir / "training_info.json").read_text(encoding="utf-8"))
+    info["hyperparameters"].update({"weight_decay": 0.0, "optim": "adamw_torch", "speedups": {"profile": "cpu", "packing": True}})
+    (train_dir / "training_info.json").write_text(json.dumps(info), encoding="utf-8")
+    compute_metrics(eval_dir)
+    html = build_report(eval_dir, tmp_path / "report").html.read_text(encoding="utf-8")
+    key_part, folded = html.split("<details><summary>其余超参数（展开）</summary>", 1)
+    assert "<th>lora_r</th>" in key_part and "<th>learning_rate</th>" in key_part and "optim" not in key_part.split("关键超参数")[1]
+    assert "<th>optim</th>" in folded.split("</details>")[0] and "<th>weight_decay</th>" in folded.split("</details>")[0]
+
+
+def test_a_label_found_inside_a_rambling_answer_is_marked(tmp_path: Path) -> None:
+    eval_dir, _ = make_eval_dir(tmp_path)
+    generations = eval_dir / "generations_finetuned.jsonl"
+    rows = [json.loads(line) for line in generations.read_text(encoding="utf-8").splitlines()]
+    labels = {f"news-{i:02d}": DIRECTIONS[i % 3] for i in range(12)}
+    for row in rows:
+        if row["id"] in labels:  # the right class, but only as a word inside looping text
+            row["output"] = "美元与黄金的对比分析：美元与黄金的对比分析：" * 3 + f"总体来看可能{labels[row['id']]}。"
+    _jsonl(generations, rows)
+    compute_metrics(eval_dir)
+    paths = build_report(eval_dir, tmp_path / "report", examples_per_group=12)
+    html = paths.html.read_text(encoding="utf-8")
+    assert html.count("标签取自冗长回答的中间，不是明确的结论") >= 10  # every shown fine-tuned news answer
+    assert "回答有明显重复" in html
+    per_item = [json.loads(line) for line in (eval_dir / "per_item.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert all(row["finetuned"]["method"] == "keyword" for row in per_item if row["id"].startswith("news"))
+
+
+def test_repetition_rate_counts_repeated_ngrams() -> None:
+    from finqlora.evaluate.metrics import repetition_rate
+
+    assert repetition_rate("甲乙丙丁" * 3) == pytest.approx(5 / 9)  # 12 CJK tokens: 9 four-grams, 4 distinct
+    assert repetition_rate("方向：利好。说明：美联储加息，金价承压。") == 0.0
+    assert repetition_rate("解读：利好。" * 4) > 0.5
+    assert repetition_rate("短") == 0.0
+
+
+def test_metrics_json_has_each_models_repetition_rate(tmp_path: Path) -> None:
+    eval_dir, _ = make_eval_dir(tmp_path)
+    generations = eval_dir / "generations_finetuned.jsonl"
+    rows = [json.loads(line) for line in generations.read_text(encoding="utf-8").splitlines()]
+    rows[0]["output"] = "解读：利好。" * 6
+    _jsonl(generations, rows)
+    metrics = compute_metrics(eval_dir)
+    row = next(r for r in metrics["table"] if r["key"] == "generation.repetition_rate")
+    assert row["base"] == 0.0 and row["finetuned"] > 0 and row["higher_is_better"] is False
+    assert metrics["tasks"]["repetition"]["ngram"] == 4 and metrics["tasks"]["repetition"]["finetuned"] == pytest.approx(row["finetuned"])
+    markdown = build_report(eval_dir, tmp_path / "report").markdown.read_text(encoding="utf-8")
+    assert "生成质量：重复率" in markdown
+
+
+def test_generation_settings_carry_the_repetition_controls() -> None:
+    from finqlora.core.config import EvalConfig, load_config
+    from finqlora.evaluate.evaluation import EvalOptions
+    from finqlora.models.generation import GenerationSettings
+
+    cfg = load_config(overrides=["eval.no_repeat_ngram_size=4"])
+    options = EvalOptions.from_run(cfg, output=Path("x"), data=Path("d.jsonl"))
+    assert options.no_repeat_ngram_size == 4 and options.repetition_penalty == EvalConfig().repetition_penalty
+    assert EvalOptions(output=Path("x")).no_repeat_ngram_size == EvalConfig().no_repeat_ngram_size  # one default
+    with pytest.raises(FinqloraError, match="no_repeat_ngram_size"):
+        GenerationSettings(no_repeat_ngram_size=-1)
+
+
+def test_charts_draw_chinese_with_an_installed_cjk_font(tmp_path: Path) -> None:
+    import warnings
+
+    from finqlora.report.report import cjk_font, confusion_chart, metrics_chart
+
+    if cjk_font() is None:
+        pytest.skip("no CJK font installed (Debian: apt-get install fonts-wqy-microhei; scripts/setup.sh --test does it)")
+    eval_dir, _ = make_eval_dir(tmp_path)
+    metrics = compute_metrics(eval_dir)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*missing from font.*")  # matplotlib's warning for a box glyph
+        assert metrics_chart(metrics["table"], metrics["tasks"], "zh")[:4] == b"\x89PNG"
+        assert confusion_chart(metrics["tasks"]["news_impact"], "news_impact", "zh")[:4] == b"\x89PNG"
+
+
+def test_without_a_cjk_font_the_charts_fall_back_to_english_and_say_so(tmp_path: Path, monkeypatch) -> None:
+    import warnings
+
+    from finqlora.report import report as R
+
+    monkeypatch.setattr(R, "cjk_font", lambda: None)  # a machine without CJK fonts (Colab's default image)
+    eval_dir, _ = make_eval_dir(tmp_path)
+    metrics = compute_metrics(eval_dir)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*missing from font.*")
+        paths = build_report(eval_dir, tmp_path / "report", lang="zh")
+    assert i18n.text("zh", "font_missing") in paths.markdown.read_text(encoding="utf-8")
+    assert "## 结论摘要" in paths.markdown.read_text(encoding="utf-8")  # the text stays Chinese
+    assert metrics["tasks"]["news_impact"]  # and the charts were drawn (no glyph warning raised)
+
+
+def test_the_dataset_card_is_rendered_as_markdown(tmp_path: Path) -> None:
+    eval_dir, train_dir = make_eval_dir(tmp_path)
+    data = tmp_path / "data" / "instructions.jsonl"
+    data.parent.mkdir()
+    data.write_text("", encoding="utf-8")
+    (tmp_path / "data" / "instructions.card.md").write_text(
+        "# Dataset card\n\n| split | records |\n| --- | --- |\n| train | 180 |\n\n<script>alert(1)</script>\n", encoding="utf-8")
+    info = json.loads((train_dir / "training_info.json").read_text(encoding="utf-8"))
+    info["dataset"]["path"] = str(data)
+    (train_dir / "training_info.json").write_text(json.dumps(info), encoding="utf-8")
+    compute_metrics(eval_dir)
     paths = build_report(eval_dir, tmp_path / "report")
-    assert NO_CAPABILITY_GAIN not in paths.markdown.read_text(encoding="utf-8")
+    html = paths.html.read_text(encoding="utf-8")
+    assert "<h1>Dataset card</h1>" in html and "<td>180</td>" in html  # rendered, not shown as raw Markdown
+    assert "<script>alert(1)</script>" not in html  # raw HTML in the card is not markup
+    assert "#### Dataset card" in paths.markdown.read_text(encoding="utf-8")  # demoted below the report's headings
+
+
+def test_the_chinese_report_in_chromium_renders_cjk_and_takes_the_docs_screenshots(tmp_path: Path) -> None:
+    """docs/images/report-zh-*.png come from here (with FINQLORA_UPDATE_SCREENSHOTS=1; else a temporary folder)."""
+    import os
+
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    eval_dir, _ = make_eval_dir(tmp_path)
+    compute_metrics(eval_dir)
+    _with_mcc(eval_dir)
+    html = build_report(eval_dir, tmp_path / "report", lang="zh").html
+    images = Path(__file__).resolve().parents[1] / "docs" / "images" if os.environ.get("FINQLORA_UPDATE_SCREENSHOTS") == "1" else tmp_path
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(chromium), args=["--no-sandbox", "--headless", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1600}, locale="zh-CN")
+        page.goto(html.as_uri())
+        # Every heading is drawn with a font that has the CJK glyphs (no tofu boxes): the page's
+        # text measures wider than the same count of Latin characters would.
+        width = page.evaluate("() => { const h = document.querySelector('h2'); const r = document.createRange(); r.selectNodeContents(h); return r.getBoundingClientRect().width; }")
+        assert page.locator("h2").first.inner_text() == "结论摘要" and width > 40
+        page.screenshot(path=str(images / "report-zh-summary.png"))
+        page.locator("h2", has_text="训练").scroll_into_view_if_needed()
+        page.evaluate("() => document.evaluate(\"//h2[text()='训练']\", document, null, 9, null).singleNodeValue.scrollIntoView()")
+        page.screenshot(path=str(images / "report-zh-training.png"))
+        page.evaluate("() => document.evaluate(\"//h2[text()='示例回答']\", document, null, 9, null).singleNodeValue.scrollIntoView()")
+        page.screenshot(path=str(images / "report-zh-examples.png"))
+        browser.close()
+    for name in ("report-zh-summary.png", "report-zh-training.png", "report-zh-examples.png"):
+        assert (images / name).stat().st_size > 20_000

@@ -312,8 +312,14 @@ def test_runs_page_shows_loss_chart_and_metrics(browser, runs_app, images) -> No
     assert "63.0%" in rows.nth(0).inner_text() and "[53.0%, 73.0%]" in rows.nth(0).inner_text()
     assert page.locator("#loss-svg circle").count() == 1  # the single validation point is drawn as a dot
     assert "300 条合成记录" in page.locator("#dataset-card").inner_text()
+    assert page.locator("#dataset-card h1").inner_text() == "Dataset card: instructions.jsonl"  # Markdown rendered, not raw
+    assert "新闻影响方向：准确率" in rows.nth(0).inner_text() and "显著更好" in rows.nth(0).inner_text()  # report.i18n's words
     assert page.locator("li[data-stage=report]").get_attribute("class") == "status-done"
     page.screenshot(path=str(images / "ui-runs.png"), full_page=True)
+    page.goto(f"{running.url}/runs/demo?lang=en")  # the language toggle: metric names and verdicts follow it
+    expect(page.locator("#metrics tbody tr").first).to_contain_text("significantly better", timeout=UI_TIMEOUT_MS)
+    assert "News direction: accuracy" in page.locator("#metrics tbody tr").first.inner_text()
+    page.goto(f"{running.url}/runs/demo?lang=zh")
     with page.expect_popup() as popup:
         page.goto(f"{running.url}/runs")
         page.locator("tr[data-run=demo] td a[target=_blank]").click()

@@ -24,18 +24,25 @@ eval_app = typer.Typer(
 
 
 def _print_table(metrics: dict) -> None:
-    from finqlora.report.report import format_interval, format_p, format_value
+    from finqlora.report.report import format_delta, format_delta_interval, format_p, format_value
 
     table = Table(title="base vs fine-tuned", show_lines=False)
-    for column in ("metric", "n", "base", "fine-tuned", "delta [95% CI]", "p", "verdict"):
+    for column in ("metric", "n", "base", "fine-tuned", "delta [95% CI] (rates: pp)", "p", "verdict"):
         table.add_column(column, overflow="fold")
     for row in metrics["table"]:
         table.add_row(
             row["name"], str(row["n"]), format_value(row, row["base"]), format_value(row, row["finetuned"]),
-            f"{format_value(row, row['delta'], signed=True)} {format_interval(row, row['delta_ci'], signed=True)}",
+            f"{format_delta(row, row['delta'], 'en')} {format_delta_interval(row, row['delta_ci'], 'en')}",
             format_p(row.get("p_value")), row["verdict"],
         )
     console.print(table)
+
+
+def _report_lang() -> str:
+    """The report language's one default: the run config's eval.report_lang."""
+    from finqlora.core.config import EvalConfig
+
+    return EvalConfig.model_fields["report_lang"].default
 
 
 def _default(name: str):
@@ -67,7 +74,8 @@ def eval_main(
     max_new_tokens: Optional[int] = key_option("eval.max_new_tokens", "--max-new-tokens", help="Generation length limit (same for both models)."),
     temperature: Optional[float] = key_option("eval.temperature", "--temperature", help="0 = greedy decoding (deterministic, recommended for evaluation)."),
     top_p: Optional[float] = key_option("eval.top_p", "--top-p", help="Nucleus sampling (only with temperature > 0)."),
-    repetition_penalty: float = typer.Option(_default("repetition_penalty"), help="1.0 = off."),
+    repetition_penalty: Optional[float] = key_option("eval.repetition_penalty", "--repetition-penalty", help="Penalty on tokens already in the answer (1.0 = off)."),
+    no_repeat_ngram_size: Optional[int] = key_option("eval.no_repeat_ngram_size", "--no-repeat-ngram-size", min=0, help="No n-gram of this many tokens twice in an answer (0 = off)."),
     batch_size: Optional[int] = key_option("eval.batch_size", "--batch-size", min=1, help="Prompts generated (or perplexity-scored) together."),
     choice_batch_size: Optional[int] = key_option("eval.choice_batch_size", "--choice-batch-size", min=1, help="Closed-option items choice-scored together."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps (default: train.device).", show_default=False),
@@ -80,6 +88,7 @@ def eval_main(
     bootstrap: Optional[int] = key_option("eval.bootstrap_resamples", "--bootstrap", min=100, help="Bootstrap resamples for the confidence intervals."),
     seed: Optional[int] = key_option("eval.seed", "--seed", help="Seed for sampling, bootstrap and example selection."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html / report.md after the metrics."),
+    lang: Optional[str] = key_option("eval.report_lang", "--lang", help="Report language: zh | en."),
     base_only: bool = typer.Option(False, "--base-only", help="Only score the base model (e.g. before training); the full run reuses its outputs."),
 ) -> None:
     """Run base and fine-tuned on the same prompts; cache outputs; write metrics.json + report.
@@ -99,7 +108,8 @@ def eval_main(
         "eval.max_new_tokens": max_new_tokens, "eval.temperature": temperature, "eval.top_p": top_p, "eval.batch_size": batch_size,
         "eval.choice_batch_size": choice_batch_size, "train.load_in_4bit": load_in_4bit, "train.chat_template": chat_template,
         "eval.perplexity": perplexity, "eval.forgetting": forgetting, "eval.merge_adapter": merge_adapter,
-        "eval.bootstrap_resamples": bootstrap, "eval.seed": seed,
+        "eval.bootstrap_resamples": bootstrap, "eval.seed": seed, "eval.repetition_penalty": repetition_penalty,
+        "eval.no_repeat_ngram_size": no_repeat_ngram_size, "eval.report_lang": lang,
     })
     plain = [text for text in benchmark if text.partition(":")[0] not in BENCHMARK_FORMATS]  # not FORMAT:PATH
     if benchmark_format and len(benchmark_format) not in (1, len(plain)):
@@ -113,7 +123,7 @@ def eval_main(
     named_model = model or config or any(text.split("=", 1)[0].strip() in ("train.model", "model") for text in set_)
     options = dataclasses.replace(
         options, model=run.train.model if named_model else None, benchmarks=specs or options.benchmarks,
-        repetition_penalty=repetition_penalty, device=device or options.device, dtype=dtype or options.dtype,
+        device=device or options.device, dtype=dtype or options.dtype,
     )
     metrics = evaluate(options)
     if base_only:
@@ -124,7 +134,7 @@ def eval_main(
     if report:
         from finqlora.report.report import build_report
 
-        paths = build_report(output, output, seed=options.seed)
+        paths = build_report(output, output, seed=options.seed, lang=run.eval.report_lang)
         written += [paths.html, paths.markdown]
     console.print(styled(("wrote", "green"), " " + ", ".join(str(path) for path in written)))
 
@@ -194,13 +204,14 @@ def report_command(
     training_dir: Optional[Path] = typer.Option(None, "--training-dir", help="Training output folder (default: the evaluated adapter's)."),
     examples: int = typer.Option(2, min=0, help="Examples shown per group (win / loss / tie)."),
     seed: int = typer.Option(0, help="Seed of the example draw."),
+    lang: str = typer.Option(_report_lang(), "--lang", help="Report language: zh (Chinese) | en (English); config eval.report_lang."),
 ) -> None:
     """Rebuild report.html / report.md and its charts from metrics.json and the caches (no model is run)."""
     from finqlora.report.report import build_report
 
     if output is None and (run / "pipeline_state.json").exists():
         output = run / "report"  # where `finqlora run` puts it
-    paths = build_report(run, output, training_dir=training_dir, examples_per_group=examples, seed=seed)
+    paths = build_report(run, output, training_dir=training_dir, examples_per_group=examples, seed=seed, lang=lang)
     console.print(styled(("wrote", "green"), f" {paths.html}, {paths.markdown}" + "".join(f", {p}" for p in paths.images.values())))
 
 

@@ -309,6 +309,13 @@ class EvalConfig(_Section):
     scoring: Literal["choice", "generate", "both"] = Field(
         "both", description="closed-option tasks: option log-likelihood (choice), parsed answers (generate), or both"
     )
+    repetition_penalty: float = Field(
+        1.1, gt=0, description="generation: divides the logits of tokens already in the answer (1.0 = off); curbs loops"
+    )
+    no_repeat_ngram_size: int = Field(
+        6, ge=0, description="generation: no n-gram of this many tokens may occur twice in an answer (0 = off)"
+    )
+    report_lang: Literal["zh", "en"] = Field("zh", description="language of report.html / report.md (`finqlora report --lang`)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling (only with temperature > 0)")
     seed: int = Field(0, description="seed of the prompt sample, the bootstrap and the report's examples")
     perplexity: bool = Field(True, description="perplexity of the reference answers")

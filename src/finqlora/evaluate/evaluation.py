@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finqlora.core.chat_format import record_to_chat, render_prompt
-from finqlora.core.config import BENCHMARK_FORMATS, MAX_NEW_TOKENS, split_benchmark_string
+from finqlora.core.config import BENCHMARK_FORMATS, MAX_NEW_TOKENS, EvalConfig, split_benchmark_string
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, atomic_write_jsonl, read_jsonl, sha256_file
 from finqlora.dataset.answer_parser import DIRECTIONS
@@ -99,7 +99,9 @@ class EvalOptions:
     max_new_tokens: int = MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
-    repetition_penalty: float = 1.0
+    # One default each, the run config's (core/config.py EvalConfig).
+    repetition_penalty: float = EvalConfig.model_fields["repetition_penalty"].default
+    no_repeat_ngram_size: int = EvalConfig.model_fields["no_repeat_ngram_size"].default
     seed: int = 0
     batch_size: int = 8
     # Choice scoring runs only prompt tokens (no generation), so larger batches pay: on a 2-core
@@ -142,6 +144,8 @@ class EvalOptions:
             forgetting=cfg.eval.forgetting,
             merge_adapter=cfg.eval.merge_adapter,
             bootstrap_resamples=cfg.eval.bootstrap_resamples,
+            repetition_penalty=cfg.eval.repetition_penalty,
+            no_repeat_ngram_size=cfg.eval.no_repeat_ngram_size,
             batch_size=cfg.eval.batch_size,
             choice_batch_size=cfg.eval.choice_batch_size,
             device=cfg.train.device,
@@ -467,7 +471,8 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
                         load_in_4bit=options.load_in_4bit, chat_template=options.chat_template, progress=options.progress)
     timings: dict[str, Any] = {"model_load_s": round(time.perf_counter() - load_started, 2)}
     settings = GenerationSettings(max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
-                                  repetition_penalty=options.repetition_penalty, seed=options.seed)
+                                  repetition_penalty=options.repetition_penalty, no_repeat_ngram_size=options.no_repeat_ngram_size,
+                                  seed=options.seed)
     merged = adapter is not None and options.merge_adapter and not loaded.load_in_4bit
     keys = _model_keys(loaded, adapter, merged)
     variants = [v for v in VARIANTS if v in options.variants]

@@ -15,7 +15,8 @@ Conventions (also in docs/evaluation.md):
   (Chinese has no spaces and word segmenters disagree; character level is what sacreBLEU's
   `zh` tokenizer and most Chinese ROUGE reports use), runs of Latin letters are words,
   numbers (with decimals) are one token, and each punctuation mark is a token. ROUGE-L is
-  the LCS F1 (beta = 1) averaged over samples. BLEU is sacreBLEU's corpus BLEU-4
+  the LCS F1 (beta = 1) averaged over samples. Repetition rate: the share of an answer's
+  4-grams of those tokens that repeat an earlier 4-gram, averaged over answers. BLEU is sacreBLEU's corpus BLEU-4
   (`tokenize="zh"`, "exp" smoothing, 0-100), cited in the report by its signature.
 * Perplexity: exp(total negative log-likelihood / total answer tokens), over the answer
   tokens only (the prompt is context), with the same prompt format as training.
@@ -159,6 +160,25 @@ def rouge_l(candidate: str, reference: str) -> float:
         return 0.0
     precision, recall = lcs / len(cand), lcs / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+# Repetition: a looping answer ("解读：……解读：……") repeats its n-grams. Four tokens (four CJK
+# characters) are short enough to catch a repeated phrase and long enough that ordinary Chinese
+# rarely repeats one by chance.
+REPETITION_NGRAM = 4
+
+
+def repetition_rate(text: str, n: int = REPETITION_NGRAM) -> float:
+    """Share of the text's n-grams (`overlap_tokens`) that repeat an earlier n-gram (0-1).
+
+    0 = no n-gram occurs twice; "甲乙丙丁" * 3 (n = 4) has 9 n-grams, 4 distinct: 5/9. A text
+    of fewer than n tokens has no n-grams and rate 0.
+    """
+    tokens = overlap_tokens(text)
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
 
 
 # BLEU is sacreBLEU's (Post, 2018): its `zh` tokenizer (each CJK character a token, other text

@@ -304,6 +304,20 @@ def _overlap(ctx: _Context) -> None:
     }}
 
 
+def _repetition(ctx: _Context) -> None:
+    """Share of repeated n-grams per generated answer (metrics.repetition_rate), lower is better."""
+    generated = [item for item in ctx.items if all(item["id"] in ctx.outputs[v] for v in VARIANTS)]
+    if not generated:
+        return
+    rates = {v: np.array([M.repetition_rate(ctx.outputs[v][item["id"]]) for item in generated]) for v in VARIANTS}
+    for v in VARIANTS:
+        for item, value in zip(generated, rates[v]):
+            ctx.record(item["id"], v, repetition_rate=float(value))
+    ctx.table.append(ctx.scorer.mean_row("generation.repetition_rate", f"Repetition rate ({M.REPETITION_NGRAM}-grams repeated, lower is better)",
+                                         rates, higher_is_better=False))
+    ctx.tasks["repetition"] = {"n": len(generated), "ngram": M.REPETITION_NGRAM, **{v: float(rates[v].mean()) for v in VARIANTS}}
+
+
 def _perplexities(ctx: _Context, run_dir: Path) -> None:
     """Perplexity of the reference answers and of general text (forgetting)."""
     for key, name, stem in (
@@ -367,6 +381,7 @@ def compute_metrics(run_dir: str | Path, *, bootstrap_resamples: int = 1000, see
     for task in (_news_impact, _report_qa, _market_analysis):
         task(ctx)
     _overlap(ctx)
+    _repetition(ctx)
     _perplexities(ctx, run_dir)
     _benchmarks(ctx)
     result = _finite({

@@ -34,6 +34,7 @@ class GenerationSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0  # 0 = off
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -45,6 +46,8 @@ class GenerationSettings:
             raise FinqloraError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise FinqloraError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise FinqloraError(f"no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size}")
 
     @property
     def greedy(self) -> bool:
@@ -54,6 +57,7 @@ class GenerationSettings:
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
             "repetition_penalty": self.repetition_penalty,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
             "eos_token_id": stop_token_ids(tokenizer),
             "pad_token_id": tokenizer.pad_token_id,
             "use_cache": True,

@@ -137,7 +137,9 @@ class EvalBaseStage:
 
     @staticmethod
     def inputs(ctx: StageContext) -> dict[str, Any]:
-        return {"dataset": fingerprint_path(ctx.paths.dataset), "eval": ctx.config.eval.model_dump(), "model": ctx.config.train.model}
+        # The report's language is the report stage's input only: a new one must not rerun the models.
+        return {"dataset": fingerprint_path(ctx.paths.dataset), "eval": ctx.config.eval.model_dump(exclude={"report_lang"}),
+                "model": ctx.config.train.model}
 
     @staticmethod
     def run(ctx: StageContext, _resume: bool) -> dict[str, Any]:
@@ -221,14 +223,16 @@ class ReportStage:
     def inputs(ctx: StageContext) -> dict[str, Any]:
         eval_dir = ctx.paths.eval_dir
         caches = [fingerprint_path(eval_dir / name) for name in (*BASE_EVAL_FILES, "generations_finetuned.jsonl", "metrics.json")]
-        return {"eval": caches, "training": fingerprint_path(ctx.paths.adapter / "training_info.json")}
+        return {"eval": caches, "training": fingerprint_path(ctx.paths.adapter / "training_info.json"), "lang": ctx.config.eval.report_lang}
 
     @staticmethod
     def run(ctx: StageContext, _resume: bool) -> dict[str, Any]:
+        from finqlora.report import i18n
         from finqlora.report.report import build_report
 
-        paths = ctx.paths
-        report = build_report(paths.eval_dir, paths.report_dir, training_dir=paths.adapter, title=f"finqlora run: {ctx.config.name}")
+        paths, lang = ctx.paths, ctx.config.eval.report_lang
+        title = i18n.text(lang, "run_title", name=ctx.config.name, model=ctx.config.train.model)
+        report = build_report(paths.eval_dir, paths.report_dir, training_dir=paths.adapter, title=title, lang=lang)
         return {"html": str(report.html)}
 
     @staticmethod

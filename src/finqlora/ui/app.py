@@ -289,9 +289,9 @@ def _run_routes(app: FastAPI, state: UIState) -> None:
                 "configs": owner.jobs.configs(dirs), "jobs": jobs}
 
     @app.get("/api/runs/{name}")
-    async def get_run(name: str, owner: UIState = Depends(_owner)) -> dict[str, Any]:
+    async def get_run(name: str, request: Request, owner: UIState = Depends(_owner)) -> dict[str, Any]:
         folder = owner.run_dir(name)
-        detail = run_info.run_detail(name, folder)
+        detail = run_info.run_detail(name, folder, _lang(request))
         job = owner.jobs.for_run(folder)
         detail["job"] = job.to_dict() if job else None
         return detail

@@ -19,7 +19,8 @@ import yaml
 from finqlora.core.fileio import iter_jsonl
 from finqlora.core.safe_input import yaml_load
 from finqlora.pipeline.engine import STAGES, STATE_FILE, RunPaths
-from finqlora.report.report import format_interval, format_p, format_value
+from finqlora.report import i18n
+from finqlora.report.report import format_delta, format_delta_interval, format_interval, format_p, format_value, render_markdown
 
 # Files that make a folder a run folder (any one of them).
 RUN_MARKERS = (STATE_FILE, "training_info.json", "training_log.jsonl", "eval/items.jsonl", "items.jsonl")
@@ -138,17 +139,17 @@ def stage_rows(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def metrics_rows(metrics: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The before/after table, formatted the way report.html formats it."""
+def metrics_rows(metrics: dict[str, Any] | None, lang: str = i18n.DEFAULT_LANG) -> list[dict[str, Any]]:
+    """The before/after table, formatted and named the way report.html does it (report.i18n)."""
     rows = []
     for row in (metrics or {}).get("table", []):
         try:
             rows.append({
-                "key": row["key"], "name": row["name"], "n": row["n"],
+                "key": row["key"], "name": i18n.metric_name(row, lang), "n": row["n"],
                 "base": format_value(row, row["base"]), "base_ci": format_interval(row, row.get("base_ci")),
                 "finetuned": format_value(row, row["finetuned"]), "finetuned_ci": format_interval(row, row.get("finetuned_ci")),
-                "delta": format_value(row, row["delta"], signed=True), "delta_ci": format_interval(row, row.get("delta_ci"), signed=True),
-                "test": row.get("test"), "p": format_p(row.get("p_value")), "verdict": row.get("verdict"),
+                "delta": format_delta(row, row["delta"], lang), "delta_ci": format_delta_interval(row, row.get("delta_ci"), lang),
+                "test": i18n.test_name(row.get("test"), lang), "p": format_p(row.get("p_value")), "verdict": i18n.verdict(row.get("verdict"), lang),
             })
         except (KeyError, TypeError):
             continue  # a row of another metrics.json version: leave it to report.html
@@ -173,8 +174,8 @@ def run_overview(name: str, run_dir: Path) -> dict[str, Any]:
     }
 
 
-def run_detail(name: str, run_dir: Path) -> dict[str, Any]:
-    """Everything the run page shows (polled while the run is live)."""
+def run_detail(name: str, run_dir: Path, lang: str = i18n.DEFAULT_LANG) -> dict[str, Any]:
+    """Everything the run page shows (polled while the run is live), in `lang` (zh | en)."""
     paths = RunPaths(run_dir)
     info = _read_json(run_dir / "training_info.json")
     eval_dir = eval_dir_of(run_dir)
@@ -190,9 +191,10 @@ def run_detail(name: str, run_dir: Path) -> dict[str, Any]:
     detail.update(
         progress=progress,
         loss=loss_points(run_dir, info),
-        metrics=metrics_rows(metrics),
+        metrics=metrics_rows(metrics, lang),
         n_items=(metrics or {}).get("n_items"),
-        dataset_card=card_file.read_text(encoding="utf-8") if card_file.is_file() else None,
+        # Rendered here with raw HTML disabled (report.render_markdown), so the page may insert it as HTML.
+        dataset_card_html=render_markdown(card_file.read_text(encoding="utf-8")) if card_file.is_file() else None,
         training={key: (info or {}).get(key) for key in ("status", "global_step", "max_steps", "best_step", "best_val_loss", "adapter_is")},
     )
     return detail

@@ -69,7 +69,8 @@ async function refresh() {
   progressLine(run);
   lossChart(run.loss);
   metricsTable(run.metrics);
-  document.getElementById("dataset-card").textContent = run.dataset_card || "–";
+  // The server renders the card's Markdown with raw HTML disabled (report.render_markdown).
+  document.getElementById("dataset-card").innerHTML = run.dataset_card_html || "–";
   const report = document.getElementById("report-link");
   report.hidden = !run.has_report;
   report.href = `/runs/${encodeURIComponent(RUN)}/report.html`;
