@@ -104,17 +104,22 @@ def json_loads(text: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     return value
 
 
-def read_json_file(path: str | Path, *, what: str = "file", hint: str | None = None) -> Any:
-    """A whole JSON file, bounded; a FinqloraError naming the file for anything unreadable."""
+def read_json_file(path: str | Path, *, what: str = "file", hint: str | None = None, max_bytes: int | None = None) -> Any:
+    """A whole JSON file, bounded (and at most `max_bytes` long when given); a FinqloraError
+    naming the file for anything unreadable."""
     file = Path(path)
+    hint = hint or f"fix or replace the {what}"
     try:
+        size = file.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise FinqloraError(f"the {what} {file} is {size:,} bytes, more than the {max_bytes:,} allowed", hint=hint)
         data = file.read_bytes()
     except OSError as exc:
-        raise FinqloraError(f"cannot read {what} {file}: {exc.strerror or exc}", hint=hint or "check the path and its permissions") from None
+        raise FinqloraError(f"cannot read {what} {file}: {exc.strerror or exc}", hint=hint) from None
     try:
         return json_loads(data)
     except InputError as exc:
-        raise FinqloraError(f"{file}: not a valid JSON {what} ({exc})", hint=hint or f"fix or replace the {what}") from None
+        raise FinqloraError(f"{file}: not a valid JSON {what} ({exc})", hint=hint) from None
 
 
 class _BoundedLoader(yaml.SafeLoader):

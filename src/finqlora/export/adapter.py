@@ -32,7 +32,7 @@ from typing import Any
 from finqlora import __version__
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, sha256_file, umask_mode
-from finqlora.core.json_files import read_json_file
+from finqlora.core.safe_input import read_json_file
 from finqlora.core.paths import cache_dir
 
 ZIP_NAME = "qlora_weights.zip"

@@ -34,7 +34,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
 from finqlora.core.errors import FinqloraError
-from finqlora.core.json_files import read_json_file
+from finqlora.core.safe_input import read_json_file
 from finqlora.export.adapter import usual_permissions
 from finqlora.core.fileio import atomic_write_text, umask_mode
 

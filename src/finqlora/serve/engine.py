@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 
 from finqlora.core.chat_format import render_prompt, stop_token_ids
 from finqlora.core.errors import FinqloraError
-from finqlora.core.json_files import read_json_file
+from finqlora.core.safe_input import read_json_file
 from finqlora.serve.api_errors import APIError
 from finqlora.serve.batching import Batcher, BatchLimits
 
