@@ -257,7 +257,7 @@ def test_dependencies_are_imported() -> None:
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     sources = "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "src").rglob("*.py"))
-    import_names = {"pyyaml": "yaml"}
+    import_names = {"pyyaml": "yaml", "markdown-it-py": "markdown_it", "scikit-learn": "sklearn"}
     runtime_only = {"accelerate"}  # transformers' Trainer refuses to start without it
     for requirement in map(Requirement, project["dependencies"]):
         if requirement.name in runtime_only:

@@ -146,7 +146,7 @@ def test_evaluate_end_to_end_with_cache(tmp_path: Path, tiny_model_dir: Path, ti
 
     plain = load_model(str(tiny_model_dir), progress=False)
     items = [json.loads(line) for line in (out / "items.jsonl").read_text(encoding="utf-8").splitlines()]
-    direct = generate_answers(plain.model, plain.tokenizer, [i["messages"] for i in items[:3]], GenerationSettings(max_new_tokens=6), progress=False)
+    direct = generate_answers(plain.model, plain.tokenizer, [i["messages"] for i in items[:3]], GenerationSettings(max_new_tokens=6, repetition_penalty=options.repetition_penalty, no_repeat_ngram_size=options.no_repeat_ngram_size), progress=False)
     assert direct == [r["output"] for r in base_rows[:3]]
 
     # Re-running never regenerates: generation is now forbidden, and the metrics are the same.
@@ -259,11 +259,11 @@ def test_cli_choice_scoring_of_a_benchmark(tmp_path: Path, tiny_model_dir: Path,
     bench.write_text(json.dumps([["公司业绩大幅增长", 2], ["市场表现平稳", 1], ["亏损继续扩大", 0], ["营收明显下滑", 0]], ensure_ascii=False), encoding="utf-8")
     out = tmp_path / "eval"
     result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter), "--scoring", "choice",
-                                      "--benchmark", f"finfe:{bench}", "--no-forgetting", "--bootstrap", "100", "--output", str(out)])
+                                      "--benchmark", f"finfe:{bench}", "--no-forgetting", "--bootstrap", "100", "--lang", "en", "--output", str(out)])
     assert result.exit_code == 0, result.output
     assert not (out / "generations_base.jsonl").exists() and (out / "choice_finetuned.jsonl").exists()
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert [row["key"] for row in metrics["table"]] == ["benchmark.finfe.choice_accuracy", "benchmark.finfe.choice_macro_f1"]
     assert metrics["tasks"]["choice"]["benchmark.finfe"]["options"] == ["积极", "消极", "中性"]  # in the order of the classes 利好, 利空, 中性
     html = (out / "report.html").read_text(encoding="utf-8")
-    assert "Benchmark finfe (choice): accuracy" in html and "choice scoring only" in html
+    assert "Benchmark finfe: accuracy (choice)" in html and "choice scoring only" in html

@@ -198,11 +198,11 @@ def no_lora_weights(tmp_path: Path) -> bytes:
 @pytest.mark.parametrize(
     "case, expected",
     [
-        ({"config": "{not json"}, "not valid JSON (line 1, column 2"),
+        ({"config": "{not json"}, "not a valid JSON adapter config (Expecting property name enclosed in double quotes at column 2)"),
         ({"config": "[1, 2]"}, "JSON list, not an object"),
         ({"config": json.dumps({**GOOD_CONFIG, "r": "eight"})}, "field 'r'"),
         ({"config": json.dumps({**GOOD_CONFIG, "peft_type": "WIZARD"})}, "unknown peft_type 'WIZARD'"),
-        ({"config": b"\xff\xfe\x00 garbage"}, "is not UTF-8 text"),
+        ({"config": b"\xff\xfe\x00 garbage"}, "not a valid JSON adapter config (not UTF-8"),
         ({"weights": b"\x00garbage, not safetensors" * 40}, "not a readable safetensors file"),
         ({"weights": b""}, "not a readable safetensors file"),
         ({"weights": truncated_weights}, "not a readable safetensors file"),
