@@ -105,7 +105,7 @@ class _Scorer:
 
 def _classification_block(
     scorer: _Scorer, prefix: str, title: str, y_true: list[str], preds: dict[str, list[str | None]], labels: list[str],
-    groups: list[str] | None = None, *, parse_rate: bool = True,
+    groups: list[str] | None = None, *, parse_rate: bool = True, with_mcc: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     n = len(y_true)
     truth = np.array(y_true, dtype=object)
@@ -126,6 +126,12 @@ def _classification_block(
         scorer.row(f"{prefix}accuracy", f"{title}: accuracy", n, acc("base"), acc("finetuned"), paired_correct=(correct["base"], correct["finetuned"])),
         scorer.row(f"{prefix}macro_f1", f"{title}: macro-F1", n, f1("base"), f1("finetuned")),
     ]
+    if with_mcc:
+        # Directions: accuracy rewards guessing the majority class, MCC does not (0 for any constant guess).
+        def mcc(v: str) -> Callable[[np.ndarray], float]:
+            return lambda idx: M.mcc(list(truth[idx]), list(arrays[v][idx]))
+
+        rows.append(scorer.row(f"{prefix}mcc", f"{title}: MCC", n, mcc("base"), mcc("finetuned")))
     if parse_rate:
         parsed = {v: np.array([p is not None for p in preds[v]], dtype=float) for v in VARIANTS}
         rows.append(scorer.mean_row(f"{prefix}parse_rate", f"{title}: parse rate (format adherence)", parsed))
@@ -137,6 +143,10 @@ def _classification_block(
     }
     for v in VARIANTS:
         block[v] = {"confusion": M.confusion_matrix(y_true, preds[v], labels), "per_class": M.per_class_f1(y_true, preds[v], labels)}
+    if with_mcc:
+        mcc_row = next(row for row in rows if row["key"] == f"{prefix}mcc")
+        for v in VARIANTS:
+            block[v].update(mcc=mcc_row[v], mcc_ci=mcc_row[f"{v}_ci"])
     if groups is not None:
         block["by_ticker_window"] = _breakdown(y_true, preds, groups, f1_labels)
     return block, rows
@@ -174,7 +184,7 @@ class _Context:
 
     def closed_task(self, key: str, title: str, items: list[dict[str, Any]], truth: list[str], labels: list[str],
                     parse: Callable[[str, dict[str, Any]], tuple[str | None, dict[str, Any]]], groups: list[str] | None = None,
-                    *, only_present: bool = False) -> dict[str, Any] | None:
+                    *, only_present: bool = False, with_mcc: bool = False) -> dict[str, Any] | None:
         """Rows from parsed generations and from choice scoring; returns the generation block.
 
         With `only_present`, the classes are those of `labels` that occur in the references or
@@ -189,20 +199,22 @@ class _Context:
                     predicted, extra = parse(self.outputs[v][item["id"]], item)
                     preds[v].append(predicted)
                     self.record(item["id"], v, parsed=predicted, correct=predicted == expected, **extra)
-            block, rows = _classification_block(self.scorer, f"{key}.", title, truth, preds, _present(labels, truth, preds) if only_present else labels, groups)
+            block, rows = _classification_block(self.scorer, f"{key}.", title, truth, preds, _present(labels, truth, preds) if only_present else labels, groups,
+                                                with_mcc=with_mcc)
             self.table.extend(rows)
         if self.scoring != "generate" and all(item["id"] in self.choices[v] for item in items for v in VARIANTS):
-            self.choice_task(key, title, items, truth, labels, only_present)
+            self.choice_task(key, title, items, truth, labels, only_present, with_mcc)
         return block
 
-    def choice_task(self, key: str, title: str, items: list[dict[str, Any]], truth: list[str], labels: list[str], only_present: bool) -> None:
+    def choice_task(self, key: str, title: str, items: list[dict[str, Any]], truth: list[str], labels: list[str], only_present: bool,
+                    with_mcc: bool = False) -> None:
         preds: dict[str, list[str | None]] = {}
         for v in VARIANTS:
             preds[v] = [item["choice"]["classes"][self.choices[v][item["id"]]["choice"]] for item in items]
             for item, predicted, expected in zip(items, preds[v], truth):
                 self.record(item["id"], v, choice=predicted, choice_correct=predicted == expected)
         labels = _present(labels, truth, preds) if only_present else labels
-        block, rows = _classification_block(self.scorer, f"{key}.choice_", f"{title} (choice)", truth, preds, labels, parse_rate=False)
+        block, rows = _classification_block(self.scorer, f"{key}.choice_", f"{title} (choice)", truth, preds, labels, parse_rate=False, with_mcc=with_mcc)
         block["options"] = items[0]["choice"]["options"]
         block["normalisation"] = f"{NORMALISATION} (finqlora.evaluate.choice)"
         self.tasks.setdefault("choice", {})[key] = block
@@ -220,7 +232,7 @@ def _news_impact(ctx: _Context) -> None:
         return parsed.direction, {"method": parsed.method}
 
     groups = [f"{item['label'].get('ticker')} @ {item['label'].get('window_min')} min" for item in news]
-    block = ctx.closed_task("news_impact", "News direction", news, truth, list(DIRECTIONS), parse, groups, only_present=True)
+    block = ctx.closed_task("news_impact", "News direction", news, truth, list(DIRECTIONS), parse, groups, only_present=True, with_mcc=True)
     if block:
         ctx.tasks["news_impact"] = block
 
