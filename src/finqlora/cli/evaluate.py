@@ -36,6 +36,30 @@ def _print_table(metrics: dict) -> None:
     console.print(table)
 
 
+def _print_suite(suite: dict) -> None:
+    def points(value: float | None) -> str:
+        return "-" if value is None else f"{value * 100:.1f}"
+
+    def interval(values: list | None) -> str:
+        return "" if not values or None in values else f"[{values[0] * 100:+.1f}, {values[1] * 100:+.1f}]"
+
+    table = Table(title=f"suite {suite['name']}: accuracy (%), choice scoring")
+    for column in ("set", "n", "base", "fine-tuned", "diff (points) [95% CI]", "McNemar p", "majority"):
+        table.add_column(column)
+    for row in suite["sets"]:
+        if not row["evaluated"]:
+            table.add_row(row["set"], "-", "not given", "", "", "", "")
+            continue
+        p = row.get("p_value")
+        table.add_row(row["set"], str(row["n"]), points(row["base"]), points(row["finetuned"]),
+                      f"{row['delta'] * 100:+.1f} {interval(row['delta_ci'])}", "-" if p is None else f"{p:.3g}", points(row.get("majority")))
+    average = suite.get("average")
+    if average:
+        table.add_row("average", str(average["n"]), points(average["base"]), points(average["finetuned"]),
+                      f"{average['delta'] * 100:+.1f} {interval(average['delta_ci'])}", "", "")
+    console.print(table)
+
+
 def _default(name: str):
     """The option's default is EvalOptions' (one set of defaults for the CLI, the pipeline and the API)."""
     from dataclasses import fields
@@ -59,6 +83,9 @@ def eval_main(
     label_map: Optional[str] = typer.Option(None, "--label-map", help='Benchmark label mapping, e.g. "0=利空,1=中性,2=利好", or a JSON file.'),
     benchmark_split: Optional[str] = typer.Option(None, "--benchmark-split", help="Split of a CFBenchmark datasets folder (default: test, or the only one)."),
     benchmark_limit: Optional[int] = typer.Option(None, "--benchmark-limit", min=1, help="Score a seeded random sample of this many benchmark rows."),
+    suite: Optional[str] = typer.Option(None, "--suite", help="Score a suite of public finance sets by choice, one table (finance-zh; docs/evaluation.md)."),
+    suite_set: list[str] = typer.Option([], "--suite-set", help="A suite set's location, NAME=PATH (local copy in its published format) or NAME=hf:DATASET_ID[@SPLIT] (repeatable)."),
+    suite_limit: Optional[int] = typer.Option(None, "--suite-limit", min=1, help="Score a seeded random sample of this many items per suite set."),
     scoring: str = typer.Option(_default("scoring"), help="Closed-option tasks: choice (option log-likelihood) | generate (parsed answers) | both."),
     max_new_tokens: int = typer.Option(_default("max_new_tokens"), help="Generation length limit (same for both models)."),
     temperature: float = typer.Option(_default("temperature"), help="0 = greedy decoding (deterministic, recommended for evaluation)."),
@@ -85,7 +112,8 @@ def eval_main(
     if ctx.invoked_subcommand is not None:
         return
     from finqlora.core.config import BENCHMARK_FORMATS
-    from finqlora.evaluate.evaluation import VARIANTS, BenchmarkSpec, EvalOptions, evaluate
+    from finqlora.evaluate.evaluation import VARIANTS, BenchmarkSpec, EvalOptions, SuiteSpec, evaluate
+    from finqlora.evaluate.suite import check_sets, parse_set_arguments
 
     if output is None:
         raise FinqloraError("--output is required", hint="finqlora eval --adapter ADAPTER --data test.jsonl --output runs/NAME/eval")
@@ -95,9 +123,16 @@ def eval_main(
     formats = iter(benchmark_format * len(plain) if len(benchmark_format) == 1 else benchmark_format)
     extra = {"label_map": label_map, "split": benchmark_split, "limit": benchmark_limit}
     specs = [BenchmarkSpec.parse(text, next(formats, None) if text in plain else None, **extra) for text in benchmark]
+    if suite_set and suite is None:
+        raise FinqloraError("--suite-set needs --suite", hint="finqlora eval --suite finance-zh --suite-set fineval=PATH ...")
+    suite_spec = None
+    if suite is not None:
+        sets = parse_set_arguments(suite_set)
+        check_sets(suite, sets)
+        suite_spec = SuiteSpec(suite, sets, suite_limit)
     options = EvalOptions(
         output=output, model=model, adapter=str(adapter) if adapter else None, data=data, split=split, max_samples=max_samples,
-        benchmarks=specs, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
+        benchmarks=specs, suite=suite_spec, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
         seed=seed, batch_size=batch_size, choice_batch_size=choice_batch_size, device=device, dtype=dtype, load_in_4bit=load_in_4bit, chat_template=chat_template,
         perplexity=perplexity, forgetting=forgetting, bootstrap_resamples=bootstrap, scoring=scoring, merge_adapter=merge_adapter,
         variants=("base",) if base_only else VARIANTS,
@@ -107,6 +142,8 @@ def eval_main(
         console.print(f"[green]cached[/] the base model's outputs in {output}; run again with --adapter for the comparison")
         return
     _print_table(metrics)
+    if metrics.get("suite"):
+        _print_suite(metrics["suite"])
     written = [output / "metrics.json"]
     if report:
         from finqlora.report.report import build_report

@@ -351,14 +351,23 @@ def bootstrap_ci(
     n_resamples: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    strata: Sequence[np.ndarray] | None = None,
 ) -> Interval:
-    """Percentile bootstrap interval of `statistic(indices)` over resampled test items."""
+    """Percentile bootstrap interval of `statistic(indices)` over resampled test items.
+
+    With `strata` (index arrays that partition the items, e.g. the sets of a suite), every
+    resample draws within each stratum, so each keeps its size.
+    """
     if n_items == 0:
         return Interval(float("nan"), float("nan"), level)
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(n_resamples):
-        value = statistic(rng.integers(0, n_items, size=n_items))
+        if strata is None:
+            indices = rng.integers(0, n_items, size=n_items)
+        else:
+            indices = np.concatenate([stratum[rng.integers(0, len(stratum), size=len(stratum))] for stratum in strata])
+        value = statistic(indices)
         if not math.isnan(value):
             values.append(value)
     if not values:

@@ -12,6 +12,7 @@ side, with the same majority and random baselines.
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -276,6 +277,27 @@ def _market_analysis(ctx: _Context) -> None:
         ctx.tasks["market_analysis"] = block
 
 
+_LETTER = re.compile(r"(?:答案|answer)\s*(?:是|为|:|：)?\s*([A-F])(?![A-Za-z])|(?<![A-Za-z])([A-F])(?![A-Za-z])", re.IGNORECASE)
+
+
+def parse_letter(text: str, options: Sequence[str]) -> str | None:
+    """The option letter a generated answer names: after 答案/answer if it says so, else the first
+    standalone capital letter among the options."""
+    for match in _LETTER.finditer(text or ""):
+        letter = (match.group(1) or match.group(2)).upper()
+        if letter in options and (match.group(1) or match.group(2).isupper()):
+            return letter
+    return None
+
+
+def _benchmark_parser(kind: str, labels: list[str]) -> Callable[[str, dict[str, Any]], tuple[str | None, dict[str, Any]]]:
+    if kind == "multiple_choice":
+        return lambda text, item: (parse_letter(text, item["choice"]["options"]), {})
+    if kind == "classes":
+        return lambda text, _item: (_first_named(text, labels), {})
+    return lambda text, _item: (parse_direction(text).direction, {})
+
+
 def _benchmarks(ctx: _Context) -> None:
     by_name: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for item in ctx.items:
@@ -283,14 +305,31 @@ def _benchmarks(ctx: _Context) -> None:
             by_name[item["benchmark"]].append(item)
     for name, rows in by_name.items():
         truth = [item["label"]["class"] for item in rows]
-        block = ctx.closed_task(f"benchmark.{name}", f"Benchmark {name}", rows, truth, rows[0]["label"]["labels"],
-                                lambda text, _item: (parse_direction(text).direction, {}))
+        labels = rows[0]["label"]["labels"]
+        block = ctx.closed_task(f"benchmark.{name}", f"Benchmark {name}", rows, truth, labels,
+                                _benchmark_parser(rows[0]["label"].get("kind", "sentiment"), labels))
         if block:
             block["format"] = rows[0]["benchmark_format"]
             block["display_names"] = rows[0]["label"].get("display") or {}
             ctx.tasks.setdefault("benchmarks", {})[name] = block
         if f"benchmark.{name}" in ctx.tasks.get("choice", {}):
             ctx.tasks["choice"][f"benchmark.{name}"]["format"] = rows[0]["benchmark_format"]
+
+
+def _suite(ctx: _Context, meta_suite: dict[str, Any] | None, resamples: int, seed: int) -> dict[str, Any] | None:
+    """The suite's table (finqlora.evaluate.suite): choice correctness where scored, else parsed answers."""
+    if not meta_suite:
+        return None
+    from finqlora.evaluate.suite import suite_block
+
+    correct: dict[str, dict[str, np.ndarray]] = {}
+    for name in meta_suite["sets"]:
+        ids = [item["id"] for item in ctx.items if item["task"] == "benchmark" and item["benchmark"] == name]
+        for field in ("choice_correct", "correct"):
+            if ids and all(field in ctx.per_item[i].get(v, {}) for i in ids for v in VARIANTS):
+                correct[name] = {v: np.array([ctx.per_item[i][v][field] for i in ids], dtype=bool) for v in VARIANTS}
+                break
+    return suite_block(meta_suite, ctx.table, ctx.tasks, correct, resamples, seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,6 +420,7 @@ def compute_metrics(run_dir: str | Path, *, bootstrap_resamples: int = 1000, see
     _overlap(ctx)
     _perplexities(ctx, run_dir)
     _benchmarks(ctx)
+    suite = _suite(ctx, meta.get("suite"), bootstrap_resamples, seed)
     result = _finite({
         "meta": meta,
         "significance_level": SIGNIFICANCE_LEVEL,
@@ -390,6 +430,7 @@ def compute_metrics(run_dir: str | Path, *, bootstrap_resamples: int = 1000, see
         "generation_cost": _generation_cost(ctx, generations),
         "table": ctx.table,
         "tasks": ctx.tasks,
+        **({"suite": suite} if suite else {}),
     })
     atomic_write_json(run_dir / "metrics.json", result)
     atomic_write_jsonl(run_dir / "per_item.jsonl", [{"id": item_id, **scores} for item_id, scores in ctx.per_item.items()])
