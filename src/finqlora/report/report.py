@@ -444,6 +444,33 @@ def _blind_ratings(run_dir: Path) -> list[dict[str, Any]]:
     return views
 
 
+def _suite_view(suite: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The suite table (templates suite.html / suite.md): accuracies in %, differences in points."""
+    if not suite:
+        return None
+
+    def pct(value: Any) -> str:
+        return "–" if value is None else f"{value * 100:.1f}"
+
+    def points(value: Any, interval: Any) -> str:
+        if value is None:
+            return "–"
+        bounds = f" [{interval[0] * 100:+.1f}, {interval[1] * 100:+.1f}]" if interval and None not in interval else ""
+        return f"{value * 100:+.1f}{bounds}"
+
+    rows = []
+    for row in suite["sets"]:
+        if not row["evaluated"]:
+            rows.append({"set": row["set"], "what": row["what"], "evaluated": False})
+            continue
+        rows.append({"set": row["set"], "what": row["what"], "evaluated": True, "n": row["n"], "base": pct(row["base"]), "finetuned": pct(row["finetuned"]),
+                     "delta": points(row["delta"], row["delta_ci"]), "p": format_p(row.get("p_value")), "verdict": row["verdict"], "majority": pct(row.get("majority"))})
+    average = suite.get("average")
+    return {"name": suite["name"], "rows": rows, "average": average and {
+        "n": average["n"], "sets": len(average["sets"]), "base": pct(average["base"]), "finetuned": pct(average["finetuned"]),
+        "delta": points(average["delta"], average["delta_ci"])}}
+
+
 def _environment() -> Any:
     import jinja2
 
@@ -508,6 +535,7 @@ def build_report(
         "breakdown": _breakdown_rows((metrics.get("tasks") or {}).get("news_impact")),
         "choice_note": next((block["normalisation"] for block in choice_blocks.values()), None),
         "hyper": _hyperparameters(training_info), "card": _data_card(metrics, training_info), "ratings": _blind_ratings(eval_dir),
+        "suite": _suite_view(metrics.get("suite")),
         "examples": _example_views(examples, outputs, per_item), "per_group": examples_per_group, "seed": seed, "margin": ROUGE_TIE_MARGIN,
     }
     env = _environment()
