@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
+
 from finqlora.dataset import predictability
 
 WORDS = ["央行", "宣布", "市场", "美元", "黄金", "价格", "数据", "公布", "投资者", "关注", "政策", "会议", "今日", "指数", "报道"]
@@ -61,6 +63,6 @@ def test_build_runs_the_check_and_writes_the_card(tmp_path: Path) -> None:
     db = build_sample_db(tmp_path / "sample.db", seed=0)
     result = build_dataset(BuildConfig(output=tmp_path / "data.jsonl", db=db, num_samples=60, progress=False))
     check = result.stats["predictability"]
-    assert check["news_share"] == 0.6 and check["n_train"] > check["n_val"] > 0
+    assert check["news_share"] == pytest.approx(0.6) and check["n_train"] > check["n_val"] > 0
     assert check["verdict"] in ("learnable signal beyond the majority", "no learnable signal beyond the majority", "not tested")
     assert "## Do the direction labels carry learnable signal?" in result.card.read_text(encoding="utf-8")

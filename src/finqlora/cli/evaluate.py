@@ -60,6 +60,19 @@ def _print_suite(suite: dict) -> None:
     console.print(table)
 
 
+def _print_judge(verdict: dict) -> None:
+    if verdict["win_rate"] is None:
+        console.print(f"[yellow]judge {verdict['judge_model']}: none of {verdict['judgements']} answers named A, B or tie[/]")
+        return
+    console.print(
+        f"judge {verdict['judge_model']}: fine-tuned wins {verdict['win_rate']:.1%} [{verdict['win_ci_low']:.1%}, {verdict['win_ci_high']:.1%}] "
+        f"of {verdict['parsed']} judgements ({verdict['pairs']} pairs, both orders; ties {verdict['ties']}, losses {verdict['losses']}, "
+        f"unparsed {verdict['unparsed']}); position consistency "
+        + ("n/a" if verdict["position_consistency"] is None else f"{verdict['position_consistency']:.1%}"))
+    for entry in verdict["agreement_with_raters"]:
+        console.print(f"  vs raters of round {entry['round']}: mean Cohen's kappa {entry['mean_cohen_kappa']:.3f}")
+
+
 def _default(name: str):
     """The option's default is EvalOptions' (one set of defaults for the CLI, the pipeline and the API)."""
     from dataclasses import fields
@@ -102,6 +115,9 @@ def eval_main(
     merge_adapter: bool = typer.Option(_default("merge_adapter"), "--merge-adapter/--no-merge-adapter", help="Merge the adapter into unquantized weights for the fine-tuned work (base speed, same logits)."),
     bootstrap: int = typer.Option(_default("bootstrap_resamples"), min=100, help="Bootstrap resamples for the confidence intervals."),
     seed: int = typer.Option(_default("seed"), help="Seed for sampling, bootstrap and example selection."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="Also compare base and fine-tuned answers pairwise with an LLM judge: local | deepseek | kimi | openai | an OpenAI-compatible base URL."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="The judge's model name (default: the provider's)."),
+    judge_limit: Optional[int] = typer.Option(None, "--judge-limit", min=1, help="Judge a seeded sample of this many pairs (each in both orders)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html / report.md after the metrics."),
     base_only: bool = typer.Option(False, "--base-only", help="Only score the base model (e.g. before training); the full run reuses its outputs."),
 ) -> None:
@@ -145,6 +161,13 @@ def eval_main(
     if metrics.get("suite"):
         _print_suite(metrics["suite"])
     written = [output / "metrics.json"]
+    if judge:
+        from finqlora.evaluate.judge import run_judge
+        from finqlora.models.client import FinLLMClient
+
+        verdict = run_judge(output, FinLLMClient.from_env(judge, model=judge_model), model=judge_model, limit=judge_limit, seed=seed)
+        _print_judge(verdict)
+        written.append(output / "judge" / "judge.json")
     if report:
         from finqlora.report.report import build_report
 

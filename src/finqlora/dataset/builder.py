@@ -1001,7 +1001,7 @@ def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str,
     decisions = relevance_decisions(pool, data.impacts, ctx)
     stats["relevance"] = relevance_stats(pool, decisions, data.impacts, ctx, config.seed)
     stage("checking whether the direction labels are predictable from the news")
-    stats["predictability"] = {**_label_predictability(plan, data, ctx, decisions, config.seed), "news_share": config.mix[0]}
+    stats["predictability"] = {**_label_predictability(plan, data, ctx, decisions, config.seed), "news_share": config.mix[0] / sum(config.mix)}
     windows = sorted({w for imp in data.impacts.values() for (_, w) in imp}, key=lambda w: (w > 0, w))
     rng = _rng(config.seed, "store")
     news_split_counts = dict(zip(SPLITS, _allocate(counts_wanted["news_impact"], config.split)))

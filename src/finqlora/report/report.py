@@ -471,6 +471,23 @@ def _suite_view(suite: dict[str, Any] | None) -> dict[str, Any] | None:
         "delta": points(average["delta"], average["delta_ci"])}}
 
 
+def _judge_view(eval_dir: Path) -> dict[str, Any] | None:
+    """The LLM judge's verdict (templates judge.html / judge.md), from EVAL/judge/judge.json."""
+    from finqlora.evaluate.judge import read_judge
+
+    verdict = read_judge(eval_dir)
+    if not verdict:
+        return None
+
+    def pct(value: Any) -> str:
+        return "n/a" if value is None else f"{value * 100:.1f}%"
+
+    return {**verdict, "win_text": pct(verdict["win_rate"]), "ci_text": f"[{pct(verdict['win_ci_low'])}, {pct(verdict['win_ci_high'])}]",
+            "tie_text": pct(verdict["tie_rate"]), "loss_text": pct(verdict["loss_rate"]), "consistency_text": pct(verdict["position_consistency"]),
+            "kappa_rows": [{"round": entry["round"], "rater": rater, "items": info["items"], "kappa": f"{info['cohen_kappa']:.3f}"}
+                           for entry in verdict["agreement_with_raters"] for rater, info in entry["raters"].items()]}
+
+
 def _environment() -> Any:
     import jinja2
 
@@ -535,7 +552,7 @@ def build_report(
         "breakdown": _breakdown_rows((metrics.get("tasks") or {}).get("news_impact")),
         "choice_note": next((block["normalisation"] for block in choice_blocks.values()), None),
         "hyper": _hyperparameters(training_info), "card": _data_card(metrics, training_info), "ratings": _blind_ratings(eval_dir),
-        "suite": _suite_view(metrics.get("suite")),
+        "suite": _suite_view(metrics.get("suite")), "judge": _judge_view(eval_dir),
         "examples": _example_views(examples, outputs, per_item), "per_group": examples_per_group, "seed": seed, "margin": ROUGE_TIE_MARGIN,
     }
     env = _environment()
