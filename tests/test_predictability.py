@@ -30,22 +30,25 @@ def _news(rng: random.Random, n: int, *, planted: bool) -> tuple[list[str], list
 
 def test_planted_signal_is_found() -> None:
     rng = random.Random(0)
-    train, val = _news(rng, 400, planted=True), _news(rng, 200, planted=True)
-    result = predictability.check(*train, *val)
+    train, val, test = _news(rng, 400, planted=True), _news(rng, 200, planted=True), _news(rng, 100, planted=True)
+    result = predictability.check(*train, *val, *test, resamples=200)  # fewer resamples: a quick test
     assert result["verdict"] == "learnable signal beyond the majority"
-    assert result["accuracy"] > result["majority_accuracy"] + 0.2 and result["mcc"] > 0.4
-    assert result["binomial_p"] < 1e-6 and result["permutation_p"] < 0.01
+    scores = result["val"]
+    assert scores["accuracy"] > scores["majority_accuracy"] + 0.2 and scores["mcc"] > 0.4
+    assert scores["binomial_p"] < 1e-6 and scores["permutation_p"] < 0.01
+    assert 0.3 < scores["mcc_ci"][0] < scores["mcc"] < scores["mcc_ci"][1] and result["test"]["n"] == 100 and result["test"]["mcc"] > 0.3
     card = "\n".join(predictability.card_lines({**result, "news_share": 0.6}))
-    assert "Verdict: learnable signal" in card and "lower news share" not in card
+    assert "Verdict: learnable signal" in card and "lower news share" not in card and "test (latest)" in card
 
 
 def test_labels_without_signal_are_called_so() -> None:
     rng = random.Random(1)
     train, val = _news(rng, 400, planted=False), _news(rng, 200, planted=False)
-    result = predictability.check(*train, *val)
-    assert result["verdict"] == "no learnable signal beyond the majority"
-    assert result["binomial_p"] >= predictability.ALPHA or result["permutation_p"] >= predictability.ALPHA
-    assert abs(result["mcc"]) < 0.2
+    result = predictability.check(*train, *val, resamples=200)
+    assert result["verdict"] == "no learnable signal beyond the majority" and "test" not in result
+    scores = result["val"]
+    assert scores["binomial_p"] >= predictability.ALPHA or scores["permutation_p"] >= predictability.ALPHA
+    assert abs(scores["mcc"]) < 0.2 and scores["mcc_ci"][0] < 0 < scores["mcc_ci"][1]
     card = "\n".join(predictability.card_lines({**result, "news_share": 0.6}))
     assert "Verdict: no learnable signal" in card and "lower news share" in card and "60%" in card
 

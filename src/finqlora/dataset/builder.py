@@ -953,11 +953,11 @@ def _market_drafts(split: str, candidates: list[store.Event], want: int, data: S
 
 
 def _label_predictability(plan: SplitPlan, data: StoreData, ctx: LabelContext, decisions: dict[str, dict[str, rel.Decision]], seed: int) -> dict[str, Any]:
-    """dataset/predictability.py on every labelled event of the train and validation pools (not
-    only the sampled records: the check needs numbers), each pool capped at MAX_EVENTS by a seeded sample."""
+    """dataset/predictability.py on every labelled event of the train, validation and test pools
+    (not only the sampled records: the check needs numbers), each capped at MAX_EVENTS by a seeded sample."""
     texts: dict[str, list[str]] = {}
     labels: dict[str, list[str]] = {}
-    for split in ("train", "val"):
+    for split in SPLITS:
         events = list(plan.pools[split])
         if len(events) > predictability.MAX_EVENTS:
             events = _rng(seed, f"predictability-{split}").sample(events, predictability.MAX_EVENTS)
@@ -967,7 +967,7 @@ def _label_predictability(plan: SplitPlan, data: StoreData, ctx: LabelContext, d
             if label is not None:
                 texts[split].append(news_text(event))
                 labels[split].append(label["direction"])
-    return predictability.check(texts["train"], labels["train"], texts["val"], labels["val"], seed=seed)
+    return predictability.check(texts["train"], labels["train"], texts["val"], labels["val"], texts["test"], labels["test"], seed=seed)
 
 
 def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str, int], notices: list[str], stats: dict[str, Any], stage: Any) -> tuple[list[Draft], dict[str, Any]]:

@@ -30,43 +30,55 @@ MIN_PER_SPLIT = 30  # fewer labelled events in a split say nothing either way
 MAX_EVENTS = 20000  # per split: the check stays a few seconds on a large store
 
 
-def check(train_texts: Sequence[str], train_labels: Sequence[str], val_texts: Sequence[str], val_labels: Sequence[str],
-          *, seed: int = 0) -> dict[str, Any]:
-    """Fit on train, score on validation; the result dict goes into the dataset's stats and card."""
-    result: dict[str, Any] = {"method": "TF-IDF character 1-3-grams + logistic regression (scikit-learn), fitted on train, scored on the later validation split",
-                              "n_train": len(train_texts), "n_val": len(val_texts)}
-    if len(train_texts) < MIN_PER_SPLIT or len(val_texts) < MIN_PER_SPLIT or len(set(train_labels)) < 2:
-        result.update(verdict="not tested", reason=f"needs at least {MIN_PER_SPLIT} labelled events in train and validation and two classes in train")
-        return result
-    from scipy.stats import binomtest
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
+def _score(truth: np.ndarray, predicted: np.ndarray, majority_class: str, seed: int, resamples: int) -> dict[str, Any]:
+    """Accuracy, macro-F1, MCC with its 95% interval, and both tests against the majority."""
+    from scipy.stats import binomtest, bootstrap
     from sklearn.metrics import f1_score, matthews_corrcoef
 
-    vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, 3), min_df=2, sublinear_tf=True, max_features=200_000)
-    features = vectorizer.fit_transform(train_texts)
-    classifier = LogisticRegression(max_iter=2000, random_state=seed).fit(features, list(train_labels))
-    predicted = classifier.predict(vectorizer.transform(val_texts))
-    truth = np.array(val_labels, dtype=object)
-    majority_class = Counter(train_labels).most_common(1)[0][0]
     majority_rate = float(np.mean(truth == majority_class))
     correct = int(np.sum(predicted == truth))
-    accuracy = correct / len(truth)
-    mcc = float(matthews_corrcoef(truth, predicted))
     binomial_p = float(binomtest(correct, len(truth), majority_rate, alternative="greater").pvalue) if majority_rate < 1 else 1.0
     rng = np.random.default_rng(seed)
     # Shuffling the labels keeps both marginals, and with fixed marginals MCC rises and falls with
     # the number of agreements alone: counting agreements gives MCC's permutation p, much faster.
     null = np.array([np.sum(rng.permutation(truth) == predicted) for _ in range(PERMUTATIONS)])
-    permutation_p = float((1 + np.sum(null >= correct)) / (1 + PERMUTATIONS))
-    signal = binomial_p < ALPHA and permutation_p < ALPHA
-    result.update(
-        labels=dict(Counter(val_labels)), majority_class=majority_class, majority_accuracy=majority_rate,
-        accuracy=accuracy, macro_f1=float(f1_score(truth, predicted, average="macro", zero_division=0)), mcc=mcc,
-        binomial_p=binomial_p, permutation_p=permutation_p, permutations=PERMUTATIONS, alpha=ALPHA,
-        predicted=dict(Counter(predicted.tolist())),
-        verdict="learnable signal beyond the majority" if signal else "no learnable signal beyond the majority",
-    )
+    # MCC's interval: percentile bootstrap of the items (scipy's), as the evaluation's intervals.
+    codes = {label: code for code, label in enumerate(sorted(set(truth.tolist()) | set(predicted.tolist())))}
+    pairs = (np.array([codes[t] for t in truth]), np.array([codes[p] for p in predicted]))
+    interval = bootstrap(pairs, matthews_corrcoef, paired=True, vectorized=False, n_resamples=resamples, method="percentile",
+                         random_state=np.random.default_rng(seed)).confidence_interval
+    return {"n": len(truth), "labels": dict(Counter(truth.tolist())), "majority_accuracy": majority_rate, "accuracy": correct / len(truth),
+            "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0)), "mcc": float(matthews_corrcoef(truth, predicted)),
+            "mcc_ci": [float(interval.low), float(interval.high)], "binomial_p": binomial_p,
+            "permutation_p": float((1 + np.sum(null >= correct)) / (1 + PERMUTATIONS)), "predicted": dict(Counter(predicted.tolist()))}
+
+
+def check(train_texts: Sequence[str], train_labels: Sequence[str], val_texts: Sequence[str], val_labels: Sequence[str],
+          test_texts: Sequence[str] = (), test_labels: Sequence[str] = (), *, seed: int = 0, resamples: int = 1000) -> dict[str, Any]:
+    """Fit on train, score on validation (the verdict) and, when given, on the still later test
+    split; the result dict goes into the dataset's stats and card."""
+    result: dict[str, Any] = {"method": "TF-IDF character 1-3-grams + logistic regression (scikit-learn), fitted on train, scored on the later validation split",
+                              "n_train": len(train_texts), "n_val": len(val_texts), "permutations": PERMUTATIONS, "alpha": ALPHA,
+                              "mcc_interval": f"95% percentile bootstrap, {resamples} resamples (scipy.stats.bootstrap)"}
+    if len(train_texts) < MIN_PER_SPLIT or len(val_texts) < MIN_PER_SPLIT or len(set(train_labels)) < 2:
+        result.update(verdict="not tested", reason=f"needs at least {MIN_PER_SPLIT} labelled events in train and validation and two classes in train")
+        return result
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, 3), min_df=2, sublinear_tf=True, max_features=200_000)
+    classifier = LogisticRegression(max_iter=2000, random_state=seed).fit(vectorizer.fit_transform(train_texts), list(train_labels))
+    majority_class = Counter(train_labels).most_common(1)[0][0]
+
+    def score(texts: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
+        return _score(np.array(labels, dtype=object), classifier.predict(vectorizer.transform(texts)).astype(object), majority_class, seed, resamples)
+
+    val = score(val_texts, val_labels)
+    signal = val["binomial_p"] < ALPHA and val["permutation_p"] < ALPHA
+    result.update(majority_class=majority_class, val=val,
+                  verdict="learnable signal beyond the majority" if signal else "no learnable signal beyond the majority")
+    if len(test_texts) >= MIN_PER_SPLIT:
+        result["test"] = score(test_texts, test_labels)
     return result
 
 
@@ -78,19 +90,21 @@ def card_lines(result: dict[str, Any] | None) -> list[str]:
     lines = ["", "## Do the direction labels carry learnable signal?", "", f"{result['method']}."]
     if result["verdict"] == "not tested":
         return lines + ["", f"Not tested: {result['reason']} (train {result['n_train']}, validation {result['n_val']})."]
+    splits = [("validation", result["val"])] + ([("test (latest)", result["test"])] if "test" in result else [])
+    row = lambda name, cell: f"| {name} | " + " | ".join(cell(scores) for _, scores in splits) + " |"  # noqa: E731
     lines += [
         "",
-        "| | validation |",
-        "|---|---:|",
-        f"| events (train / validation) | {result['n_train']} / {result['n_val']} |",
-        f"| classifier accuracy | {result['accuracy']:.1%} |",
-        f"| majority class ({result['majority_class']}, from train) accuracy | {result['majority_accuracy']:.1%} |",
-        f"| classifier macro-F1 | {result['macro_f1']:.3f} |",
-        f"| classifier MCC | {result['mcc']:.3f} |",
-        f"| binomial test, accuracy > majority (one-sided) | p = {result['binomial_p']:.3g} |",
-        f"| permutation test of MCC ({result['permutations']} shuffles) | p = {result['permutation_p']:.3g} |",
+        "| | " + " | ".join(name for name, _ in splits) + " |",
+        "|---|" + "---:|" * len(splits),
+        f"| events (train: {result['n_train']}) | " + " | ".join(str(scores["n"]) for _, scores in splits) + " |",
+        row("classifier accuracy", lambda s: f"{s['accuracy']:.1%}"),
+        row(f"majority class ({result['majority_class']}, from train) accuracy", lambda s: f"{s['majority_accuracy']:.1%}"),
+        row("classifier macro-F1", lambda s: f"{s['macro_f1']:.3f}"),
+        row("classifier MCC [95% CI]", lambda s: f"{s['mcc']:.3f} [{s['mcc_ci'][0]:.3f}, {s['mcc_ci'][1]:.3f}]"),
+        row("binomial test, accuracy > majority (one-sided)", lambda s: f"p = {s['binomial_p']:.3g}"),
+        row(f"permutation test of MCC ({result['permutations']} shuffles)", lambda s: f"p = {s['permutation_p']:.3g}"),
         "",
-        f"**Verdict: {result['verdict']}** (both tests at {result['alpha']}).",
+        f"**Verdict: {result['verdict']}** (on the validation split, both tests at {result['alpha']}).",
     ]
     if result["verdict"].startswith("no"):
         lines.append(f"A simple classifier cannot predict the later period's directions from the news better than always answering "
