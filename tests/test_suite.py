@@ -211,3 +211,20 @@ def test_cli_eval_suite(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert [row["n"] for row in suite["sets"] if row["evaluated"]] == [3, 4] and suite["average"]["n"] == 7
     bad = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--suite-set", "fineval=x", "--output", str(out)])
     assert isinstance(bad.exception, FinqloraError) and "--suite-set needs --suite" in str(bad.exception)
+
+
+def test_suite_sets_decontaminate_the_build(tmp_path: Path) -> None:
+    """Every local suite set joins the build's decontamination, FinEval's CSV folder and CFLUE's JSON included."""
+    from finqlora.core.config import RunConfig
+    from finqlora.dataset.builder import BuildConfig
+    from finqlora.dataset.mixture import contaminated, eval_texts
+
+    _fineval(tmp_path / "val", "banking", rows=2)
+    cflue = _cflue(tmp_path / "cflue.json")
+    cfg = RunConfig.model_validate({"eval": {"suite": {"sets": {"fineval": str(tmp_path / "val"), "cflue": str(cflue), "ceval-finance": "hf:ceval/ceval-exam"}}}})
+    build = BuildConfig.from_run(cfg, db=tmp_path / "x.db", output=tmp_path / "d.jsonl")
+    assert [str(p) for p in build.decontaminate] == [str(tmp_path / "val"), str(cflue)]  # hub sets cannot be read offline
+    questions = eval_texts(tmp_path / "val")
+    assert questions == ["第0题：下列哪项是货币政策工具？", "第1题：下列哪项是货币政策工具？"] and "股票属于哪类证券？" in eval_texts(cflue)
+    hits = contaminated(["第1题：下列哪项是货币政策工具？", "黄金价格上涨"], {"fineval": questions}, 0.7)
+    assert hits == {0: "fineval"}

@@ -152,12 +152,15 @@ class BuildConfig:
 
 
 def _benchmark_paths(cfg: RunConfig) -> list[str]:
-    """The files of `eval.benchmarks` (plain paths, or entries with a `path`), for decontamination."""
+    """The files of `eval.benchmarks` (plain paths, or entries with a `path`) and the local sets
+    of `eval.suite`, for decontamination."""
     paths = []
     for entry in cfg.eval.benchmarks:
         path = entry if isinstance(entry, str) else getattr(entry, "path", None)
         if path:
             paths.append(str(path))
+    if cfg.eval.suite is not None:
+        paths += [location for location in cfg.eval.suite.sets.values() if not location.startswith("hf:")]
     return paths
 
 
