@@ -228,3 +228,18 @@ def test_suite_sets_decontaminate_the_build(tmp_path: Path) -> None:
     assert questions == ["第0题：下列哪项是货币政策工具？", "第1题：下列哪项是货币政策工具？"] and "股票属于哪类证券？" in eval_texts(cflue)
     hits = contaminated(["第1题：下列哪项是货币政策工具？", "黄金价格上涨"], {"fineval": questions}, 0.7)
     assert hits == {0: "fineval"}
+
+
+def test_run_config_suite_reaches_the_evaluation(tmp_path: Path) -> None:
+    """`eval.suite` in a run config: validated once, and mapped to the eval stages' options."""
+    from pydantic import ValidationError
+
+    from finqlora.core.config import RunConfig
+    from finqlora.evaluate.evaluation import EvalOptions, SuiteSpec
+
+    cfg = RunConfig.model_validate({"eval": {"suite": {"sets": {"fineval": "data/fineval/val"}, "max_items": 50}}})
+    options = EvalOptions.from_run(cfg, output=tmp_path / "eval", data=tmp_path / "d.jsonl")
+    assert options.suite == SuiteSpec("finance-zh", {"fineval": "data/fineval/val"}, 50)
+    for bad in ({"name": "finance-en", "sets": {"fineval": "x"}}, {"sets": {}}, {"sets": {"fineval": "x"}, "max_items": 0}):
+        with pytest.raises(ValidationError):
+            RunConfig.model_validate({"eval": {"suite": bad}})
