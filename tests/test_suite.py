@@ -138,6 +138,7 @@ def test_parse_letter() -> None:
     assert parse_letter("答案：C\n解析：……", ["A", "B", "C", "D"]) == "C"
     assert parse_letter("B. 关税", ["A", "B", "C", "D"]) == "B"
     assert parse_letter("I think a good answer is D", ["A", "B", "C", "D"]) == "D"  # 'I' and 'a' are not options
+    assert parse_letter("A选项错误，答案是C", ["A", "B", "C", "D"]) == "C"  # the stated answer wins
     assert parse_letter("无法判断", ["A", "B"]) is None
 
 

@@ -277,16 +277,17 @@ def _market_analysis(ctx: _Context) -> None:
         ctx.tasks["market_analysis"] = block
 
 
-_LETTER = re.compile(r"(?:答案|answer)\s*(?:是|为|:|：)?\s*([A-F])(?![A-Za-z])|(?<![A-Za-z])([A-F])(?![A-Za-z])", re.IGNORECASE)
+_SAID_LETTER = re.compile(r"(?:答案|answer)\s*(?:是|为|:|：)?\s*([A-F])(?![A-Za-z])", re.IGNORECASE)
+_LONE_LETTER = re.compile(r"(?<![A-Za-z])([A-F])(?![A-Za-z])")
 
 
 def parse_letter(text: str, options: Sequence[str]) -> str | None:
-    """The option letter a generated answer names: after 答案/answer if it says so, else the first
-    standalone capital letter among the options."""
-    for match in _LETTER.finditer(text or ""):
-        letter = (match.group(1) or match.group(2)).upper()
-        if letter in options and (match.group(1) or match.group(2).isupper()):
-            return letter
+    """The option letter a generated answer names: the one after 答案/answer if it says so, else
+    the first standalone capital letter among the options."""
+    for pattern in (_SAID_LETTER, _LONE_LETTER):
+        for match in pattern.finditer(text or ""):
+            if match.group(1).upper() in options:
+                return match.group(1).upper()
     return None
 
 
