@@ -71,6 +71,9 @@ def test_cfbenchmark_keeps_its_own_classes(tmp_path: Path) -> None:
     bench = load_benchmark(tmp_path / "event", "cfbenchmark")
     assert bench.kind == "classes" and bench.labels == ["股份回购", "高管减持"]
     assert build_items([], [bench])[0]["choice"] == {"options": ["股份回购", "高管减持"], "classes": ["股份回购", "高管减持"]}
+    datasets.Dataset.from_dict({"instruction": ["x"] * 2, "input": ["a", "b"], "response": ["股份回购", " "]}).save_to_disk(str(tmp_path / "blank"))
+    with pytest.raises(FinqloraError, match=r"blank: row 1: empty response"):
+        load_benchmark(tmp_path / "blank", "cfbenchmark")
     sentiment = {"instruction": ["情绪"] * 2, "input": ["利润大增", "亏损"], "response": ["积极", "消极"]}
     datasets.Dataset.from_dict(sentiment).save_to_disk(str(tmp_path / "sentiment"))
     assert load_benchmark(tmp_path / "sentiment", "cfbenchmark").kind == "sentiment"
