@@ -169,7 +169,7 @@ class BenchmarkConfig(_Section):
     """
 
     path: str = Field(..., min_length=1, description="benchmark file or folder")
-    format: Literal["finfe", "cfbenchmark", "fpb", "jsonl", "fineval", "ceval", "cflue"] = Field(..., description="its published format")
+    format: Literal[BENCHMARK_FORMATS] = Field(..., description="its published format")  # type: ignore[valid-type]
     label_map: str | None = Field(None, description='raw label -> class, e.g. "0=利空,1=中性,2=利好" (default: the format\'s own)')
     split: str | None = Field(None, description="split of a CFBenchmark datasets folder")
     max_items: int | None = Field(None, ge=1, description="score a seeded random sample of this many rows (null = all)")
