@@ -106,7 +106,7 @@ def test_cfbenchmark_datasets_folder(tmp_path: Path) -> None:
 
 def test_unknown_format_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FinqloraError, match="unknown benchmark format"):
-        load_benchmark(tmp_path, "fineval")
+        load_benchmark(tmp_path, "mmlu")
     with pytest.raises(FinqloraError, match="benchmark not found"):
         load_benchmark(tmp_path / "nope.json", "finfe")
 

@@ -220,12 +220,18 @@ def test_choice_only_metrics_need_no_generations(tmp_path: Path) -> None:
             json.dumps({"id": item["id"], "choice": c, "scores": [0.0, -1.0, -2.0]}) + "\n" for item, c in zip(items, chosen)), encoding="utf-8")
     metrics = compute_metrics(tmp_path, bootstrap_resamples=200)
     rows = {row["key"]: row for row in metrics["table"]}
-    assert set(rows) == {"news_impact.choice_accuracy", "news_impact.choice_macro_f1"}
+    assert set(rows) == {"news_impact.choice_accuracy", "news_impact.choice_macro_f1", "news_impact.choice_mcc"}
     accuracy = rows["news_impact.choice_accuracy"]
     assert accuracy["base"] == pytest.approx(2 / 6) and accuracy["finetuned"] == pytest.approx(5 / 6)
     assert (accuracy["mcnemar"]["base_only"], accuracy["mcnemar"]["finetuned_only"]) == (0, 3) and accuracy["test"] == "McNemar exact"
     block = metrics["tasks"]["choice"]["news_impact"]
     assert block["baselines"]["majority"]["accuracy"] == pytest.approx(1 / 3) and block["baselines"]["random"]["accuracy"] == pytest.approx(1 / 3)
+    from sklearn.metrics import matthews_corrcoef
+
+    truth = [item["label"]["direction"] for item in items]
+    tuned = [["利好", "利空", "中性"][c] for c in picks["finetuned"]]
+    assert block["base"]["mcc"] == 0.0 and block["finetuned"]["mcc"] == pytest.approx(matthews_corrcoef(truth, tuned))
+    assert rows["news_impact.choice_mcc"]["finetuned_ci"] == block["finetuned"]["mcc_ci"] and len(block["finetuned"]["mcc_ci"]) == 2
     assert "log-probability per character of the option" in block["normalisation"]
     per_item = [json.loads(line) for line in (tmp_path / "per_item.jsonl").read_text(encoding="utf-8").splitlines()]
     assert per_item[5]["finetuned"] == {"choice": "利好", "choice_correct": False}

@@ -29,6 +29,26 @@ def test_macro_f1_hand_computed() -> None:
     assert M.macro_f1(y_true, y_pred, ["A", "B", "C"]) == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
 
 
+def test_mcc_matches_scikit_learn_on_random_data() -> None:
+    from sklearn.metrics import matthews_corrcoef
+
+    rng = np.random.default_rng(7)
+    classes = np.array(["利好", "利空", "中性"], dtype=object)
+    for trial in range(40):
+        n = int(rng.integers(1, 60))
+        k = int(rng.integers(1, 4))  # one to three classes, so constant references and predictions occur
+        y_true = list(rng.choice(classes[:k], size=n))
+        # predictions: correlated with the truth in some trials, with unparsed answers mixed in
+        agree = rng.random(n) < rng.random()
+        y_pred = [t if a else rng.choice(classes) for t, a in zip(y_true, agree)]
+        y_pred = [None if rng.random() < 0.1 else p for p in y_pred]
+        expected = matthews_corrcoef([str(t) for t in y_true], [str(p) for p in y_pred])
+        assert M.mcc(y_true, y_pred) == pytest.approx(expected, abs=1e-12), trial
+    assert M.mcc(["a", "b"], ["a", "b"]) == 1.0 and M.mcc(["a", "b"], ["b", "a"]) == -1.0
+    assert M.mcc(["a", "b", "a"], ["a", "a", "a"]) == 0.0  # a constant guess
+    assert math.isnan(M.mcc([], []))
+
+
 def test_confusion_matrix_has_unparsed_column() -> None:
     cm = M.confusion_matrix(["A", "A", "B"], ["A", None, "A"], ["A", "B"])
     assert cm["columns"] == ["A", "B", M.UNPARSED]
@@ -42,6 +62,7 @@ def test_baselines() -> None:
     assert majority["class"] == "利好" and majority["accuracy"] == 0.5
     # F1 of the majority class: P 0.5, R 1 -> 2/3; the others 0.
     assert majority["macro_f1"] == pytest.approx((2 / 3) / 3)
+    assert majority["mcc"] == 0.0
     from_train = M.majority_baseline(y_true, labels, train_labels=["利空"] * 4 + ["利好"])
     assert from_train["class"] == "利空" and from_train["accuracy"] == pytest.approx(0.3) and from_train["from"] == "train"
     random_ = M.random_baseline(y_true, labels)

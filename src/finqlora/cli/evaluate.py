@@ -45,6 +45,43 @@ def _report_lang() -> str:
     return EvalConfig.model_fields["report_lang"].default
 
 
+def _print_suite(suite: dict) -> None:
+    def points(value: float | None) -> str:
+        return "-" if value is None else f"{value * 100:.1f}"
+
+    def interval(values: list | None) -> str:
+        return "" if not values or None in values else f"[{values[0] * 100:+.1f}, {values[1] * 100:+.1f}]"
+
+    table = Table(title=f"suite {suite['name']}: accuracy (%), choice scoring")
+    for column in ("set", "n", "base", "fine-tuned", "diff (points) [95% CI]", "McNemar p", "majority"):
+        table.add_column(column)
+    for row in suite["sets"]:
+        if not row["evaluated"]:
+            table.add_row(row["set"], "-", "not given", "", "", "", "")
+            continue
+        p = row.get("p_value")
+        table.add_row(row["set"], str(row["n"]), points(row["base"]), points(row["finetuned"]),
+                      f"{row['delta'] * 100:+.1f} {interval(row['delta_ci'])}", "-" if p is None else f"{p:.3g}", points(row.get("majority")))
+    average = suite.get("average")
+    if average:
+        table.add_row("average", str(average["n"]), points(average["base"]), points(average["finetuned"]),
+                      f"{average['delta'] * 100:+.1f} {interval(average['delta_ci'])}", "", "")
+    console.print(table)
+
+
+def _print_judge(verdict: dict) -> None:
+    if verdict["win_rate"] is None:
+        console.print(styled((f"judge {verdict['judge_model']}: none of {verdict['judgements']} answers named A, B or tie", "yellow")))
+        return
+    console.print(
+        f"judge {verdict['judge_model']}: fine-tuned wins {verdict['win_rate']:.1%} [{verdict['win_ci_low']:.1%}, {verdict['win_ci_high']:.1%}] "
+        f"of {verdict['parsed']} judgements ({verdict['pairs']} pairs, both orders; ties {verdict['ties']}, losses {verdict['losses']}, "
+        f"unparsed {verdict['unparsed']}); position consistency "
+        + ("n/a" if verdict["position_consistency"] is None else f"{verdict['position_consistency']:.1%}"))
+    for entry in verdict["agreement_with_raters"]:
+        console.print(f"  vs raters of round {entry['round']}: mean Cohen's kappa {entry['mean_cohen_kappa']:.3f}")
+
+
 def _default(name: str):
     """The default of an option that is not a config key: EvalOptions' (one set of defaults for the CLI, the pipeline and the API)."""
     from dataclasses import fields
@@ -70,6 +107,9 @@ def eval_main(
     label_map: Optional[str] = typer.Option(None, "--label-map", help='Benchmark label mapping, e.g. "0=利空,1=中性,2=利好", or a JSON file.'),
     benchmark_split: Optional[str] = typer.Option(None, "--benchmark-split", help="Split of a CFBenchmark datasets folder (default: test, or the only one)."),
     benchmark_limit: Optional[int] = typer.Option(None, "--benchmark-limit", min=1, help="Score a seeded random sample of this many benchmark rows."),
+    suite: Optional[str] = typer.Option(None, "--suite", help="Score a suite of public finance sets by choice, one table (finance-zh; docs/evaluation.md)."),
+    suite_set: list[str] = typer.Option([], "--suite-set", help="A suite set's location, NAME=PATH (local copy in its published format) or NAME=hf:DATASET_ID[@SPLIT] (repeatable)."),
+    suite_limit: Optional[int] = typer.Option(None, "--suite-limit", min=1, help="Score a seeded random sample of this many items per suite set."),
     scoring: Optional[str] = key_option("eval.scoring", "--scoring", help="Closed-option tasks: choice (option log-likelihood) | generate (parsed answers) | both."),
     max_new_tokens: Optional[int] = key_option("eval.max_new_tokens", "--max-new-tokens", help="Generation length limit (same for both models)."),
     temperature: Optional[float] = key_option("eval.temperature", "--temperature", help="0 = greedy decoding (deterministic, recommended for evaluation)."),
@@ -87,6 +127,9 @@ def eval_main(
     merge_adapter: Optional[bool] = key_option("eval.merge_adapter", "--merge-adapter/--no-merge-adapter", help="Merge the adapter into unquantized weights for the fine-tuned work (base speed, same logits)."),
     bootstrap: Optional[int] = key_option("eval.bootstrap_resamples", "--bootstrap", min=100, help="Bootstrap resamples for the confidence intervals."),
     seed: Optional[int] = key_option("eval.seed", "--seed", help="Seed for sampling, bootstrap and example selection."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="Also compare base and fine-tuned answers pairwise with an LLM judge: local | deepseek | kimi | openai | an OpenAI-compatible base URL."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="The judge's model name (default: the provider's)."),
+    judge_limit: Optional[int] = typer.Option(None, "--judge-limit", min=1, help="Judge a seeded sample of this many pairs (each in both orders)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html / report.md after the metrics."),
     lang: Optional[str] = key_option("eval.report_lang", "--lang", help="Report language: zh | en."),
     base_only: bool = typer.Option(False, "--base-only", help="Only score the base model (e.g. before training); the full run reuses its outputs."),
@@ -99,7 +142,8 @@ def eval_main(
     if ctx.invoked_subcommand is not None:
         return
     from finqlora.core.config import BENCHMARK_FORMATS
-    from finqlora.evaluate.evaluation import VARIANTS, BenchmarkSpec, EvalOptions, evaluate
+    from finqlora.evaluate.evaluation import VARIANTS, BenchmarkSpec, EvalOptions, SuiteSpec, evaluate
+    from finqlora.evaluate.suite import check_sets, parse_set_arguments
 
     if output is None:
         raise FinqloraError("--output is required", hint="finqlora eval --adapter ADAPTER --data test.jsonl --output runs/NAME/eval")
@@ -117,20 +161,36 @@ def eval_main(
     formats = iter(benchmark_format * len(plain) if len(benchmark_format) == 1 else benchmark_format)
     extra = {"label_map": label_map, "split": benchmark_split, "limit": benchmark_limit}
     specs = [BenchmarkSpec.parse(text, next(formats, None) if text in plain else None, **extra) for text in benchmark]
+    if suite_set and suite is None:
+        raise FinqloraError("--suite-set needs --suite", hint="finqlora eval --suite finance-zh --suite-set fineval=PATH ...")
+    suite_spec = None
+    if suite is not None:
+        sets = parse_set_arguments(suite_set)
+        check_sets(suite, sets)
+        suite_spec = SuiteSpec(suite, sets, suite_limit)
     options = EvalOptions.from_run(run, output=output, data=data, adapter=str(adapter) if adapter else None,
                                    variants=("base",) if base_only else VARIANTS)
     # Without --model or a config naming one, the base is the one recorded in the adapter.
     named_model = model or config or any(text.split("=", 1)[0].strip() in ("train.model", "model") for text in set_)
     options = dataclasses.replace(
         options, model=run.train.model if named_model else None, benchmarks=specs or options.benchmarks,
-        device=device or options.device, dtype=dtype or options.dtype,
+        device=device or options.device, suite=suite_spec or options.suite, dtype=dtype or options.dtype,
     )
     metrics = evaluate(options)
     if base_only:
         console.print(styled(("cached", "green"), f" the base model's outputs in {output}; run again with --adapter for the comparison"))
         return
     _print_table(metrics)
+    if metrics.get("suite"):
+        _print_suite(metrics["suite"])
     written = [output / "metrics.json"]
+    if judge:
+        from finqlora.evaluate.judge import run_judge
+        from finqlora.models.client import FinLLMClient
+
+        verdict = run_judge(output, FinLLMClient.from_env(judge, model=judge_model), model=judge_model, limit=judge_limit, seed=options.seed)
+        _print_judge(verdict)
+        written.append(output / "judge" / "judge.json")
     if report:
         from finqlora.report.report import build_report
 

@@ -263,7 +263,7 @@ class TrainConfig(_Section):
         return value
 
 
-BENCHMARK_FORMATS = ("finfe", "cfbenchmark", "fpb", "jsonl")  # finqlora.evaluate.benchmarks reads these
+BENCHMARK_FORMATS = ("finfe", "cfbenchmark", "fpb", "jsonl", "fineval", "ceval", "cflue")  # finqlora.evaluate.benchmarks reads these
 
 
 def split_benchmark_string(entry: str) -> dict[str, str]:
@@ -285,7 +285,7 @@ class BenchmarkConfig(_Section):
     """
 
     path: str = Field(..., min_length=1, description="benchmark file or folder")
-    format: Literal["finfe", "cfbenchmark", "fpb", "jsonl"] = Field(..., description="its published format")
+    format: Literal[BENCHMARK_FORMATS] = Field(..., description="its published format")  # type: ignore[valid-type]
     label_map: str | None = Field(None, description='raw label -> class, e.g. "0=利空,1=中性,2=利好" (default: the format\'s own)')
     split: str | None = Field(None, description="split of a CFBenchmark datasets folder")
     limit: int | None = Field(None, ge=1, description="score a seeded random sample of this many rows (null = all)")
@@ -294,6 +294,17 @@ class BenchmarkConfig(_Section):
     @classmethod
     def _old_names(cls, value: Any) -> Any:
         return _renamed("eval.benchmarks[]", {"max_items": "limit"}, value)
+
+
+SUITE_NAMES = ("finance-zh",)  # finqlora.evaluate.suite defines their sets
+
+
+class SuiteConfig(_Section):
+    """`eval.suite`: a named suite of public sets (docs/evaluation.md), each at a local copy or `hf:ID`."""
+
+    name: Literal[SUITE_NAMES] = Field("finance-zh", description="the suite (finqlora.evaluate.suite.SUITES)")  # type: ignore[valid-type]
+    sets: dict[str, str] = Field(..., min_length=1, description="set name -> local path in its published format, or hf:DATASET_ID[@SPLIT]")
+    max_items: int | None = Field(None, ge=1, description="score a seeded random sample of this many items per set (null = all)")
 
 
 class EvalConfig(_Section):
@@ -306,6 +317,7 @@ class EvalConfig(_Section):
     choice_batch_size: int = Field(16, ge=1, description="closed-option items scored together (choice scoring)")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
     benchmarks: list[BenchmarkConfig] = Field(default_factory=list, description="external benchmarks scored in the eval stages")
+    suite: SuiteConfig | None = Field(None, description="a suite of public finance sets scored by choice in the eval stages (null = none)")
     scoring: Literal["choice", "generate", "both"] = Field(
         "both", description="closed-option tasks: option log-likelihood (choice), parsed answers (generate), or both"
     )

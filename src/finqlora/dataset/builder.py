@@ -40,7 +40,7 @@ from typing import Any
 
 from finqlora.store import db as store
 from finqlora.dataset import labels as lab
-from finqlora.dataset import mixture, rationales, report_qa, templates
+from finqlora.dataset import mixture, predictability, rationales, report_qa, templates
 from finqlora.dataset import relevance as rel
 from finqlora.core import textdedup
 from finqlora.core.config import MIN_MAX_LENGTH, RunConfig
@@ -164,12 +164,15 @@ class BuildConfig:
 
 
 def _benchmark_paths(cfg: RunConfig) -> list[str]:
-    """The files of `eval.benchmarks` (plain paths, or entries with a `path`), for decontamination."""
+    """The files of `eval.benchmarks` (plain paths, or entries with a `path`) and the local sets
+    of `eval.suite`, for decontamination."""
     paths = []
     for entry in cfg.eval.benchmarks:
         path = entry if isinstance(entry, str) else getattr(entry, "path", None)
         if path:
             paths.append(str(path))
+    if cfg.eval.suite is not None:
+        paths += [location for location in cfg.eval.suite.sets.values() if not location.startswith("hf:")]
     return paths
 
 
@@ -966,6 +969,24 @@ def _market_drafts(split: str, candidates: list[store.Event], want: int, data: S
     return drafts
 
 
+def _label_predictability(plan: SplitPlan, data: StoreData, ctx: LabelContext, decisions: dict[str, dict[str, rel.Decision]], seed: int) -> dict[str, Any]:
+    """dataset/predictability.py on every labelled event of the train, validation and test pools
+    (not only the sampled records: the check needs numbers), each capped at MAX_EVENTS by a seeded sample."""
+    texts: dict[str, list[str]] = {}
+    labels: dict[str, list[str]] = {}
+    for split in SPLITS:
+        events = list(plan.pools[split])
+        if len(events) > predictability.MAX_EVENTS:
+            events = _rng(seed, f"predictability-{split}").sample(events, predictability.MAX_EVENTS)
+        texts[split], labels[split] = [], []
+        for event in events:
+            label = news_impact_label(data.impacts[event.event_id], ctx, decisions[event.event_id])
+            if label is not None:
+                texts[split].append(news_text(event))
+                labels[split].append(label["direction"])
+    return predictability.check(texts["train"], labels["train"], texts["val"], labels["val"], texts["test"], labels["test"], seed=seed)
+
+
 def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str, int], notices: list[str], stats: dict[str, Any], stage: Any) -> tuple[list[Draft], dict[str, Any]]:
     p = config.rules.primary_window
     source_info = {"database": data.fingerprint}
@@ -996,6 +1017,8 @@ def _store_drafts(config: BuildConfig, data: StoreData, counts_wanted: dict[str,
     plan, ctx = _label_setup(config, data, pool, stats)
     decisions = relevance_decisions(pool, data.impacts, ctx)
     stats["relevance"] = relevance_stats(pool, decisions, data.impacts, ctx, config.seed)
+    stage("checking whether the direction labels are predictable from the news")
+    stats["predictability"] = {**_label_predictability(plan, data, ctx, decisions, config.seed), "news_share": config.mix[0] / sum(config.mix)}
     windows = sorted({w for imp in data.impacts.values() for (_, w) in imp}, key=lambda w: (w > 0, w))
     rng = _rng(config.seed, "store")
     news_split_counts = dict(zip(SPLITS, _allocate(counts_wanted["news_impact"], config.split)))
@@ -1215,7 +1238,7 @@ def render_card(stats: dict[str, Any], dataset_name: str) -> str:
                  "and a confidence word, never the realized move (that is the record's label); market_analysis cases are ex-post "
                  "and carry the realized returns in their input.")
     lines += [f"- {case}: {rule}" for case, rule in rules["cases"].items()]
-    lines += _card_relevance(stats) + _card_public(stats)
+    lines += _card_relevance(stats) + predictability.card_lines(stats.get("predictability")) + _card_public(stats)
     lengths = stats["length_tokens"]
     lines += ["", "## Lengths (tokens)", "", f"Counted with {lengths['counted_with']}; max length {lengths['max_length']}; "
               f"trimmed {lengths['trimmed']}, dropped {lengths['dropped_too_long']}.", ""]

@@ -19,8 +19,10 @@ Decontamination (`--decontaminate PATH...`, plus every benchmark of the run conf
 `eval.benchmarks`): any built or added record whose main text (news, sentence, input) is an
 exact or near duplicate (`finqlora.core.textdedup`, 3-gram Jaccard >= threshold) of an
 evaluation item's text is dropped. The evaluation file's layout is read from its shape: a
-folder is a `datasets` folder, `.json` a list of `[text, label]` pairs or of objects, `.jsonl`
-objects, any other file `sentence@label` lines (a line without `@` is taken whole).
+folder is a `datasets` folder, or a folder of FinEval / C-Eval `.csv` files, `.csv` one such
+file (the `question` column), `.json` a list of `[text, label]` pairs or of objects (CFLUE's
+`question`), `.jsonl` objects, any other file `sentence@label` lines (a line without `@` is
+taken whole).
 """
 
 from __future__ import annotations
@@ -235,7 +237,13 @@ def eval_texts(path: Path) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise FinqloraError(f"--decontaminate {path} does not exist", hint="pass the evaluation files the model will be scored on")
-    if path.is_dir():
+    csv_files = sorted(path.glob("*.csv")) if path.is_dir() else [path] if path.suffix == ".csv" else []
+    if csv_files:  # multiple-choice exams: the question is the text a trained record must not repeat
+        import csv
+        import io
+
+        rows = [row for file in csv_files for row in csv.DictReader(io.StringIO(file.read_text(encoding="utf-8-sig")))]
+    elif path.is_dir():
         import datasets
 
         loaded = datasets.load_from_disk(str(path))

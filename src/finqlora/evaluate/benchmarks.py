@@ -10,15 +10,28 @@ Formats (`--benchmark-format`):
   (the original files are Latin-1; UTF-8 is tried first).
 * `jsonl` -- one JSON object a line with `text` (or `input`/`sentence`), `label`, and
   optionally `instruction`.
+* `fineval`, `ceval` -- multiple-choice exams as published (FinEval, C-Eval): one CSV per
+  subject, `id,question,A,B,C,D,answer` (C-Eval's dev files add `explanation`), the subject
+  from the file name (`accounting_val.csv` -> accounting); a file or a folder of them.
+* `cflue` -- CFLUE's knowledge set: a JSON list of objects with `question`, `choices` (a
+  Python dict literal as a string, `"{'A': ..., 'B': ...}"`, or an object), `answer` (the
+  letter(s)), `task` (单项选择题 / 多项选择题 / 判断题) and `名称` (the exam). Questions with
+  more than one correct letter are left out (choice scoring picks one option), and counted.
 
-Every label is mapped to the canonical direction classes of `finqlora.dataset.answer_parser`
-(利好 = positive, 中性 = neutral, 利空 = negative) so that the same answer parser scores
-every benchmark. `--label-map "0=利空,1=中性,2=利好"` (or a JSON object file) overrides the
-defaults. Malformed files raise `FinqloraError` naming the file and the line/row.
+Sentiment labels are mapped to the canonical direction classes of
+`finqlora.dataset.answer_parser` (利好 = positive, 中性 = neutral, 利空 = negative) so that
+the same answer parser scores every sentiment benchmark. `--label-map "0=利空,1=中性,2=利好"`
+(or a JSON object file) overrides the defaults. A CFBenchmark set whose responses are not
+sentiment words (event detection, industry identification, ...) keeps its own classes. A
+multiple-choice item's classes are its option letters, each item with its own. Malformed files
+raise `FinqloraError` naming the file and the line/row.
 """
 
 from __future__ import annotations
 
+import ast
+import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +64,15 @@ FPB_INSTRUCTION = (
     "Answer with one word: positive, neutral or negative."
 )
 JSONL_INSTRUCTION = "判断下面这段金融文本的情绪倾向（利好、中性或利空），只回答一个词。"
+# C-Eval's own zero-shot prompt ("以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。"),
+# with the answer format said, since choice scoring compares the option letters.
+CHOICE_INSTRUCTION = "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。只回答选项字母。"
+JUDGE_INSTRUCTION = "以下是中国关于{subject}考试的判断题，请判断对错。只回答选项字母。"
+LETTERS = ("A", "B", "C", "D", "E", "F")
+
+# What kind of classes a benchmark has: sentiment (mapped to 利好/中性/利空), its own class
+# words, or option letters of multiple-choice questions.
+SENTIMENT, CLASSES, MULTIPLE_CHOICE = "sentiment", "classes", "multiple_choice"
 
 
 @dataclass(frozen=True)
@@ -58,8 +80,9 @@ class BenchmarkItem:
     id: str
     instruction: str
     input: str
-    label: str  # canonical class
+    label: str  # canonical class (a letter for multiple choice)
     raw_label: str
+    options: tuple[str, ...] = ()  # a multiple-choice item's own option letters
 
     def to_record(self) -> dict[str, Any]:
         """A dataset-style record, so prompts go through `chat_format.record_to_chat`."""
@@ -74,6 +97,8 @@ class Benchmark:
     items: list[BenchmarkItem]
     labels: list[str] = field(default_factory=lambda: list(DIRECTIONS))
     display_names: dict[str, str] = field(default_factory=dict)
+    kind: str = SENTIMENT
+    skipped: dict[str, int] = field(default_factory=dict)  # rows left out, by reason
 
 
 def parse_label_map(spec: str | None) -> dict[str, str] | None:
@@ -152,11 +177,21 @@ def _load_cfbenchmark(path: Path, mapping: dict[str, str], split: str | None) ->
             f"{path}: rows need instruction, input and response; missing {', '.join(sorted(missing))} "
             f"(columns: {', '.join(loaded.column_names)})"
         )
+    return _cfbenchmark_items(path, list(loaded), mapping)
+
+
+def _cfbenchmark_items(path: Path | str, rows: list[dict[str, Any]], mapping: dict[str, str]) -> list[BenchmarkItem]:
+    """Sentiment rows map to 利好/中性/利空; a task whose responses are not all sentiment words
+    (event detection, industry identification, ...) keeps its responses as its classes."""
+    responses = [str(row.get("response") or "").strip() for row in rows]
+    sentiment = all(response.lower() in mapping for response in responses)
     items = []
-    for number, row in enumerate(loaded):
+    for number, (row, response) in enumerate(zip(rows, responses)):
         where = f"{path}: row {number}"
-        response = str(row["response"] or "").strip()
-        items.append(BenchmarkItem(f"cfb-{number}", str(row["instruction"] or ""), str(row["input"] or ""), _map_label(response, mapping, where), response))
+        if not response:
+            raise FinqloraError(f"{where}: empty response", hint="every CFBenchmark row needs its reference class in `response`")
+        label = _map_label(response, mapping, where) if sentiment else response
+        items.append(BenchmarkItem(f"cfb-{number}", str(row.get("instruction") or ""), str(row.get("input") or ""), label, response))
     return items
 
 
@@ -194,6 +229,137 @@ def _load_jsonl(path: Path, mapping: dict[str, str]) -> list[BenchmarkItem]:
     return items
 
 
+def _read_csv_rows(path: Path) -> list[dict[str, str]]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # FinEval's dev files start with a byte-order mark
+    except UnicodeDecodeError as exc:
+        raise FinqloraError(f"{path}: not UTF-8 text (byte {exc.start})", hint="FinEval and C-Eval CSVs are UTF-8") from exc
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def _subject(path: Path) -> str:
+    """`accounting_val.csv` -> accounting (FinEval and C-Eval name files SUBJECT_SPLIT.csv)."""
+    stem = path.stem
+    for split in ("_val", "_dev", "_test"):
+        if stem.endswith(split):
+            return stem[: -len(split)]
+    return stem
+
+
+def _choice_item(item_id: str, subject: str, question: str, options: dict[str, str], answer: str, where: str,
+                 instruction: str = CHOICE_INSTRUCTION) -> BenchmarkItem:
+    letters = tuple(letter for letter in LETTERS if letter in options)
+    if len(letters) < 2:
+        raise FinqloraError(f"{where}: a multiple-choice question needs at least two options A, B, ...; found {', '.join(options) or 'none'}")
+    if answer not in letters:
+        raise FinqloraError(f"{where}: answer {answer!r} is not one of the options {', '.join(letters)}")
+    body = question.strip() + "\n" + "\n".join(f"{letter}. {str(options[letter]).strip()}" for letter in letters)
+    return BenchmarkItem(item_id, instruction.format(subject=subject.replace("_", " ")), body, answer, answer, letters)
+
+
+def _mcq_csv_items(path: Path, rows: list[dict[str, Any]], prefix: str) -> list[BenchmarkItem]:
+    """FinEval / C-Eval rows (`id,question,A,B,C,D,answer[,explanation]`)."""
+    missing = {"question", "A", "B", "answer"} - set(rows[0] if rows else {})
+    if rows and missing:
+        raise FinqloraError(f"{path}: columns id,question,A,B,C,D,answer expected; missing {', '.join(sorted(missing))} "
+                            f"(found: {', '.join(str(k) for k in rows[0])})", hint="FinEval and C-Eval CSVs have a header line id,question,A,B,C,D,answer")
+    subject = _subject(path)
+    items = []
+    for number, row in enumerate(rows, start=2):  # line 1 is the header
+        where = f"{path}: line {number}"
+        if not (row.get("question") or "").strip():
+            raise FinqloraError(f"{where}: empty question")
+        options = {letter: row[letter] for letter in LETTERS if row.get(letter) not in (None, "")}
+        answer = str(row.get("answer") or "").strip().upper()
+        items.append(_choice_item(f"{prefix}{subject}-{row.get('id') or number}", subject, row["question"], options, answer, where))
+    return items
+
+
+def _load_mcq_csv(path: Path, prefix: str) -> list[BenchmarkItem]:
+    files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
+    if not files:
+        raise FinqloraError(f"{path}: no .csv files in this folder", hint="point it at a FinEval/C-Eval split folder (e.g. fineval/val) or one subject's CSV")
+    return [item for file in files for item in _mcq_csv_items(file, _read_csv_rows(file), prefix)]
+
+
+CFLUE_SINGLE, CFLUE_JUDGE = "单项选择题", "判断题"
+
+
+def _cflue_items(path: Path | str, rows: list[Any], skipped: dict[str, int]) -> list[BenchmarkItem]:
+    items = []
+    for number, row in enumerate(rows):
+        where = f"{path}: row {number}"
+        if not isinstance(row, dict) or not {"question", "choices", "answer"} <= set(row):
+            found = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+            raise FinqloraError(f"{where}: a CFLUE row is an object with question, choices and answer; found {found}")
+        choices = row["choices"]
+        if isinstance(choices, str):
+            try:  # CFLUE writes the options as a Python dict literal inside a string
+                choices = ast.literal_eval(choices)
+            except (ValueError, SyntaxError) as exc:
+                raise FinqloraError(f"{where}: choices is not a dict like {{'A': ..., 'B': ...}} ({exc.__class__.__name__})") from exc
+        if not isinstance(choices, dict):
+            raise FinqloraError(f"{where}: choices must map option letters to texts, found {type(choices).__name__}")
+        answer = str(row["answer"] or "").strip().upper()
+        if len(answer) != 1:
+            skipped["more than one correct option"] = skipped.get("more than one correct option", 0) + 1
+            continue
+        subject = str(row.get("名称") or "金融")
+        instruction = JUDGE_INSTRUCTION if row.get("task") == CFLUE_JUDGE else CHOICE_INSTRUCTION
+        items.append(_choice_item(f"cflue-{number}", subject, str(row["question"]), {str(k): v for k, v in choices.items()}, answer, where, instruction))
+    return items
+
+
+def _load_cflue(path: Path, skipped: dict[str, int]) -> list[BenchmarkItem]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise FinqloraError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})",
+                            hint="CFLUE's knowledge set is one JSON list of question objects") from exc
+    if not isinstance(rows, list):
+        raise FinqloraError(f"{path}: expected a JSON list of questions, found {type(rows).__name__}")
+    return _cflue_items(path, rows, skipped)
+
+
+def items_from_rows(fmt: str, where: str, rows: list[dict[str, Any]], *, label_map: dict[str, str] | None = None,
+                    subject: str = "", skipped: dict[str, int] | None = None) -> list[BenchmarkItem]:
+    """Items of rows already read (e.g. by `datasets.load_dataset` from the hub), in `fmt`'s columns."""
+    mapping = dict(FINFE_LABEL_MAP) if fmt == "finfe" else dict(DEFAULT_LABEL_MAP)
+    mapping.update(label_map or {})
+    if fmt == "cfbenchmark":
+        return _cfbenchmark_items(where, rows, mapping)
+    if fmt in ("fineval", "ceval"):
+        return _mcq_csv_items(Path(f"{subject or 'exam'}.csv"), rows, f"{fmt}-") if rows else []
+    if fmt == "cflue":
+        return _cflue_items(where, rows, skipped if skipped is not None else {})
+    if fmt == "fpb":
+        return [BenchmarkItem(f"fpb-{n}", FPB_INSTRUCTION, str(row["sentence"]), _map_label(row["label"], mapping, f"{where}: row {n}"), str(row["label"]))
+                for n, row in enumerate(rows)]
+    if fmt == "finfe":
+        return [BenchmarkItem(f"finfe-{n}", FINFE_INSTRUCTION, str(row["text"]), _map_label(row["label"], mapping, f"{where}: row {n}"), str(row["label"]))
+                for n, row in enumerate(rows)]
+    raise FinqloraError(f"{where}: format {fmt!r} cannot be read from the hub", hint="download the set and point at the local copy")
+
+
+def make_benchmark(name: str, fmt: str, path: str, items: list[BenchmarkItem], *, limit: int | None = None, seed: int = 0,
+                   skipped: dict[str, int] | None = None) -> Benchmark:
+    """A Benchmark of loaded items: its kind, classes and display names; with `limit`, a seeded sample."""
+    if not items:
+        raise FinqloraError(f"{path}: no benchmark rows found")
+    if limit is not None and limit < len(items):
+        import random
+
+        chosen = sorted(random.Random(seed).sample(range(len(items)), limit))
+        items = [items[i] for i in chosen]
+    if items[0].options:
+        kind, labels = MULTIPLE_CHOICE, [letter for letter in LETTERS if any(letter in item.options for item in items)]
+    elif all(item.label in DIRECTIONS for item in items):
+        kind, labels = SENTIMENT, [label for label in DIRECTIONS if any(item.label == label for item in items)]
+    else:
+        kind, labels = CLASSES, sorted({item.label for item in items})
+    return Benchmark(name, fmt, path, items, labels, DISPLAY_NAMES.get(fmt, {}) if kind == SENTIMENT else {}, kind, dict(skipped or {}))
+
+
 def load_benchmark(
     path: str | Path,
     fmt: str,
@@ -202,9 +368,11 @@ def load_benchmark(
     split: str | None = None,
     limit: int | None = None,
     seed: int = 0,
+    name: str | None = None,
 ) -> Benchmark:
     """Load a benchmark; with `limit`, a seeded random sample of that many items (stratification
-    is not attempted: the sample keeps the file's class mix in expectation)."""
+    is not attempted: the sample keeps the file's class mix in expectation). `name` defaults to
+    the file's stem (the folder's name)."""
     path = Path(path)
     if fmt not in FORMATS:
         raise FinqloraError(f"unknown benchmark format {fmt!r}", hint=f"use one of: {', '.join(FORMATS)}")
@@ -212,20 +380,17 @@ def load_benchmark(
         raise FinqloraError(f"benchmark not found: {path}")
     mapping = dict(FINFE_LABEL_MAP) if fmt == "finfe" else dict(DEFAULT_LABEL_MAP)
     mapping.update(label_map or {})
+    skipped: dict[str, int] = {}
     if fmt == "finfe":
         items = _load_finfe(path, mapping)
     elif fmt == "cfbenchmark":
         items = _load_cfbenchmark(path, mapping, split)
     elif fmt == "fpb":
         items = _load_fpb(path, mapping)
+    elif fmt in ("fineval", "ceval"):
+        items = _load_mcq_csv(path, f"{fmt}-")
+    elif fmt == "cflue":
+        items = _load_cflue(path, skipped)
     else:
         items = _load_jsonl(path, mapping)
-    if not items:
-        raise FinqloraError(f"{path}: no benchmark rows found")
-    if limit is not None and limit < len(items):
-        import random
-
-        chosen = sorted(random.Random(seed).sample(range(len(items)), limit))
-        items = [items[i] for i in chosen]
-    labels = [label for label in DIRECTIONS if any(item.label == label for item in items)]
-    return Benchmark(path.stem if path.is_file() else path.name, fmt, str(path), items, labels, DISPLAY_NAMES.get(fmt, {}))
+    return make_benchmark(name or (path.stem if path.is_file() else path.name), fmt, str(path), items, limit=limit, seed=seed, skipped=skipped)

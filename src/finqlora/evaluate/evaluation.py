@@ -47,7 +47,7 @@ from finqlora.evaluate.scoring import SCORING_MODES, VARIANTS, compute_metrics, 
 if TYPE_CHECKING:
     from finqlora.core.config import BenchmarkConfig, RunConfig
 
-__all__ = ["BenchmarkSpec", "EvalOptions", "VARIANTS", "SCORING_MODES", "build_items", "compute_metrics", "eval_dtype",
+__all__ = ["BenchmarkSpec", "EvalOptions", "SuiteSpec", "VARIANTS", "SCORING_MODES", "build_items", "compute_metrics", "eval_dtype",
            "evaluate", "general_texts", "load_test_records", "read_cache"]
 
 
@@ -76,6 +76,15 @@ class BenchmarkSpec:
         return cls(text, fmt, **fields)
 
 
+@dataclass
+class SuiteSpec:
+    """A suite of public sets (`--suite NAME --suite-set SET=PATH`, or `eval.suite`)."""
+
+    name: str
+    sets: dict[str, str]
+    limit: int | None = None
+
+
 def eval_dtype(device: str, compute_dtype: str) -> str:
     """bf16 generation on CPUs with native bf16 matrix units (about 4-6x faster there), as training does."""
     from finqlora.core.hardware import cpu_has_fast_bf16
@@ -96,6 +105,7 @@ class EvalOptions:
     split: str = "test"
     max_samples: int | None = None
     benchmarks: list[BenchmarkSpec] = field(default_factory=list)
+    suite: SuiteSpec | None = None
     max_new_tokens: int = MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
@@ -136,6 +146,7 @@ class EvalOptions:
             split=cfg.eval.split,
             max_samples=cfg.eval.max_samples,
             benchmarks=[BenchmarkSpec.from_config(entry) for entry in cfg.eval.benchmarks],
+            suite=SuiteSpec(cfg.eval.suite.name, dict(cfg.eval.suite.sets), cfg.eval.suite.max_items) if cfg.eval.suite else None,
             max_new_tokens=cfg.eval.max_new_tokens,
             temperature=cfg.eval.temperature,
             top_p=cfg.eval.top_p,
@@ -207,7 +218,8 @@ def _record_choice(record: dict[str, Any]) -> dict[str, list[str]] | None:
 
 
 def _benchmark_choice(benchmark: Any) -> dict[str, list[str]]:
-    """A benchmark's options are its own words for its classes (积极/中性/消极 for FinFE)."""
+    """A benchmark's options are its own words for its classes (积极/中性/消极 for FinFE); a
+    multiple-choice item's are its own letters (set per item in `build_items`)."""
     raw_words: dict[str, Counter] = defaultdict(Counter)
     for row in benchmark.items:
         raw_words[row.label][row.raw_label] += 1
@@ -232,13 +244,14 @@ def build_items(records: Sequence[dict[str, Any]], benchmarks: Sequence[Any] = (
             item["choice"] = choice
         items.append(item)
     for benchmark in benchmarks:
-        choice = _benchmark_choice(benchmark)
+        choice = None if benchmark.kind == "multiple_choice" else _benchmark_choice(benchmark)
         for row in benchmark.items:
             example = record_to_chat(row.to_record())
             items.append({
                 "id": f"{benchmark.name}/{row.id}", "task": "benchmark", "benchmark": benchmark.name, "benchmark_format": benchmark.format,
-                "messages": example.messages, "reference": row.raw_label, "choice": choice,
-                "label": {"class": row.label, "labels": benchmark.labels, "display": benchmark.display_names},
+                "messages": example.messages, "reference": row.raw_label,
+                "choice": {"options": list(row.options), "classes": list(row.options)} if row.options else choice,
+                "label": {"class": row.label, "labels": benchmark.labels, "display": benchmark.display_names, "kind": benchmark.kind},
             })
     return items
 
@@ -390,8 +403,8 @@ def _check_options(options: EvalOptions) -> tuple[str | None, str]:
     """(adapter or None, base model spec) after the checks that need no model."""
     from finqlora.models.loading import adapter_base_model
 
-    if options.data is None and not options.benchmarks:
-        raise FinqloraError("nothing to evaluate", hint="pass --data test.jsonl (from finqlora build) and/or --benchmark FORMAT:PATH")
+    if options.data is None and not options.benchmarks and options.suite is None:
+        raise FinqloraError("nothing to evaluate", hint="pass --data test.jsonl (from finqlora build), --benchmark FORMAT:PATH and/or --suite finance-zh")
     unknown = set(options.variants) - set(VARIANTS)
     if unknown or not options.variants:
         raise FinqloraError(f"unknown variants {sorted(unknown)}", hint="use base and/or finetuned")
@@ -417,6 +430,14 @@ def _load_items(options: EvalOptions) -> list[dict[str, Any]]:
         load_benchmark(spec.path, spec.format, label_map=parse_label_map(spec.label_map), split=spec.split, limit=spec.limit, seed=options.seed)
         for spec in options.benchmarks
     ]
+    if options.suite is not None:
+        from finqlora.evaluate.suite import load_suite
+
+        suite = load_suite(options.suite.name, options.suite.sets, limit=options.suite.limit, seed=options.seed)
+        clash = {b.name for b in benchmarks} & {b.name for b in suite}
+        if clash:
+            raise FinqloraError(f"benchmark name(s) {', '.join(sorted(clash))} also name suite sets", hint="drop the --benchmark that the suite already scores")
+        benchmarks += suite
     return build_items(records, benchmarks)
 
 
@@ -442,6 +463,7 @@ def _meta(options: EvalOptions, model_spec: str, adapter: str | None, loaded: An
         "split": options.split,
         "max_samples": options.max_samples,
         "benchmarks": [asdict(spec) for spec in options.benchmarks],
+        "suite": asdict(options.suite) if options.suite else None,
         "scoring": options.scoring,
         "generation": asdict(settings),
         "batch_size": options.batch_size,

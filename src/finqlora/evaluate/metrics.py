@@ -6,6 +6,8 @@ Conventions (also in docs/evaluation.md):
   averages the per-class F1 over the classes given (default: the classes in the reference
   labels); a class never predicted has precision 0 (not undefined), as in scikit-learn's
   `zero_division=0`.
+* MCC: the multiclass Matthews correlation (as scikit-learn's `matthews_corrcoef`), for news
+  directions, where accuracy rewards guessing the majority class and MCC gives it 0.
 * Baselines: *majority* always predicts the most frequent class of the reference labels of a
   training split when one is given, else of the test labels (an optimistic baseline);
   *random* is the expected score of guessing uniformly among the classes.
@@ -71,6 +73,29 @@ def macro_f1(y_true: Sequence[Any], y_pred: Sequence[Any], labels: Sequence[Any]
     return sum(s["f1"] for s in scores.values()) / len(labels)
 
 
+def mcc(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
+    """Matthews correlation coefficient, multiclass (Gorodkin's R_K, as scikit-learn's
+    `matthews_corrcoef`): 0 when either side is constant, 1 for perfect agreement. An
+    unparsed prediction (`None`) is a class of its own, so it can never agree with a label.
+
+    With C the confusion matrix, t_k / p_k its row / column sums, c its trace and s its total:
+    (c s - sum_k p_k t_k) / sqrt((s^2 - sum_k p_k^2) (s^2 - sum_k t_k^2)).
+    """
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"{len(y_true)} labels but {len(y_pred)} predictions")
+    if not y_true:
+        return float("nan")
+    s = len(y_true)
+    c = sum(t == p for t, p in zip(y_true, y_pred))
+    t_counts, p_counts = Counter(y_true), Counter(y_pred)
+    cov_tp = c * s - sum(p_counts[k] * t_counts.get(k, 0) for k in p_counts)
+    cov_pp = s * s - sum(v * v for v in p_counts.values())
+    cov_tt = s * s - sum(v * v for v in t_counts.values())
+    if cov_pp == 0 or cov_tt == 0:
+        return 0.0
+    return cov_tp / math.sqrt(cov_pp * cov_tt)
+
+
 UNPARSED = "(unparsed)"
 
 
@@ -98,6 +123,7 @@ def majority_baseline(y_true: Sequence[Any], labels: Sequence[Any], train_labels
         "from": "train" if train_labels else "test",
         "accuracy": accuracy(y_true, predictions),
         "macro_f1": macro_f1(y_true, predictions, labels),
+        "mcc": mcc(y_true, predictions),  # 0: a constant guess carries no information
     }
 
 
@@ -345,14 +371,23 @@ def bootstrap_ci(
     n_resamples: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    strata: Sequence[np.ndarray] | None = None,
 ) -> Interval:
-    """Percentile bootstrap interval of `statistic(indices)` over resampled test items."""
+    """Percentile bootstrap interval of `statistic(indices)` over resampled test items.
+
+    With `strata` (index arrays that partition the items, e.g. the sets of a suite), every
+    resample draws within each stratum, so each keeps its size.
+    """
     if n_items == 0:
         return Interval(float("nan"), float("nan"), level)
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(n_resamples):
-        value = statistic(rng.integers(0, n_items, size=n_items))
+        if strata is None:
+            indices = rng.integers(0, n_items, size=n_items)
+        else:
+            indices = np.concatenate([stratum[rng.integers(0, len(stratum), size=len(stratum))] for stratum in strata])
+        value = statistic(indices)
         if not math.isnan(value):
             values.append(value)
     if not values:

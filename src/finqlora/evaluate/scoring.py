@@ -12,6 +12,7 @@ side, with the same majority and random baselines.
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -105,7 +106,7 @@ class _Scorer:
 
 def _classification_block(
     scorer: _Scorer, prefix: str, title: str, y_true: list[str], preds: dict[str, list[str | None]], labels: list[str],
-    groups: list[str] | None = None, *, parse_rate: bool = True,
+    groups: list[str] | None = None, *, parse_rate: bool = True, with_mcc: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     n = len(y_true)
     truth = np.array(y_true, dtype=object)
@@ -126,6 +127,12 @@ def _classification_block(
         scorer.row(f"{prefix}accuracy", f"{title}: accuracy", n, acc("base"), acc("finetuned"), paired_correct=(correct["base"], correct["finetuned"])),
         scorer.row(f"{prefix}macro_f1", f"{title}: macro-F1", n, f1("base"), f1("finetuned")),
     ]
+    if with_mcc:
+        # Directions: accuracy rewards guessing the majority class, MCC does not (0 for any constant guess).
+        def mcc(v: str) -> Callable[[np.ndarray], float]:
+            return lambda idx: M.mcc(list(truth[idx]), list(arrays[v][idx]))
+
+        rows.append(scorer.row(f"{prefix}mcc", f"{title}: MCC", n, mcc("base"), mcc("finetuned")))
     if parse_rate:
         parsed = {v: np.array([p is not None for p in preds[v]], dtype=float) for v in VARIANTS}
         rows.append(scorer.mean_row(f"{prefix}parse_rate", f"{title}: parse rate (format adherence)", parsed))
@@ -137,6 +144,10 @@ def _classification_block(
     }
     for v in VARIANTS:
         block[v] = {"confusion": M.confusion_matrix(y_true, preds[v], labels), "per_class": M.per_class_f1(y_true, preds[v], labels)}
+    if with_mcc:
+        mcc_row = next(row for row in rows if row["key"] == f"{prefix}mcc")
+        for v in VARIANTS:
+            block[v].update(mcc=mcc_row[v], mcc_ci=mcc_row[f"{v}_ci"])
     if groups is not None:
         block["by_ticker_window"] = _breakdown(y_true, preds, groups, f1_labels)
     return block, rows
@@ -174,7 +185,7 @@ class _Context:
 
     def closed_task(self, key: str, title: str, items: list[dict[str, Any]], truth: list[str], labels: list[str],
                     parse: Callable[[str, dict[str, Any]], tuple[str | None, dict[str, Any]]], groups: list[str] | None = None,
-                    *, only_present: bool = False) -> dict[str, Any] | None:
+                    *, only_present: bool = False, with_mcc: bool = False) -> dict[str, Any] | None:
         """Rows from parsed generations and from choice scoring; returns the generation block.
 
         With `only_present`, the classes are those of `labels` that occur in the references or
@@ -189,20 +200,22 @@ class _Context:
                     predicted, extra = parse(self.outputs[v][item["id"]], item)
                     preds[v].append(predicted)
                     self.record(item["id"], v, parsed=predicted, correct=predicted == expected, **extra)
-            block, rows = _classification_block(self.scorer, f"{key}.", title, truth, preds, _present(labels, truth, preds) if only_present else labels, groups)
+            block, rows = _classification_block(self.scorer, f"{key}.", title, truth, preds, _present(labels, truth, preds) if only_present else labels, groups,
+                                                with_mcc=with_mcc)
             self.table.extend(rows)
         if self.scoring != "generate" and all(item["id"] in self.choices[v] for item in items for v in VARIANTS):
-            self.choice_task(key, title, items, truth, labels, only_present)
+            self.choice_task(key, title, items, truth, labels, only_present, with_mcc)
         return block
 
-    def choice_task(self, key: str, title: str, items: list[dict[str, Any]], truth: list[str], labels: list[str], only_present: bool) -> None:
+    def choice_task(self, key: str, title: str, items: list[dict[str, Any]], truth: list[str], labels: list[str], only_present: bool,
+                    with_mcc: bool = False) -> None:
         preds: dict[str, list[str | None]] = {}
         for v in VARIANTS:
             preds[v] = [item["choice"]["classes"][self.choices[v][item["id"]]["choice"]] for item in items]
             for item, predicted, expected in zip(items, preds[v], truth):
                 self.record(item["id"], v, choice=predicted, choice_correct=predicted == expected)
         labels = _present(labels, truth, preds) if only_present else labels
-        block, rows = _classification_block(self.scorer, f"{key}.choice_", f"{title} (choice)", truth, preds, labels, parse_rate=False)
+        block, rows = _classification_block(self.scorer, f"{key}.choice_", f"{title} (choice)", truth, preds, labels, parse_rate=False, with_mcc=with_mcc)
         block["options"] = items[0]["choice"]["options"]
         block["normalisation"] = f"{NORMALISATION} (finqlora.evaluate.choice)"
         self.tasks.setdefault("choice", {})[key] = block
@@ -220,7 +233,7 @@ def _news_impact(ctx: _Context) -> None:
         return parsed.direction, {"method": parsed.method}
 
     groups = [f"{item['label'].get('ticker')} @ {item['label'].get('window_min')} min" for item in news]
-    block = ctx.closed_task("news_impact", "News direction", news, truth, list(DIRECTIONS), parse, groups, only_present=True)
+    block = ctx.closed_task("news_impact", "News direction", news, truth, list(DIRECTIONS), parse, groups, only_present=True, with_mcc=True)
     if block:
         ctx.tasks["news_impact"] = block
 
@@ -264,6 +277,28 @@ def _market_analysis(ctx: _Context) -> None:
         ctx.tasks["market_analysis"] = block
 
 
+_SAID_LETTER = re.compile(r"(?:答案|answer)\s*(?:是|为|:|：)?\s*([A-F])(?![A-Za-z])", re.IGNORECASE)
+_LONE_LETTER = re.compile(r"(?<![A-Za-z])([A-F])(?![A-Za-z])")
+
+
+def parse_letter(text: str, options: Sequence[str]) -> str | None:
+    """The option letter a generated answer names: the one after 答案/answer if it says so, else
+    the first standalone capital letter among the options."""
+    for pattern in (_SAID_LETTER, _LONE_LETTER):
+        for match in pattern.finditer(text or ""):
+            if match.group(1).upper() in options:
+                return match.group(1).upper()
+    return None
+
+
+def _benchmark_parser(kind: str, labels: list[str]) -> Callable[[str, dict[str, Any]], tuple[str | None, dict[str, Any]]]:
+    if kind == "multiple_choice":
+        return lambda text, item: (parse_letter(text, item["choice"]["options"]), {})
+    if kind == "classes":
+        return lambda text, _item: (_first_named(text, labels), {})
+    return lambda text, _item: (parse_direction(text).direction, {})
+
+
 def _benchmarks(ctx: _Context) -> None:
     by_name: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for item in ctx.items:
@@ -271,14 +306,31 @@ def _benchmarks(ctx: _Context) -> None:
             by_name[item["benchmark"]].append(item)
     for name, rows in by_name.items():
         truth = [item["label"]["class"] for item in rows]
-        block = ctx.closed_task(f"benchmark.{name}", f"Benchmark {name}", rows, truth, rows[0]["label"]["labels"],
-                                lambda text, _item: (parse_direction(text).direction, {}))
+        labels = rows[0]["label"]["labels"]
+        block = ctx.closed_task(f"benchmark.{name}", f"Benchmark {name}", rows, truth, labels,
+                                _benchmark_parser(rows[0]["label"].get("kind", "sentiment"), labels))
         if block:
             block["format"] = rows[0]["benchmark_format"]
             block["display_names"] = rows[0]["label"].get("display") or {}
             ctx.tasks.setdefault("benchmarks", {})[name] = block
         if f"benchmark.{name}" in ctx.tasks.get("choice", {}):
             ctx.tasks["choice"][f"benchmark.{name}"]["format"] = rows[0]["benchmark_format"]
+
+
+def _suite(ctx: _Context, meta_suite: dict[str, Any] | None, resamples: int, seed: int) -> dict[str, Any] | None:
+    """The suite's table (finqlora.evaluate.suite): choice correctness where scored, else parsed answers."""
+    if not meta_suite:
+        return None
+    from finqlora.evaluate.suite import suite_block
+
+    correct: dict[str, dict[str, np.ndarray]] = {}
+    for name in meta_suite["sets"]:
+        ids = [item["id"] for item in ctx.items if item["task"] == "benchmark" and item["benchmark"] == name]
+        for field in ("choice_correct", "correct"):
+            if ids and all(field in ctx.per_item[i].get(v, {}) for i in ids for v in VARIANTS):
+                correct[name] = {v: np.array([ctx.per_item[i][v][field] for i in ids], dtype=bool) for v in VARIANTS}
+                break
+    return suite_block(meta_suite, ctx.table, ctx.tasks, correct, resamples, seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,6 +436,7 @@ def compute_metrics(run_dir: str | Path, *, bootstrap_resamples: int = 1000, see
     _repetition(ctx)
     _perplexities(ctx, run_dir)
     _benchmarks(ctx)
+    suite = _suite(ctx, meta.get("suite"), bootstrap_resamples, seed)
     result = _finite({
         "meta": meta,
         "significance_level": SIGNIFICANCE_LEVEL,
@@ -393,6 +446,7 @@ def compute_metrics(run_dir: str | Path, *, bootstrap_resamples: int = 1000, see
         "generation_cost": _generation_cost(ctx, generations),
         "table": ctx.table,
         "tasks": ctx.tasks,
+        **({"suite": suite} if suite else {}),
     })
     atomic_write_json(run_dir / "metrics.json", result)
     atomic_write_jsonl(run_dir / "per_item.jsonl", [{"id": item_id, **scores} for item_id, scores in ctx.per_item.items()])
