@@ -107,7 +107,8 @@ def eval_main(
     label_map: Optional[str] = typer.Option(None, "--label-map", help='Benchmark label mapping, e.g. "0=利空,1=中性,2=利好", or a JSON file.'),
     benchmark_split: Optional[str] = typer.Option(None, "--benchmark-split", help="Split of a CFBenchmark datasets folder (default: test, or the only one)."),
     benchmark_limit: Optional[int] = typer.Option(None, "--benchmark-limit", min=1, help="Score a seeded random sample of this many benchmark rows."),
-    suite: Optional[str] = typer.Option(None, "--suite", help="Score a suite of public finance sets by choice, one table (finance-zh; docs/evaluation.md)."),
+    # A name for the eval.suite section (its sets come with --suite-set), not a scalar key of it.
+    suite_name: Optional[str] = typer.Option(None, "--suite", help="Score a suite of public finance sets by choice, one table (finance-zh; docs/evaluation.md)."),
     suite_set: list[str] = typer.Option([], "--suite-set", help="A suite set's location, NAME=PATH (local copy in its published format) or NAME=hf:DATASET_ID[@SPLIT] (repeatable)."),
     suite_limit: Optional[int] = typer.Option(None, "--suite-limit", min=1, help="Score a seeded random sample of this many items per suite set."),
     scoring: Optional[str] = key_option("eval.scoring", "--scoring", help="Closed-option tasks: choice (option log-likelihood) | generate (parsed answers) | both."),
@@ -161,13 +162,13 @@ def eval_main(
     formats = iter(benchmark_format * len(plain) if len(benchmark_format) == 1 else benchmark_format)
     extra = {"label_map": label_map, "split": benchmark_split, "limit": benchmark_limit}
     specs = [BenchmarkSpec.parse(text, next(formats, None) if text in plain else None, **extra) for text in benchmark]
-    if suite_set and suite is None:
+    if suite_set and suite_name is None:
         raise FinqloraError("--suite-set needs --suite", hint="finqlora eval --suite finance-zh --suite-set fineval=PATH ...")
     suite_spec = None
-    if suite is not None:
+    if suite_name is not None:
         sets = parse_set_arguments(suite_set)
-        check_sets(suite, sets)
-        suite_spec = SuiteSpec(suite, sets, suite_limit)
+        check_sets(suite_name, sets)
+        suite_spec = SuiteSpec(suite_name, sets, suite_limit)
     options = EvalOptions.from_run(run, output=output, data=data, adapter=str(adapter) if adapter else None,
                                    variants=("base",) if base_only else VARIANTS)
     # Without --model or a config naming one, the base is the one recorded in the adapter.

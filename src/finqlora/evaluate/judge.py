@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from finqlora.core.config import MAX_NEW_TOKENS
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, atomic_write_jsonl, read_jsonl
 from finqlora.evaluate.human_eval import LOSS, TIE, WIN, cohen_kappa
@@ -105,7 +106,7 @@ def _key(model: str, item: str, a_is: str, messages: list[dict[str, str]]) -> st
 
 
 def run_judge(eval_dir: Path, client: Any, *, model: str | None = None, limit: int | None = None, seed: int = 0,
-              max_tokens: int = 256) -> dict[str, Any]:
+              max_tokens: int = MAX_NEW_TOKENS) -> dict[str, Any]:
     """Judge every pair (or a seeded sample of `limit`) in both orders; write and return judge.json.
 
     `client` is a `finqlora.models.client.FinLLMClient`; `model` overrides its model.
