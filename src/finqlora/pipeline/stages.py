@@ -189,7 +189,7 @@ class TrainStage:
                 hint="run the same `finqlora run` command again to resume from it",
             )
         return {"steps": result.global_step, "best_step": result.best_step, "best_val_loss": result.best_val_loss,
-                "final_train_loss": result.final_train_loss, "resumed": interrupted}
+                "final_train_loss": result.final_train_loss, "resumed": result.info.get("resumed_from") is not None}
 
     @staticmethod
     def outputs(ctx: StageContext) -> list[Path]:
