@@ -60,14 +60,14 @@ def test_item1_resume_refuses_a_checkpoint_of_another_config(finished_run, tiny_
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """`--resume auto` after a learning-rate change: refused before the model loads, naming the setting."""
     out = _copy(finished_run, tmp_path)
-    marker = json.loads((out / "checkpoint-4" / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
-    assert marker["fingerprint"]["train"]["learning_rate"] == 2e-3 and len(marker["fingerprint"]["dataset_sha256"]) == 64
     changed = tiny_config(tiny_model_dir, finished_run[1], out, eval_steps=2, load_best_at_end=False,
                           learning_rate=2.5e-4, resume_from_checkpoint="auto")
     with pytest.raises(FinqloraError, match=r"checkpoint-4: it was trained with other settings .*train\.learning_rate "
                                             r"0\.002 there, 0\.00025 here") as caught:
         train(changed, progress=False)
     assert "output folder" in (caught.value.hint or "")
+    marker = json.loads((out / "checkpoint-4" / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
+    assert marker["fingerprint"]["train"]["learning_rate"] == 2e-3 and len(marker["fingerprint"]["dataset_sha256"]) == 64
 
     # Other data under the same settings is refused too.
     other_data = write_dataset(tmp_path / "other.jsonl", 16, 2, 0)
@@ -168,9 +168,9 @@ def test_item2_train_respects_run_lock(tiny_model_dir: Path, tmp_path: Path, cap
         child.wait()
 
 
-def test_item2_eval_report_and_export_zip_respect_run_lock(finished_run, tmp_path: Path,
+def test_item2_eval_report_export_and_build_respect_run_lock(finished_run, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    """The other writers of a run folder: `eval --output RUN/eval`, `report`, `export zip` are refused while a run holds it."""
+    """The other writers of a run folder: `eval --output RUN/eval`, `report`, `export zip`, `build -o` are refused while a run holds it."""
     from finqlora.cli import main
 
     root = _copy(finished_run, tmp_path)
@@ -184,6 +184,7 @@ def test_item2_eval_report_and_export_zip_respect_run_lock(finished_run, tmp_pat
                      "--output", str(root / "eval")],
             "report": ["report", "--run", str(root / "eval")],
             "export zip": ["export", "zip", "--run", str(root)],
+            "build": ["build", "--templates-only", "-n", "6", "-o", str(root / "dataset" / "instructions.jsonl")],
         }
         for name, argv in commands.items():
             with pytest.raises(SystemExit) as exited:
@@ -257,6 +258,9 @@ def test_item9_resume_overshoot_after_the_last_checkpoint(tiny_model_dir: Path, 
 
 # Seeded kill points: (stage whose "[run ] STAGE" line starts the clock, seconds after it).
 KILL_SEED = 29
+# The suite's time budget: the two reference runs and the first two cases always run; a later
+# case starts only while the test is within this many seconds (a loaded machine runs fewer).
+KILL_SUITE_BUDGET_S = 90
 # One thread per process: the same arithmetic in every run (bit-identical adapters), and no
 # OpenMP spinning on a shared 2-core machine.
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -321,10 +325,23 @@ def test_kill9_at_random_points_then_rerun_gives_the_uninterrupted_result(tiny_m
     (or a clear refusal: exit 2 with error and hint, which this pipeline never needs, since a
     config change starts training fresh). Never a mix of two configurations.
     """
+    started = time.monotonic()
     rng = random.Random(KILL_SEED)
     work = tmp_path / "runs" / "work"
     a, b = 1e-3, 4e-3  # two configurations: the learning rate differs
     configs = {lr: _suite_config(tmp_path, tiny_model_dir, f"lr{lr}", lr, work) for lr in (a, b)}
+    # (config killed, (stage, seconds into it), config of the rerun), in the order they run.
+    cases = [
+        # A fresh run killed in a random stage, rerun with the other config.
+        (a, (rng.choice(STAGES), round(rng.uniform(0.0, 2.0), 2)), b),
+        # The issue's case: a finished run, another learning rate killed as its training starts
+        # (before the stage removed the old checkpoints), rerun.
+        (a, ("train", round(rng.uniform(0.0, 1.0), 2)), a),
+        # Killed in the middle of training (its own checkpoints saved), rerun: an exact resume.
+        (b, ("train", round(rng.uniform(3.0, 8.0), 2)), b),
+        # Another config killed in a random stage of those it reruns, rerun with the config of the folder.
+        (a, (rng.choice(("train", "eval_finetuned", "report")), round(rng.uniform(0.0, 3.0), 2)), b),
+    ]
     references = {}
     for lr in (a, b):
         folder = tmp_path / "runs" / f"reference-{lr}"
@@ -333,8 +350,12 @@ def test_kill9_at_random_points_then_rerun_gives_the_uninterrupted_result(tiny_m
         references[lr] = _result(folder)
     assert references[a]["adapter_sha256"] != references[b]["adapter_sha256"]
 
-    def kill_then_rerun(killed_lr: float, point: tuple[str, float], rerun_lr: float) -> None:
-        what = f"kill -9 at {point[1]} s into {point[0]} of lr {killed_lr}, rerun with lr {rerun_lr}"
+    for number, (killed_lr, point, rerun_lr) in enumerate(cases):
+        if number >= 2 and time.monotonic() - started > KILL_SUITE_BUDGET_S:
+            print(f"time budget used: ran {number} of {len(cases)} kill -9 cases")
+            break
+        what = f"case {number + 1}: kill -9 at {point[1]} s into {point[0]} of lr {killed_lr}, rerun with lr {rerun_lr}"
+        print(what)
         _finqlora_run(configs[killed_lr], tmp_path, kill_at=point)
         rerun = _finqlora_run(configs[rerun_lr], tmp_path)
         assert "Traceback" not in rerun.stdout, (what, rerun.stdout[-3000:])
@@ -345,13 +366,3 @@ def test_kill9_at_random_points_then_rerun_gives_the_uninterrupted_result(tiny_m
         got = _result(work)
         assert got == references[rerun_lr], f"{what}: the rerun's result is not the uninterrupted run's"
         assert got["stages_done"] == sorted(STAGES) and got["report"]
-
-    # 1. A fresh run killed in a random stage, rerun with the same config.
-    kill_then_rerun(a, (rng.choice(STAGES), round(rng.uniform(0.0, 2.0), 2)), a)
-    # 2. The issue's case: a finished run, another learning rate killed as its training starts
-    #    (before the stage removed the old checkpoints), rerun.
-    kill_then_rerun(b, ("train", round(rng.uniform(0.0, 1.0), 2)), b)
-    # 3. Killed in the middle of training (its own checkpoints saved), rerun with the same config: exact resume.
-    kill_then_rerun(a, ("train", round(rng.uniform(3.0, 8.0), 2)), a)
-    # 4. Killed in a random later stage, rerun with the other config.
-    kill_then_rerun(a, (rng.choice(("train", "eval_finetuned", "report")), round(rng.uniform(0.0, 3.0), 2)), b)

@@ -67,6 +67,9 @@ def write_checkpoint_marker(folder: Path, step: int, fingerprint: dict[str, Any]
     )
 
 
+UNRECORDED = "its marker records no training settings (it was saved by an older finqlora), so it cannot be shown to match"
+
+
 def fingerprint_differences(folder: Path, fingerprint: dict[str, Any]) -> str | None:
     """How a verified checkpoint's fingerprint differs from `fingerprint`, in words; None when they match."""
     try:
@@ -74,7 +77,7 @@ def fingerprint_differences(folder: Path, fingerprint: dict[str, Any]) -> str | 
     except (OSError, ValueError, AttributeError):
         recorded = None
     if not isinstance(recorded, dict) or not isinstance(recorded.get("train"), dict):
-        return "its marker records no training settings (it was saved by an older finqlora), so it cannot be shown to match"
+        return UNRECORDED
     differences = []
     # A setting added to finqlora after the checkpoint was saved counts as its default there.
     defaults = TrainConfig().model_dump(mode="json")
@@ -177,12 +180,16 @@ def verify_checkpoint(folder: Path) -> None:
 def check_fingerprint(folder: Path, fingerprint: dict[str, Any]) -> None:
     """Refuse a verified checkpoint that another configuration or other data trained."""
     differences = fingerprint_differences(folder, fingerprint)
+    fresh = ("start this configuration fresh in another output folder (--output-dir, or --set train.output_dir=...; "
+             "`finqlora run` starts fresh by itself after a config change)")
+    if differences == UNRECORDED:
+        raise FinqloraError(f"cannot resume from {folder}: {differences}",
+                            hint=f"resume it with the finqlora version that saved it, or {fresh}")
     if differences is not None:
         raise FinqloraError(
             f"cannot resume from {folder}: it was trained with other settings or data than this run: {differences}",
             hint="resume with the config and data it was trained with (its run's training_info.json or run_config.yaml "
-            "lists them), or start this configuration fresh in another output folder (--output-dir, or "
-            "--set train.output_dir=...; `finqlora run` starts fresh by itself after a config change)",
+            f"lists them), or {fresh}",
         )
 
 
