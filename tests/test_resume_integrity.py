@@ -76,6 +76,15 @@ def test_item1_resume_refuses_a_checkpoint_of_another_config(finished_run, tiny_
     with pytest.raises(FinqloraError, match="the dataset file differs"):
         train(same, progress=False)
 
+    # A checkpoint saved before fingerprints existed cannot be shown to match: refused, with what to do.
+    unrecorded = out / "checkpoint-4" / CHECKPOINT_MARKER
+    unrecorded.write_text(json.dumps({k: v for k, v in marker.items() if k != "fingerprint"}), encoding="utf-8")
+    same_config = changed.model_copy(update={"learning_rate": 2e-3})
+    with pytest.raises(FinqloraError, match="records no training settings") as caught:
+        train(same_config, progress=False)
+    assert "finqlora version that saved it" in (caught.value.hint or "")
+    unrecorded.write_text(json.dumps(marker), encoding="utf-8")
+
     # The same through the CLI: error and hint, exit 2, no traceback.
     from finqlora.cli import main
 

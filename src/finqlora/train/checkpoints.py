@@ -79,10 +79,11 @@ def fingerprint_differences(folder: Path, fingerprint: dict[str, Any]) -> str | 
     if not isinstance(recorded, dict) or not isinstance(recorded.get("train"), dict):
         return UNRECORDED
     differences = []
-    # A setting added to finqlora after the checkpoint was saved counts as its default there.
+    # A setting added to finqlora after the checkpoint was saved counts as its default there; one
+    # excluded from the fingerprint since then is not compared.
     defaults = TrainConfig().model_dump(mode="json")
     there, here = recorded["train"], fingerprint["train"]
-    for key in sorted(set(there) | set(here)):
+    for key in sorted((set(there) | set(here)) - NOT_IN_FINGERPRINT):
         old, new = there.get(key, defaults.get(key)), here.get(key, defaults.get(key))
         if old != new:
             differences.append(f"train.{key} {_short(old)} there, {_short(new)} here")
