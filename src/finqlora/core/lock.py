@@ -2,17 +2,17 @@
 
 Two runs on one folder would both build, both train and append to the same
 `training_log.jsonl`. Every command that writes into a run folder takes this lock: `finqlora
-run` for the whole run, `finqlora train` for its output folder, and `eval`, `report` and
-`export zip` when they write inside a run folder (`lock_enclosing_run`). The lock is an OS
-file lock (`filelock`, fcntl/msvcrt): the operating system releases it when its process ends,
-however it ends, so the lock of a crashed or killed run is simply taken by the next one (no
-pid guessing, no stale-file cleanup). Within one process the lock is reentrant (`finqlora run`
-holds it while its train stage calls `train()`, which takes it too).
+run` for the whole run, `finqlora train` for its output folder, and `eval`, `report`, `export
+zip` and `build` when they write inside a run folder (`lock_enclosing_run`). The lock is an
+OS file lock (`filelock`, fcntl/msvcrt): the operating system releases it when its process
+ends, however it ends, so the lock of a crashed or killed run is simply taken by the next one
+(no pid guessing, no stale-file cleanup). Within one process the lock is reentrant (`finqlora
+run` holds it while its train stage calls `train()`, which takes it too).
 
 Who holds it is written next to it, in `run.lock.json` (pid, host, start time, command),
 because the lock file itself is truncated by every attempt to take it.
 
-It lives in `core` so that every stage (train, evaluate, report, export) can take it.
+It lives in `core` so that every stage (dataset, train, evaluate, report, export) can take it.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ class RunFolderLock:
     def __init__(self, root: Path, *, command: str | None = None) -> None:
         self.root = Path(root)
         self.command = command if command is not None else " ".join(["finqlora", *sys.argv[1:]])
-        # One lock object per lock file in this process (filelock's singleton), so taking it again
-        # from the same process nests instead of refusing itself.
+        # One lock object per lock file in this process (filelock's singleton, filelock >= 3.13.1),
+        # so taking it again from the same process nests instead of refusing itself.
         self._lock = FileLock(str((self.root / LOCK_FILE).resolve()), timeout=0, thread_local=False, is_singleton=True)
 
     def acquire(self) -> None:
@@ -112,8 +112,8 @@ def lock_enclosing_run(path: Path) -> contextlib.AbstractContextManager[Any]:
     """`with lock_enclosing_run(out):` -- the run lock of the run folder `out` lies in, if any.
 
     For the commands that write into a folder a run may own (`eval --output runs/X/eval`,
-    `report`, `export zip`): inside a run folder they wait for no one and refuse while a run
-    holds it; elsewhere there is no run to collide with and nothing is locked.
+    `report`, `export zip`, `build -o`): inside a run folder they wait for no one and refuse
+    while a run holds it; elsewhere there is no run to collide with and nothing is locked.
     """
     folder = enclosing_run_folder(path)
     return RunFolderLock(folder) if folder is not None else contextlib.nullcontext()
