@@ -47,11 +47,13 @@ def now_utc() -> str:
 
 def training_fingerprint(cfg: TrainConfig, dataset_sha256: str) -> dict[str, Any]:
     """What a checkpoint's weights depend on: the trajectory settings, the data and the process count."""
-    return {
-        "train": cfg.model_dump(mode="json", exclude=set(NOT_IN_FINGERPRINT)),
-        "dataset_sha256": dataset_sha256,
-        "processes": world_size(),
-    }
+    settings = cfg.model_dump(mode="json", exclude=set(NOT_IN_FINGERPRINT))
+    if cfg.lr_scheduler == "constant":
+        # A flat schedule (no warmup either) makes every step independent of the run's length:
+        # a run stopped by max_steps may be continued to more steps or epochs and stays exact.
+        for key in ("max_steps", "num_epochs", "warmup_ratio"):
+            settings.pop(key)
+    return {"train": settings, "dataset_sha256": dataset_sha256, "processes": world_size()}
 
 
 def write_checkpoint_marker(folder: Path, step: int, fingerprint: dict[str, Any]) -> None:
@@ -79,12 +81,12 @@ def fingerprint_differences(folder: Path, fingerprint: dict[str, Any]) -> str | 
     if not isinstance(recorded, dict) or not isinstance(recorded.get("train"), dict):
         return UNRECORDED
     differences = []
-    # A setting added to finqlora after the checkpoint was saved counts as its default there; one
-    # excluded from the fingerprint since then is not compared.
+    # The settings this run's fingerprint holds are compared; one added to finqlora after the
+    # checkpoint was saved counts as its default there.
     defaults = TrainConfig().model_dump(mode="json")
     there, here = recorded["train"], fingerprint["train"]
-    for key in sorted((set(there) | set(here)) - NOT_IN_FINGERPRINT):
-        old, new = there.get(key, defaults.get(key)), here.get(key, defaults.get(key))
+    for key in sorted(here):
+        old, new = there.get(key, defaults.get(key)), here[key]
         if old != new:
             differences.append(f"train.{key} {_short(old)} there, {_short(new)} here")
     if recorded.get("dataset_sha256") != fingerprint["dataset_sha256"]:
