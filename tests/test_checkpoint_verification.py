@@ -90,7 +90,8 @@ def test_item5_truncated_file_message(checkpointed_run, tmp_path: Path, capsys: 
 
     from finqlora.train.checkpoints import resolve_resume
 
-    chosen = resolve_resume(cfg.model_copy(update={"resume_from_checkpoint": "auto"}), out)
+    recorded = json.loads((out / "checkpoint-2" / CHECKPOINT_MARKER).read_text())["fingerprint"]
+    chosen = resolve_resume(cfg.model_copy(update={"resume_from_checkpoint": "auto"}), out, recorded)
     assert chosen == out / "checkpoint-2"
     err = capsys.readouterr().err
     assert "optimizer.pt is truncated" in err and "no completion marker" not in err

@@ -204,7 +204,7 @@ def test_make_stages_follows_the_engine_order(tmp_path: Path) -> None:
 _HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from finqlora.pipeline.lock import RunFolderLock
+from finqlora.core.lock import RunFolderLock
 lock = RunFolderLock(Path(sys.argv[1]), command="finqlora run --config other.yaml")
 lock.acquire()
 print("locked", flush=True)
@@ -247,7 +247,7 @@ def test_item4_second_run_on_one_folder_is_refused_naming_the_holder(tmp_path: P
 
 def test_item4_lock_of_a_killed_run_is_taken_over(tmp_path: Path) -> None:
     """A run killed with SIGKILL leaves its lock file behind; the next run takes the lock and runs."""
-    from finqlora.pipeline.lock import read_holder
+    from finqlora.core.lock import read_holder
 
     root = tmp_path / "r"
     child = _hold_lock_in_child(root)

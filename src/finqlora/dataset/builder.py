@@ -47,6 +47,7 @@ from finqlora.core.config import MIN_MAX_LENGTH, RunConfig
 from finqlora.core.chat_format import assistant_turn_suffix, render_prompt
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, atomic_write_text, sha256_file
+from finqlora.core.lock import lock_enclosing_run
 from finqlora.core.safe_input import InputError, json_loads
 from finqlora.core.records import RECORD_FORMATS, user_content, write_dataset_info
 
@@ -788,9 +789,12 @@ def _stages(enabled: bool) -> Iterator[Any]:
 
 
 def build_dataset(config: BuildConfig) -> BuildResult:
-    """Build the dataset described by `config` and write JSONL, card and stats."""
+    """Build the dataset described by `config` and write JSONL, card and stats.
+
+    Refused while another process holds the run folder the output lies in (finqlora.core.lock).
+    """
     config.validate()
-    with _stages(config.progress) as stage:
+    with lock_enclosing_run(Path(config.output).parent), _stages(config.progress) as stage:
         return _build(config, stage)
 
 

@@ -40,6 +40,7 @@ from finqlora.core.chat_format import record_to_chat, render_prompt
 from finqlora.core.config import BENCHMARK_FORMATS, MAX_NEW_TOKENS, EvalConfig, split_benchmark_string
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, atomic_write_jsonl, read_jsonl, sha256_file
+from finqlora.core.lock import lock_enclosing_run
 from finqlora.dataset.answer_parser import DIRECTIONS
 from finqlora.evaluate import metrics as M
 from finqlora.evaluate.scoring import SCORING_MODES, VARIANTS, compute_metrics, read_cache
@@ -478,7 +479,15 @@ def _meta(options: EvalOptions, model_spec: str, adapter: str | None, loaded: An
 
 
 def evaluate(options: EvalOptions) -> dict[str, Any]:
-    """Run (or resume) the evaluation; write and return metrics.json (no report: see module doc)."""
+    """Run (or resume) the evaluation; write and return metrics.json (no report: see module doc).
+
+    Refused while another process holds the run folder the output lies in (finqlora.core.lock).
+    """
+    with lock_enclosing_run(Path(options.output)):
+        return _evaluate(options)
+
+
+def _evaluate(options: EvalOptions) -> dict[str, Any]:
     from finqlora.models.generation import GenerationSettings
     from finqlora.models.loading import load_model
 

@@ -32,6 +32,7 @@ from typing import Any
 from finqlora import __version__
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, sha256_file, umask_mode
+from finqlora.core.lock import lock_enclosing_run
 from finqlora.core.safe_input import read_json_file
 from finqlora.core.paths import cache_dir
 
@@ -322,10 +323,19 @@ In Python (peft):
 def package_adapter(
     run_dir: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, *, overwrite: bool = True
 ) -> PackageResult:
-    """Write `qlora_weights.zip` for the training output folder `run_dir`."""
+    """Write `qlora_weights.zip` for the training output folder `run_dir`.
+
+    Holds the run lock of `run_dir` (a run still writing it would give a zip of two runs' files)
+    and of the run folder the zip goes into, if any (finqlora.core.lock).
+    """
     run_dir = Path(run_dir).expanduser()
-    config = read_adapter_config(run_dir)
     zip_path = Path(output).expanduser() if output else run_dir / ZIP_NAME
+    with lock_enclosing_run(run_dir), lock_enclosing_run(zip_path.parent):
+        return _package_adapter(run_dir, zip_path, overwrite=overwrite)
+
+
+def _package_adapter(run_dir: Path, zip_path: Path, *, overwrite: bool) -> PackageResult:
+    config = read_adapter_config(run_dir)
     if zip_path.exists() and not overwrite:
         raise FinqloraError(f"{zip_path} already exists", hint="pass another --output or remove the old zip")
     names = [name for name in (*RUN_FILES, *TOKENIZER_FILES) if (run_dir / name).is_file()]

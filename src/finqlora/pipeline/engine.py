@@ -20,7 +20,7 @@ rerun resumes it from its latest complete checkpoint.
 The engine knows no stage: `run_pipeline` is given a factory that makes them
 (`finqlora.pipeline.stages.make_stages` for `finqlora run`), so this module imports nothing
 above `core`, and a test can run the engine on stages of its own. One run at a time holds
-the run folder (`finqlora.pipeline.lock`).
+the run folder (`finqlora.core.lock`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from finqlora.core.config import RunConfig, dump_config
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, atomic_write_text, sha256_file
 from finqlora.core.hardware import release_freed_memory
-from finqlora.pipeline.lock import RunFolderLock
+from finqlora.core.lock import RunFolderLock
 
 # The stages of `finqlora run`, in order (pipeline.stages makes them; the CLI's help and the UI
 # name them).

@@ -166,17 +166,27 @@ class TrainStage:
 
     @staticmethod
     def run(ctx: StageContext, interrupted: bool) -> dict[str, Any]:
+        from finqlora.train.checkpoints import fingerprint_differences, list_checkpoints, training_fingerprint
         from finqlora.train.training import train
 
         paths = ctx.paths
-        if not interrupted:
-            # Old checkpoints belong to another configuration or a finished run: never resume them.
-            for folder in paths.adapter.glob("checkpoint-*"):
-                shutil.rmtree(folder, ignore_errors=True)
         run_cfg = ctx.config.model_copy(deep=True)
         run_cfg.train.dataset = str(paths.dataset)
         run_cfg.train.output_dir = str(paths.adapter)
         run_cfg.train.resume_from_checkpoint = "auto" if interrupted else None
+        fingerprint = training_fingerprint(run_cfg.train, fingerprint_path(paths.dataset))
+        for _, folder in list_checkpoints(paths.adapter):
+            if not interrupted:
+                shutil.rmtree(folder, ignore_errors=True)  # a fresh start resumes nothing
+                continue
+            # An interrupted run resumes only its own checkpoints, told by the settings and data
+            # each one records, not by the state file: a run killed after the engine marked this
+            # stage "started" but before the cleanup above left another configuration's
+            # checkpoints here, and they must never pass for this run's.
+            stale = fingerprint_differences(folder, fingerprint)
+            if stale is not None:
+                print(f"  note: removing {folder.name}, it is not this configuration's: {stale}")
+                shutil.rmtree(folder, ignore_errors=True)
         result = train(run_cfg)
         if result.status != "completed":
             raise FinqloraError(
@@ -184,7 +194,7 @@ class TrainStage:
                 hint="run the same `finqlora run` command again to resume from it",
             )
         return {"steps": result.global_step, "best_step": result.best_step, "best_val_loss": result.best_val_loss,
-                "final_train_loss": result.final_train_loss, "resumed": interrupted}
+                "final_train_loss": result.final_train_loss, "resumed": result.info.get("resumed_from") is not None}
 
     @staticmethod
     def outputs(ctx: StageContext) -> list[Path]:

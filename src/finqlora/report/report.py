@@ -48,6 +48,7 @@ from typing import Any, Iterator
 
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_bytes, atomic_write_text
+from finqlora.core.lock import lock_enclosing_run
 from finqlora.evaluate.metrics import UNPARSED
 from finqlora.evaluate.scoring import read_cache, read_json_file
 from finqlora.report import i18n
@@ -835,7 +836,17 @@ def build_report(
     seed: int = 0,
     lang: str = DEFAULT_LANG,
 ) -> ReportPaths:
-    """Write report.html, report.md and the PNGs into `output_dir` (default: the eval folder)."""
+    """Write report.html, report.md and the PNGs into `output_dir` (default: the eval folder).
+
+    Refused while another process holds the run folder the report goes into (finqlora.core.lock).
+    """
+    with lock_enclosing_run(Path(output_dir) if output_dir is not None else Path(run_dir)):
+        return _build_report(run_dir, output_dir, training_dir=training_dir, title=title,
+                             examples_per_group=examples_per_group, seed=seed, lang=lang)
+
+
+def _build_report(run_dir: str | Path, output_dir: str | Path | None, *, training_dir: str | Path | None,
+                  title: str | None, examples_per_group: int, seed: int, lang: str) -> ReportPaths:
     lang = i18n.check_lang(lang)
     eval_dir = find_eval_dir(Path(run_dir))
     output = Path(output_dir) if output_dir is not None else eval_dir

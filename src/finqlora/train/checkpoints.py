@@ -6,6 +6,12 @@ there with that size and that checksum, so a save that was interrupted, a trunca
 file overwritten in place (same size, other bytes) are all told apart and named. `auto` resume
 takes the newest verified checkpoint; an explicit checkpoint path is verified the same way and
 refused with the reason.
+
+The marker also records the checkpoint's fingerprint: every setting that changes what the
+training computes (model, LoRA, schedule, batch, lengths, seed, profile, ...), the SHA-256 of the
+dataset file and the number of processes. A resume, `auto` or explicit, refuses a checkpoint
+whose fingerprint differs from the run's and names the settings that differ: continuing another
+configuration's weights, optimizer and schedule would pass off a mix of two runs as this one.
 """
 
 from __future__ import annotations
@@ -21,11 +27,17 @@ from typing import Any
 from finqlora.core.config import TrainConfig
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, sha256_file
-from finqlora.train.distributed import is_main_process
+from finqlora.train.distributed import is_main_process, world_size
 
 CHECKPOINT_MARKER = "finqlora_checkpoint.json"
-# 1: sizes only (finqlora before checksums); 2: size and SHA-256 of every file.
-MARKER_VERSION = 2
+# 1: sizes only (finqlora before checksums); 2: size and SHA-256 of every file; 3: and the
+# training fingerprint.
+MARKER_VERSION = 3
+# Train settings that do not change what a step computes: where files go, how often the loss
+# is logged and to which trackers, how many old checkpoints are kept, an extra .bin copy of the adapter.
+NOT_IN_FINGERPRINT = frozenset(
+    {"dataset", "output_dir", "resume_from_checkpoint", "logging_steps", "keep_checkpoints", "save_adapter_bin", "report_to"}
+)
 _CHECKPOINT_RE = re.compile(r"^checkpoint-([0-9]{1,12})\Z")  # \Z: `$` would take "checkpoint-6\n"; at most 12 digits, a step number int() always reads
 
 
@@ -33,16 +45,60 @@ def now_utc() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def write_checkpoint_marker(folder: Path, step: int) -> None:
-    """Record every file of a finished checkpoint (size + SHA-256); written last, atomically."""
+def training_fingerprint(cfg: TrainConfig, dataset_sha256: str) -> dict[str, Any]:
+    """What a checkpoint's weights depend on: the trajectory settings, the data and the process count."""
+    settings = cfg.model_dump(mode="json", exclude=set(NOT_IN_FINGERPRINT))
+    if cfg.lr_scheduler == "constant":
+        # A flat schedule (no warmup either) makes every step independent of the run's length:
+        # a run stopped by max_steps may be continued to more steps or epochs and stays exact.
+        for key in ("max_steps", "num_epochs", "warmup_ratio"):
+            settings.pop(key)
+    return {"train": settings, "dataset_sha256": dataset_sha256, "processes": world_size()}
+
+
+def write_checkpoint_marker(folder: Path, step: int, fingerprint: dict[str, Any]) -> None:
+    """Record every file of a finished checkpoint (size + SHA-256) and its fingerprint; written last, atomically."""
     files = {
         p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name != CHECKPOINT_MARKER
     }
     atomic_write_json(
-        folder / CHECKPOINT_MARKER, {"marker_version": MARKER_VERSION, "step": step, "files": files, "written_at": now_utc()}
+        folder / CHECKPOINT_MARKER,
+        {"marker_version": MARKER_VERSION, "step": step, "files": files, "fingerprint": fingerprint, "written_at": now_utc()},
     )
+
+
+UNRECORDED = "its marker records no training settings (it was saved by an older finqlora), so it cannot be shown to match"
+
+
+def fingerprint_differences(folder: Path, fingerprint: dict[str, Any]) -> str | None:
+    """How a verified checkpoint's fingerprint differs from `fingerprint`, in words; None when they match."""
+    try:
+        recorded = json.loads((folder / CHECKPOINT_MARKER).read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("train"), dict):
+        return UNRECORDED
+    differences = []
+    # The settings this run's fingerprint holds are compared; one added to finqlora after the
+    # checkpoint was saved counts as its default there.
+    defaults = TrainConfig().model_dump(mode="json")
+    there, here = recorded["train"], fingerprint["train"]
+    for key in sorted(here):
+        old, new = there.get(key, defaults.get(key)), here[key]
+        if old != new:
+            differences.append(f"train.{key} {_short(old)} there, {_short(new)} here")
+    if recorded.get("dataset_sha256") != fingerprint["dataset_sha256"]:
+        differences.append("the dataset file differs (another SHA-256)")
+    if recorded.get("processes") != fingerprint["processes"]:
+        differences.append(f"{recorded.get('processes')} training processes there, {fingerprint['processes']} here")
+    return "; ".join(differences) or None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def checkpoint_problem(folder: Path) -> str | None:
@@ -124,14 +180,31 @@ def verify_checkpoint(folder: Path) -> None:
         )
 
 
-def resolve_resume(cfg: TrainConfig, output_dir: Path) -> Path | None:
-    """The verified checkpoint this run resumes from (None: start from scratch)."""
+def check_fingerprint(folder: Path, fingerprint: dict[str, Any]) -> None:
+    """Refuse a verified checkpoint that another configuration or other data trained."""
+    differences = fingerprint_differences(folder, fingerprint)
+    fresh = ("start this configuration fresh in another output folder (--output-dir, or --set train.output_dir=...; "
+             "`finqlora run` starts fresh by itself after a config change)")
+    if differences == UNRECORDED:
+        raise FinqloraError(f"cannot resume from {folder}: {differences}",
+                            hint=f"resume it with the finqlora version that saved it, or {fresh}")
+    if differences is not None:
+        raise FinqloraError(
+            f"cannot resume from {folder}: it was trained with other settings or data than this run: {differences}",
+            hint="resume with the config and data it was trained with (its run's training_info.json or run_config.yaml "
+            f"lists them), or {fresh}",
+        )
+
+
+def resolve_resume(cfg: TrainConfig, output_dir: Path, fingerprint: dict[str, Any]) -> Path | None:
+    """The verified checkpoint of this configuration that this run resumes from (None: start from scratch)."""
     spec = cfg.resume_from_checkpoint
     if spec is None:
         return None
     if spec != "auto":
         folder = Path(spec)
         verify_checkpoint(folder)
+        check_fingerprint(folder, fingerprint)
         return folder
     latest, unverified = find_latest_checkpoint(output_dir)
     for folder in unverified if is_main_process() else ():  # one process cleans up, not all
@@ -144,6 +217,8 @@ def resolve_resume(cfg: TrainConfig, output_dir: Path) -> Path | None:
             print(f"skipping checkpoint {folder}: {problem}; left in place for inspection", file=sys.stderr)
     if latest is None:
         print(f"no verified checkpoint in {output_dir}: starting from scratch", file=sys.stderr)
+    else:
+        check_fingerprint(latest, fingerprint)
     return latest
 
 

@@ -56,6 +56,8 @@ class RunFacts:
     interrupted_checkpoint: Path | None = None
     # Memory-sized checkpointing (fast profiles on CUDA): how many layers kept their activations.
     checkpointing_sizing: dict[str, Any] | None = None
+    # What every checkpoint of this run records (finqlora.train.checkpoints.training_fingerprint).
+    fingerprint: dict[str, Any] = field(default_factory=dict)
 
 
 def loss_points(state: Any) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:

@@ -309,8 +309,12 @@ def training_arguments(cfg: TrainConfig, plan: Plan, data: PreparedData, output_
     )
 
 
-def build_trainer(model: Any, tokenizer: Any, args: Any, data: PreparedData, callbacks: Sequence[Any], stop: Any) -> Any:
-    """The FinqloraTrainer of this run, with `callbacks` in order and without transformers' printer."""
+def build_trainer(model: Any, tokenizer: Any, args: Any, data: PreparedData, callbacks: Sequence[Any], stop: Any,
+                  fingerprint: dict[str, Any]) -> Any:
+    """The FinqloraTrainer of this run, with `callbacks` in order and without transformers' printer.
+
+    `fingerprint` is recorded in every checkpoint's marker (finqlora.train.checkpoints).
+    """
     from transformers import PrinterCallback
 
     from finqlora.train.distributed import is_distributed
@@ -327,6 +331,7 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, data: PreparedData, cal
         stop=stop,
         # All ranks must stop at the same step boundary (finqlora.train.stopping).
         abandon_within_steps=not is_distributed(),
+        fingerprint=fingerprint,
     )
     trainer.remove_callback(PrinterCallback)  # our progress bar and training_log.jsonl replace its prints
     return trainer

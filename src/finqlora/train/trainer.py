@@ -16,14 +16,27 @@ class FinqloraTrainer(Trainer):
     """transformers' Trainer whose checkpoints end with a completion marker and whose steps can be abandoned.
 
     `stop` is the run's StopRequest; `abandon_within_steps` is False under several processes
-    (all ranks must stop at the same step boundary there, see finqlora.train.stopping).
+    (all ranks must stop at the same step boundary there, see finqlora.train.stopping);
+    `fingerprint` (finqlora.train.checkpoints.training_fingerprint) goes into every checkpoint's marker.
     """
 
-    def __init__(self, *args: Any, stop: StopRequest, abandon_within_steps: bool, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, stop: StopRequest, abandon_within_steps: bool, fingerprint: dict[str, Any],
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stop = stop
         self.abandon_within_steps = abandon_within_steps
+        self.fingerprint = fingerprint
         self.rng_after_last_step: dict[str, Any] | None = None
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
+        if self.state.global_step >= self.state.max_steps:
+            # Resumed from the checkpoint of the last step (a run killed after saving it, before
+            # writing its outputs): transformers would train one step past max_steps when that
+            # step is not at an epoch's end. Nothing is left to train; go on to the final steps
+            # (the best checkpoint loaded, the outputs written).
+            self.control.should_training_stop = True
+            return
+        super()._run_epoch(*args, **kwargs)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
         # Called before each step, after the previous one has logged, evaluated and saved: the
@@ -45,7 +58,7 @@ class FinqloraTrainer(Trainer):
         # (which lists the files) must come after every process is done.
         barrier()
         if self.args.should_save:
-            write_checkpoint_marker(self.checkpoint_folder(), self.state.global_step)
+            write_checkpoint_marker(self.checkpoint_folder(), self.state.global_step, self.fingerprint)
 
     def checkpoint_folder(self) -> Path:
         return Path(self._get_output_dir(trial=None)) / f"checkpoint-{self.state.global_step}"

@@ -26,6 +26,7 @@ stay importable from this module.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 
 from finqlora.core.config import RunConfig, TrainConfig
 from finqlora.core.errors import FinqloraError
+from finqlora.core.lock import RunFolderLock
 from finqlora.train.callbacks import JsonlLog, LiveLossPlot, RichProgress, RunControl
 from finqlora.train.checkpoints import (
     CHECKPOINT_MARKER,
@@ -43,6 +45,7 @@ from finqlora.train.checkpoints import (
     list_checkpoints,
     now_utc,
     resolve_resume,
+    training_fingerprint,
     verify_checkpoint,
     write_checkpoint_marker,
 )
@@ -55,6 +58,7 @@ from finqlora.train.data import (
     padding_collator,
     read_instruction_jsonl,
 )
+from finqlora.train.distributed import is_main_process
 from finqlora.train.outcome import (
     RunFacts,
     TrainResult,
@@ -101,9 +105,16 @@ def train(
     raises `FinqloraError` for problems the user can fix.
     """
     run = config if isinstance(config, RunConfig) else RunConfig(train=config)
+    _check_config(run.train)
+    output_dir = Path(run.train.output_dir or Path("runs") / run.name)
+    # One writer per run folder: a `finqlora run` or another `finqlora train` on this folder is
+    # refused here. Under torchrun the main process holds it for the group.
+    with RunFolderLock(output_dir) if is_main_process() else contextlib.nullcontext():
+        return _train(run, output_dir, callbacks, progress)
+
+
+def _train(run: RunConfig, output_dir: Path, callbacks: Sequence[Any], progress: bool) -> TrainResult:
     cfg = run.train
-    _check_config(cfg)
-    output_dir = Path(cfg.output_dir or Path("runs") / run.name)
     facts, model, tokenizer = _set_up(run, output_dir)
 
     # Adapter + two AdamW moments in fp32, plus room for the tokenizer and states.
@@ -119,7 +130,7 @@ def train(
         from transformers import EarlyStoppingCallback
 
         trainer_callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold))
-    trainer = build_trainer(model, tokenizer, args, facts.data, trainer_callbacks, stop)
+    trainer = build_trainer(model, tokenizer, args, facts.data, trainer_callbacks, stop, facts.fingerprint)
 
     _fit(trainer, facts, stop, progress_cb, output_dir, needed_bytes)
     if control_cb.nonfinite is not None:
@@ -163,7 +174,8 @@ def _set_up(run: RunConfig, output_dir: Path) -> tuple[RunFacts, Any, Any]:
     plan = resolve_plan(cfg, profile)
     splits = load_splits(cfg.dataset, val_fraction=cfg.val_fraction, seed=cfg.seed)
     output_dir.mkdir(parents=True, exist_ok=True)
-    resume_from = resolve_resume(cfg, output_dir)
+    fingerprint = training_fingerprint(cfg, splits.sha256)
+    resume_from = resolve_resume(cfg, output_dir, fingerprint)  # refused before the model loads
     started_at = now_utc()
     t0 = time.perf_counter()
 
@@ -175,7 +187,7 @@ def _set_up(run: RunConfig, output_dir: Path) -> tuple[RunFacts, Any, Any]:
     trainable, total = model.get_nb_trainable_parameters()
     model, data = prepare_model_and_data(model, tokenizer, splits, cfg, profile)
     facts = RunFacts(run, plan, profile, splits, data, base_identity, trainable, total, resume_from, started_at,
-                     load_seconds=time.perf_counter() - t0)
+                     load_seconds=time.perf_counter() - t0, fingerprint=fingerprint)
     return facts, model, tokenizer
 
 

@@ -1,16 +1,23 @@
-"""One `finqlora run` per run folder: an exclusive lock held for the whole run.
+"""One writer per run folder: an exclusive lock held while a command writes into it.
 
 Two runs on one folder would both build, both train and append to the same
-`training_log.jsonl`. The lock is an OS file lock (`filelock`, fcntl/msvcrt): the operating
-system releases it when its process ends, however it ends, so the lock of a crashed or
-killed run is simply taken by the next one (no pid guessing, no stale-file cleanup).
+`training_log.jsonl`. Every command that writes into a run folder takes this lock: `finqlora
+run` for the whole run, `finqlora train` for its output folder, and `eval`, `report`, `export
+zip` and `build` when they write inside a run folder (`lock_enclosing_run`). The lock is an
+OS file lock (`filelock`, fcntl/msvcrt): the operating system releases it when its process
+ends, however it ends, so the lock of a crashed or killed run is simply taken by the next one
+(no pid guessing, no stale-file cleanup). Within one process the lock is reentrant (`finqlora
+run` holds it while its train stage calls `train()`, which takes it too).
 
 Who holds it is written next to it, in `run.lock.json` (pid, host, start time, command),
 because the lock file itself is truncated by every attempt to take it.
+
+It lives in `core` so that every stage (dataset, train, evaluate, report, export) can take it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -51,10 +58,13 @@ class RunFolderLock:
     def __init__(self, root: Path, *, command: str | None = None) -> None:
         self.root = Path(root)
         self.command = command if command is not None else " ".join(["finqlora", *sys.argv[1:]])
-        self._lock = FileLock(str(self.root / LOCK_FILE), timeout=0, thread_local=False)
+        # One lock object per lock file in this process (filelock's singleton, filelock >= 3.13.1),
+        # so taking it again from the same process nests instead of refusing itself.
+        self._lock = FileLock(str((self.root / LOCK_FILE).resolve()), timeout=0, thread_local=False, is_singleton=True)
 
     def acquire(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        nested = self._lock.is_locked
         try:
             self._lock.acquire(timeout=0)
         except Timeout:
@@ -66,6 +76,8 @@ class RunFolderLock:
                 f"or stop it{f' (kill {pid})' if pid else ''} and run again: it resumes where the other one stopped; "
                 "to run both at once, give this one another folder (--set train.output_dir=runs/OTHER)",
             ) from None
+        if nested:
+            return  # this process already holds it and wrote its details
         atomic_write_json(
             self.root / HOLDER_FILE,
             {
@@ -86,3 +98,22 @@ class RunFolderLock:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.release()
+
+
+def enclosing_run_folder(path: Path) -> Path | None:
+    """The run folder `path` is in (or is): the nearest folder, from `path` up, with a run lock file."""
+    for folder in (Path(path).resolve(), *Path(path).resolve().parents):
+        if (folder / LOCK_FILE).is_file():
+            return folder
+    return None
+
+
+def lock_enclosing_run(path: Path) -> contextlib.AbstractContextManager[Any]:
+    """`with lock_enclosing_run(out):` -- the run lock of the run folder `out` lies in, if any.
+
+    For the commands that write into a folder a run may own (`eval --output runs/X/eval`,
+    `report`, `export zip`, `build -o`): inside a run folder they wait for no one and refuse
+    while a run holds it; elsewhere there is no run to collide with and nothing is locked.
+    """
+    folder = enclosing_run_folder(path)
+    return RunFolderLock(folder) if folder is not None else contextlib.nullcontext()
