@@ -20,6 +20,7 @@ import json
 import re
 import shutil
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,17 @@ def resolve_resume(cfg: TrainConfig, output_dir: Path, fingerprint: dict[str, An
     else:
         check_fingerprint(latest, fingerprint)
     return latest
+
+
+def save_bytes_needed(trainable: int, tokenizer: Any) -> int:
+    """About what one checkpoint writes, from this run's own sizes (not a fixed margin): the
+    adapter and AdamW's two moments in fp32 (12 bytes per trainable parameter), the tokenizer's
+    files as `save_pretrained` writes them, 1 MiB for the trainer's states and JSON, and 10% on
+    top for the file system."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save_pretrained(scratch)
+        tokenizer_bytes = sum(f.stat().st_size for f in Path(scratch).rglob("*") if f.is_file())
+    return int((trainable * 12 + tokenizer_bytes + 2**20) * 1.1)
 
 
 def check_free_space(folder: Path, needed_bytes: int) -> None:

@@ -45,6 +45,7 @@ from finqlora.train.checkpoints import (
     list_checkpoints,
     now_utc,
     resolve_resume,
+    save_bytes_needed,
     training_fingerprint,
     verify_checkpoint,
     write_checkpoint_marker,
@@ -117,8 +118,7 @@ def _train(run: RunConfig, output_dir: Path, callbacks: Sequence[Any], progress:
     cfg = run.train
     facts, model, tokenizer = _set_up(run, output_dir)
 
-    # Adapter + two AdamW moments in fp32, plus room for the tokenizer and states.
-    needed_bytes = facts.trainable * 4 * 3 + 64 * 2**20
+    needed_bytes = save_bytes_needed(facts.trainable, tokenizer)
     check_free_space(output_dir, needed_bytes)
     stop = StopRequest()
     control_cb, log_cb = RunControl(stop, output_dir, needed_bytes), JsonlLog(output_dir)
