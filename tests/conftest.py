@@ -7,6 +7,7 @@ skips with a reason when the folder is absent (a user's fresh clone).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,40 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    output: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `finqlora ARGS` through the real entry point; output with rich's wrapping undone."""
+    from finqlora.cli import main
+
+    def run(*args: str) -> CliResult:
+        with pytest.raises(SystemExit) as exited:
+            main(list(args))
+        captured = capsys.readouterr()
+        return CliResult(int(exited.value.code or 0), " ".join((captured.out + captured.err).split()))
+
+    return run
+
+
+def wait_until_healthy(process, url: str, timeout_s: float = 90) -> None:  # noqa: ANN001 - a subprocess.Popen
+    """Poll URL/health until the server in `process` answers 200 (fails with its output if it exits)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read().decode()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.3)
+    raise AssertionError(f"{url}/health did not answer within {timeout_s} s")

@@ -13,13 +13,11 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from finqlora.cli import main
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import read_jsonl
 from finqlora.store import db
@@ -27,25 +25,6 @@ from finqlora.store import db
 BASE = 1_780_300_000  # 2026-06-01
 JUNE = 1_780_272_000  # 2026-06-01T00:00:00Z
 DAY = 86_400
-
-
-@dataclass
-class CliResult:
-    exit_code: int
-    output: str
-
-
-@pytest.fixture
-def cli(capsys):
-    """Run `finqlora ARGS` through the real entry point; output with rich's wrapping undone."""
-
-    def run(*args: str) -> CliResult:
-        with pytest.raises(SystemExit) as exited:
-            main(list(args))
-        captured = capsys.readouterr()
-        return CliResult(int(exited.value.code or 0), " ".join((captured.out + captured.err).split()))
-
-    return run
 
 
 def _flash(i: int, **fields) -> dict:

@@ -21,6 +21,7 @@ import openai
 import pytest
 import torch
 
+from conftest import wait_until_healthy
 from finqlora.serve.batching import Batcher, BatchLimits, Finished, GenerationJob, SamplingParams
 from finqlora.core.errors import FinqloraError
 from finqlora.serve.server import ServingEngine, check_bind, create_app, start_in_thread, vllm_command
@@ -343,14 +344,7 @@ def test_cli_serve_subprocess(sharp_base_dir: Path, adapters: dict[str, Path], t
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read().decode()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+        wait_until_healthy(process, url)
         sdk = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
         assert [m.id for m in sdk.models.list()] == ["base", "fin"]
         assert chat(sdk, "fin", max_tokens=6)

@@ -6,12 +6,10 @@ import json
 import shutil
 import sqlite3
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from finqlora.cli import main
 from finqlora.core.errors import FinqloraError
 from finqlora.store import db, ingest
 
@@ -28,25 +26,6 @@ def _flash(i: int, **fields) -> dict:
 def _news(path: Path, lines: list) -> Path:
     path.write_text("".join((l if isinstance(l, str) else json.dumps(l, ensure_ascii=False)) + "\n" for l in lines), encoding="utf-8")
     return path
-
-
-@dataclass
-class CliResult:
-    exit_code: int
-    output: str
-
-
-@pytest.fixture
-def cli(capsys):
-    """Run `finqlora ARGS` through the real entry point; output with rich's wrapping undone."""
-
-    def run(*args: str) -> CliResult:
-        with pytest.raises(SystemExit) as exited:
-            main(list(args))
-        captured = capsys.readouterr()
-        return CliResult(int(exited.value.code or 0), " ".join((captured.out + captured.err).split()))
-
-    return run
 
 
 def _events(store: Path) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import wait_until_healthy
 from finqlora.cli import main
 from finqlora.core.errors import FinqloraError
 from finqlora.evaluate import ratings as R
@@ -160,14 +161,8 @@ def test_item6_serve_cli_allowed_host(tiny_model_dir: Path) -> None:
                "--device", "cpu", "--allowed-host", "API.example"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read().decode()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(process, url)
         assert httpx.get(url + "/health", headers={"Host": f"api.example:{port}"}, timeout=5).status_code == 200
         refused = httpx.get(url + "/health", headers={"Host": f"rebind.attacker.example:{port}"}, timeout=5)
         assert refused.status_code == 400 and "api.example" in refused.json()["error"]["message"]
