@@ -95,8 +95,9 @@ def test_a_judge_of_content_and_its_kappa_with_raters(tmp_path: Path) -> None:
     from finqlora.report.report import build_report
 
     (eval_dir / "metrics.json").write_text(json.dumps({"meta": {}, "significance_level": 0.05, "bootstrap": {"resamples": 100}, "table": [], "tasks": {}}), encoding="utf-8")
-    html = build_report(eval_dir, tmp_path / "report").html.read_text(encoding="utf-8")
-    assert "LLM judge" in html and "100.0% [" in html and "Cohen's kappa, judge vs rater" in html and ">1.000<" in html
+    html = build_report(eval_dir, tmp_path / "report", lang="en").html.read_text(encoding="utf-8")
+    assert "LLM judge" in html and "100.0% [" in html and "Cohen&#39;s kappa, judge vs rater" in html
+    assert '<td>张三</td><td class="num">4</td><td class="num">1.000</td>' in html
 
 
 def test_parse_verdict_and_outcome() -> None:

@@ -502,3 +502,87 @@ def test_the_chinese_report_in_chromium_renders_cjk_and_takes_the_docs_screensho
         browser.close()
     for name in ("report-zh-summary.png", "report-zh-training.png", "report-zh-examples.png"):
         assert (images / name).stat().st_size > 20_000
+
+
+def _with_suite_and_judge(eval_dir: Path) -> None:
+    """metrics.json with a finance-zh suite block (FinEval evaluated, the other sets not given) and
+    judge.json with a rating round to agree with, both written by the eval stage's own functions."""
+    import numpy as np
+
+    from finqlora.core.fileio import atomic_write_json
+    from finqlora.evaluate import ratings
+    from finqlora.evaluate.judge import JUDGE_DIR, outcome, summarize
+    from finqlora.evaluate.suite import suite_block
+
+    metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
+    row = {"key": "benchmark.fineval.accuracy", "n": 8, "base": 0.25, "base_ci": [0.0, 0.5], "finetuned": 1.0, "finetuned_ci": [1.0, 1.0],
+           "delta": 0.75, "delta_ci": [0.5, 1.0], "p_value": 2 * 0.5**6, "verdict": "significantly better"}
+    tasks = {"benchmarks": {"fineval": {"baselines": {"majority": {"accuracy": 0.25, "class": "A"}}}}}
+    correct = {"fineval": {"base": np.array([1, 0, 0, 0, 1, 0, 0, 0]), "finetuned": np.ones(8, dtype=int)}}
+    metrics["suite"] = suite_block({"name": "finance-zh", "sets": {"fineval": "/data/fineval"}}, [row], tasks, correct, resamples=200, seed=0)
+    (eval_dir / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False), encoding="utf-8")
+
+    rating_round = ratings.create_round(eval_dir, ["alice"], name="r1", limit=3, seed=0)
+    judged = []
+    for pair in rating_round.pairs:
+        a_is = rating_round.raters["alice"]["a_is"][pair["item"]]
+        ratings.save_rating(rating_round, "alice", pair["item"], "A" if a_is == "finetuned" else "B", {"A": {"professional": 4, "accuracy": 4}, "B": {"professional": 2, "accuracy": 2}})
+        for shown_first in ("base", "finetuned"):  # the judge prefers the fine-tuned answer in both orders
+            better = "A" if shown_first == "finetuned" else "B"
+            judged.append({"item": pair["item"], "a_is": shown_first, "better": better, "outcome": outcome(better, shown_first),
+                           "scores": {"A": {"professional": 4, "accuracy": 4}, "B": {"professional": 3, "accuracy": 3}}})
+    atomic_write_json(eval_dir / JUDGE_DIR / "judge.json", summarize(judged, "judge-model", eval_dir))
+
+
+SUITE_JUDGE_EN = ["set", "base", "fine-tuned", "difference (pp) [95% CI]", "McNemar exact p", "verdict", "majority baseline",
+                  "pairs", "judgements (parsed / unparsed)", "fine-tuned win rate [95% CI]", "ties", "losses", "position consistency",
+                  "rating round", "rater", "pairs in common", "Cohen's kappa, judge vs rater"]
+
+
+def _section(page: str, start: str, last: str) -> str:
+    """The text from heading `start` to the heading (or image) after heading `last`."""
+    begin, after = page.index(start), page.index(last)
+    end = re.search(r"\n(?:#|!\[|<h[23]>|<img)", page[after + len(last):])
+    return page[begin:after + len(last) + (end.start() if end else len(page))]
+
+
+def test_suite_and_judge_sections_speak_the_reports_language(tmp_path: Path) -> None:
+    from html import unescape
+
+    eval_dir, _ = make_eval_dir(tmp_path)
+    compute_metrics(eval_dir)
+    _with_suite_and_judge(eval_dir)
+    zh = build_report(eval_dir, tmp_path / "zh", lang="zh")
+    en = build_report(eval_dir, tmp_path / "en", lang="en")
+    zh_md, en_md = zh.markdown.read_text(encoding="utf-8"), en.markdown.read_text(encoding="utf-8")
+    zh_html, en_html = unescape(zh.html.read_text(encoding="utf-8")), unescape(en.html.read_text(encoding="utf-8"))
+
+    zh_part = _section(zh_md, "### 金融评测套件 finance-zh", "### 模型评审")
+    assert "| 评测集 | 样本数 | 基座模型 | 微调模型 | 差值（百分点）[95% 置信区间] | McNemar 精确检验 p | 结论 | 多数类基线 |" in zh_part
+    assert "| fineval | 8 | 25.0 | 100.0 | +75.0 [+50.0, +100.0] | 0.031 | 显著更好 | 25.0 |" in zh_part
+    assert "| finfe | – | 未评测（未提供该评测集的副本） |" in zh_part and "| 平均（1 个评测集，等权） | 8 | 25.0 | 100.0 | +75.0 [" in zh_part
+    assert "| 回答对数 | 评判次数（可解析 / 不可解析） | 微调胜率 [95% 置信区间] | 平局 | 负 | 位置一致性 |" in zh_part
+    assert "| 3 | 6 / 0 | 100.0% [" in zh_part and "| 盲评轮次 | 评审人 | 共同评判的回答对数 | 模型评审与评审人的 Cohen's kappa |" in zh_part
+    assert "| r1 | alice | 3 | 1.000 |" in zh_part  # the judge and alice both prefer every fine-tuned answer
+    # English words left in the Chinese blocks: set names, proper names and the data's own names only
+    allowed = {"finance", "zh", "fineval", "finfe", "cfbenchmark", "sentiment", "event", "industry", "fpb", "cflue", "ceval",
+               "McNemar", "Cohen", "kappa", "Wilson", "judge", "model", "alice"}
+    assert set(re.findall(r"[A-Za-z]{2,}", zh_part)) - allowed == set()
+    zh_html = _section(zh_html, "<h3>金融评测套件 finance-zh</h3>", "<h3>模型评审</h3>")
+    for name in SUITE_JUDGE_EN:
+        assert f"<th>{name}</th>" not in zh_html
+    for heading in ("<th>评测集</th>", "<th>差值（百分点）[95% 置信区间]</th>", "<td>显著更好</td>", "<th>位置一致性</th>", "<td colspan=\"7\">未评测（未提供该评测集的副本）</td>"):
+        assert heading in zh_html
+
+    en_part = _section(en_md, "### Finance evaluation suite finance-zh", "### LLM judge")
+    assert "| set | n | base | fine-tuned | difference (pp) [95% CI] | McNemar exact p | verdict | majority baseline |" in en_part
+    assert "| fineval | 8 | 25.0 | 100.0 | +75.0 [+50.0, +100.0] | 0.031 | significantly better | 25.0 |" in en_part
+    assert "not evaluated (no copy given)" in en_part and "| average (1 sets, each weighs the same) |" in en_part
+    assert "| rating round | rater | pairs in common | Cohen's kappa, judge vs rater |" in en_part
+    assert not re.search(r"[\u4e00-\u9fff]", en_part), en_part
+    en_html = _section(en_html, "<h3>Finance evaluation suite finance-zh</h3>", "<h3>LLM judge</h3>")
+    for name in SUITE_JUDGE_EN:
+        assert f"<th>{name}</th>" in en_html
+    assert "<td>significantly better</td>" in en_html and not re.search(r"[\u4e00-\u9fff]", en_html)
+    for page in (zh_md, en_md):
+        assert not ENTITY.findall(page)

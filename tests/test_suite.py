@@ -175,10 +175,10 @@ def test_suite_table_in_metrics(tmp_path: Path) -> None:
     assert low <= average["delta"] <= high and high - low > 0
     from finqlora.report.report import build_report
 
-    paths = build_report(tmp_path, tmp_path / "report")
+    paths = build_report(tmp_path, tmp_path / "report", lang="en")
     html, markdown = paths.html.read_text(encoding="utf-8"), paths.markdown.read_text(encoding="utf-8")
-    assert "Suite finance-zh" in html and "<td class=\"num\">+75.0 [" in html and "not evaluated (no copy given)" in html
-    assert "| fineval | 8 | 25.0 | 100.0 | +75.0 [" in markdown and "| average (2 sets, equal weight) | 10 | 37.5 | 50.0 | +12.5 [" in markdown
+    assert "Finance evaluation suite finance-zh" in html and "<td class=\"num\">+75.0 [" in html and "not evaluated (no copy given)" in html
+    assert "| fineval | 8 | 25.0 | 100.0 | +75.0 [" in markdown and "| average (2 sets, each weighs the same) | 10 | 37.5 | 50.0 | +12.5 [" in markdown
 
 
 def test_stratified_bootstrap_keeps_every_stratum_size() -> None:

@@ -726,8 +726,8 @@ def _blind_ratings(run_dir: Path) -> list[dict[str, Any]]:
     return views
 
 
-def _suite_view(suite: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The suite table (templates suite.html / suite.md): accuracies in %, differences in points."""
+def _suite_view(suite: dict[str, Any] | None, lang: str = DEFAULT_LANG) -> dict[str, Any] | None:
+    """The suite table (templates suite.html / suite.md): accuracies in %, differences in percentage points."""
     if not suite:
         return None
 
@@ -746,14 +746,14 @@ def _suite_view(suite: dict[str, Any] | None) -> dict[str, Any] | None:
             rows.append({"set": row["set"], "what": row["what"], "evaluated": False})
             continue
         rows.append({"set": row["set"], "what": row["what"], "evaluated": True, "n": row["n"], "base": pct(row["base"]), "finetuned": pct(row["finetuned"]),
-                     "delta": points(row["delta"], row["delta_ci"]), "p": format_p(row.get("p_value")), "verdict": row["verdict"], "majority": pct(row.get("majority"))})
+                     "delta": points(row["delta"], row["delta_ci"]), "p": format_p(row.get("p_value")), "verdict": i18n.verdict(row["verdict"], lang), "majority": pct(row.get("majority"))})
     average = suite.get("average")
-    return {"name": suite["name"], "rows": rows, "average": average and {
-        "n": average["n"], "sets": len(average["sets"]), "base": pct(average["base"]), "finetuned": pct(average["finetuned"]),
+    return {"title": i18n.text(lang, "suite_title", name=suite["name"]), "rows": rows, "average": average and {
+        "label": i18n.text(lang, "suite_average", sets=len(average["sets"])), "n": average["n"], "base": pct(average["base"]), "finetuned": pct(average["finetuned"]),
         "delta": points(average["delta"], average["delta_ci"])}}
 
 
-def _judge_view(eval_dir: Path) -> dict[str, Any] | None:
+def _judge_view(eval_dir: Path, lang: str = DEFAULT_LANG) -> dict[str, Any] | None:
     """The LLM judge's verdict (templates judge.html / judge.md), from EVAL/judge/judge.json."""
     from finqlora.evaluate.judge import read_judge
 
@@ -762,11 +762,11 @@ def _judge_view(eval_dir: Path) -> dict[str, Any] | None:
         return None
 
     def pct(value: Any) -> str:
-        return "n/a" if value is None else f"{value * 100:.1f}%"
+        return i18n.text(lang, "na") if value is None else f"{value * 100:.1f}%"
 
-    return {**verdict, "win_text": pct(verdict["win_rate"]), "ci_text": f"[{pct(verdict['win_ci_low'])}, {pct(verdict['win_ci_high'])}]",
+    return {**verdict, "note": i18n.text(lang, "judge_note", model=verdict["judge_model"]), "win_text": pct(verdict["win_rate"]), "ci_text": f"[{pct(verdict['win_ci_low'])}, {pct(verdict['win_ci_high'])}]",
             "tie_text": pct(verdict["tie_rate"]), "loss_text": pct(verdict["loss_rate"]), "consistency_text": pct(verdict["position_consistency"]),
-            "kappa_rows": [{"round": entry["round"], "rater": rater, "items": info["items"], "kappa": f"{info['cohen_kappa']:.3f}"}
+            "kappa_rows": [{"round": entry["round"], "rater": rater, "pairs": info["items"], "kappa": f"{info['cohen_kappa']:.3f}"}
                            for entry in verdict["agreement_with_raters"] for rater, info in entry["raters"].items()]}
 
 
@@ -884,7 +884,7 @@ def _build_report(run_dir: str | Path, output_dir: str | Path | None, *, trainin
         "dataset_card": card, "ratings": _blind_ratings(eval_dir),
         "examples": _example_views(examples, outputs, per_item, lang),
         "examples_rule": i18n.text(lang, "examples_rule", margin=ROUGE_TIE_MARGIN, seed=seed, per_group=examples_per_group),
-        "suite": _suite_view(metrics.get("suite")), "judge": _judge_view(eval_dir),
+        "suite": _suite_view(metrics.get("suite"), lang), "judge": _judge_view(eval_dir, lang),
     }
     html_env, md_env = _environments()
     embedded = {name: base64.b64encode(path.read_bytes()).decode("ascii") for name, path in images.items()}
