@@ -17,7 +17,7 @@ python3 -c "import torch, transformers, peft, triton, bitsandbytes; print('torch
 python3 scripts/colab_sim.py make-model --tokenizer .whl/tok --out /tmp/tiny-deepseek || exit 1
 # The T4 config's training and evaluation, sizes shrunk: 100 records asked (about a quarter fit 512 tokens of this tokenizer), 6 steps of 4 x 512 tokens, 4 prompts.
 SETS="train.model=/tmp/tiny-deepseek;data.num_samples=100;train.max_steps=6;train.max_length=512;train.max_val_samples=4"
-SETS="$SETS;train.eval_steps=3;eval.max_prompts=4;eval.max_new_tokens=16;eval.batch_size=4"
+SETS="$SETS;train.eval_steps=3;eval.max_samples=4;eval.max_new_tokens=16;eval.batch_size=4"
 # INTERRUPT_AT= (empty) skips the interrupt and rerun, should the whole check not fit one 600 s command.
 INTERRUPT_AT=${INTERRUPT_AT-2}
 python3 scripts/colab_sim.py run --workdir /tmp/colab-sim --out "$OUT" --source-zip --host-path /tmp/nbsite \

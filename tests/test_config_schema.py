@@ -148,10 +148,15 @@ def test_bad_values_fail_at_load_with_the_key(tmp_path: Path) -> None:
         load_config(None, ["train.max_length=32"])  # one bound for training and the builder
 
 
-def test_deprecated_names_keep_working() -> None:
+def test_deprecated_names_keep_working(tmp_path: Path) -> None:
     with pytest.warns(FutureWarning, match="eval.max_prompts is deprecated: write eval.max_samples"):
         run = load_config(None, ["eval.max_prompts=7"])
     assert run.eval.max_samples == 7
+    # --set of the old name overrides a file that already says max_samples (the notebook's case).
+    config = tmp_path / "new_name.yaml"
+    config.write_text("name: x\neval:\n  max_samples: 200\n", encoding="utf-8")
+    with pytest.warns(FutureWarning, match="eval.max_prompts is deprecated"):
+        assert load_config(config, ["eval.max_prompts=3"]).eval.max_samples == 3
     with pytest.warns(FutureWarning, match="max_items is deprecated"):
         run = load_config(None, ['eval.benchmarks=[{path: x.json, format: finfe, max_items: 5}]'])
     assert run.eval.benchmarks[0].limit == 5

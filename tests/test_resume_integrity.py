@@ -283,7 +283,7 @@ def _suite_config(tmp_path: Path, model_dir: Path, name: str, learning_rate: flo
         "train": {"model": str(model_dir), "output_dir": str(output_dir), "device": "cpu", "load_in_4bit": False,
                   "compute_dtype": "fp32", "max_steps": 5, "batch_size": 2, "max_length": 512, "learning_rate": learning_rate,
                   "eval_steps": 2, "logging_steps": 1, "max_val_samples": 2},
-        "eval": {"max_prompts": 2, "max_new_tokens": 4, "batch_size": 4},
+        "eval": {"max_samples": 2, "max_new_tokens": 4, "batch_size": 4},
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")

@@ -46,6 +46,11 @@ KEY_SYNONYMS: dict[str, str] = {
 }
 
 
+# Keys renamed to the names `finqlora eval` and its Python options use; the old names keep
+# working for one more release (in files and in --set) with a FutureWarning.
+RENAMED_KEYS: dict[str, dict[str, str]] = {"eval": {"max_prompts": "max_samples"}, "eval.benchmarks[]": {"max_items": "limit"}}
+
+
 def _renamed(section: str, renames: dict[str, str], value: Any) -> Any:
     """Old key names keep working for one more release, with a FutureWarning naming the new key."""
     if not isinstance(value, dict):
@@ -293,7 +298,7 @@ class BenchmarkConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _old_names(cls, value: Any) -> Any:
-        return _renamed("eval.benchmarks[]", {"max_items": "limit"}, value)
+        return _renamed("eval.benchmarks[]", RENAMED_KEYS["eval.benchmarks[]"], value)
 
 
 SUITE_NAMES = ("finance-zh",)  # finqlora.evaluate.suite defines their sets
@@ -338,7 +343,7 @@ class EvalConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _old_names(cls, value: Any) -> Any:
-        return _renamed("eval", {"max_prompts": "max_samples"}, value)
+        return _renamed("eval", RENAMED_KEYS["eval"], value)
 
     @field_validator("benchmarks", mode="before")
     @classmethod
@@ -481,6 +486,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for text in overrides:
         parts, value = parse_override(text)
+        new = RENAMED_KEYS.get(parts[0], {}).get(parts[-1]) if len(parts) == 2 else None
+        if new is not None:  # --set of an old name overrides the file's value under the new name
+            warnings.warn(f"{parts[0]}.{parts[1]} is deprecated: write {parts[0]}.{new}", FutureWarning, stacklevel=2)
+            parts = [parts[0], new]
         if len(parts) == 1:
             merged[parts[0]] = value
         else:
