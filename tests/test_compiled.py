@@ -12,6 +12,7 @@ import contextlib
 import pytest
 import torch
 
+from conftest import dense_nf4_reference
 from finqlora.core.errors import FinqloraError
 from finqlora.train import compiled, kernels, speedups
 
@@ -163,11 +164,15 @@ def test_compiled_layers_beside_layers_that_keep_their_activations_compute_the_s
 
 def test_compiled_layers_keep_the_adapter_files_and_peft_paths(tmp_path):
     plain = _lora(_tiny_llama(quantize=True), 0.0, False).eval()
+    exact = dense_nf4_reference(_lora(_tiny_llama(quantize=True), 0.0, False)).eval()
     traced = _lora(_tiny_llama(quantize=True), 0.0, False).eval()
     assert compiled.install_traced_lora(traced) == 3 * 7  # the projections as the compiled layers run them
     batch = _batch(11)
     with torch.no_grad():
-        assert torch.allclose(plain(**batch).logits, traced(**batch).logits, atol=1e-6)
+        want = exact(**batch).logits
+        assert torch.allclose(want, traced(**batch).logits, atol=1e-6)
+        # peft + bitsandbytes compute the same function, in bf16 precision on avx512_bf16 CPUs (conftest).
+        assert torch.allclose(want, plain(**batch).logits, rtol=1e-2, atol=1e-2)
         with traced.disable_adapter(), plain.disable_adapter():  # peft's own forward takes over
             assert torch.allclose(plain(**batch).logits, traced(**batch).logits, atol=1e-6)
     # The quantization buffers are views of the frozen weight, not new state to save.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import dense_nf4_reference
 from finqlora.train import speedups
 from finqlora.core.chat_format import encode_for_training
 from finqlora.core.errors import FinqloraError
@@ -438,8 +439,11 @@ def test_gpu_benchmark_alternates_workers_and_reports_medians(tmp_path):
     tt = _bench_module()
     tokens, _, _ = _token_file(tmp_path, count=80)
     out = tmp_path / "out"
+    # 4-bit layers' widths a multiple of bitsandbytes' block (64), as in real models: its CPU eval kernel
+    # on avx512_bf16 CPUs repacks the weight per row of blocks and fails on a 32-wide layer.
+    arch = dict(TINY_ARCH, hidden_size=64, intermediate_size=128)
     code = tt.main(["run", "--tokens", str(tokens), "--variants", "baseline,+fused-lora", "--arch-json",
-                    json.dumps(TINY_ARCH), "--warmup", "1", "--repeats", "2", "--steps", "2", "--val-samples", "8",
+                    json.dumps(arch), "--warmup", "1", "--repeats", "2", "--steps", "2", "--val-samples", "8",
                     "--quality", "--baseline", "+fused-lora", "--out", str(out), "--work", str(tmp_path / "work")])
     assert code == 0
     rows = {r["variant"]: r for r in json.loads((out / "train_throughput.json").read_text())["results"]}
@@ -587,11 +591,15 @@ def test_fused_lora_matches_peft_loss_and_lora_grads(tiny_model_dir, samples, qu
     for name, grad in grads_plain.items():
         assert grad.abs().sum() > 0, name
         assert torch.allclose(grad, grads_fused[name], rtol=1e-4, atol=1e-6), name
-    # Outside training (eval, generation) and with the adapter disabled it is still peft's function.
+    # Outside training (eval, generation) it is still peft's function: exactly that of the dense
+    # dequantized weights, and bitsandbytes' CPU kernel's within its bf16 error (conftest says why).
+    exact = dense_nf4_reference(_lora_model(tiny_model_dir, dropout=0.0, quantize=quantize)).eval()
     fused.eval(), plain.eval()
     with torch.no_grad():
-        assert torch.allclose(plain(**batch).logits, fused(**batch).logits, atol=1e-5)
-        with fused.disable_adapter(), plain.disable_adapter():
+        want = exact(**batch).logits
+        assert torch.allclose(want, fused(**batch).logits, atol=1e-5)
+        assert torch.allclose(want, plain(**batch).logits, rtol=1e-2, atol=1e-2)
+        with fused.disable_adapter(), plain.disable_adapter():  # peft's own forward takes over
             assert torch.allclose(plain(**batch).logits, fused(**batch).logits, atol=1e-5)
 
 
