@@ -310,6 +310,8 @@ def test_the_report_is_chinese_by_default_and_english_with_lang_en(tmp_path: Pat
     assert result.exit_code == 0, result.output
     zh = (tmp_path / "zh" / "report.md").read_text(encoding="utf-8")
     assert "## 结论摘要" in zh and "新闻影响方向：准确率" in zh and "+50.0 百分点" in zh and "无显著差异" in zh
+    # Every metric row has its Chinese name (an untranslated key falls back to the English label).
+    assert "新闻影响方向：马修斯相关系数 MCC" in zh and "News direction" not in zh
     result = runner.invoke(app, ["report", "--run", str(eval_dir), "--output", str(tmp_path / "en"), "--lang", "en"])
     assert result.exit_code == 0, result.output
     en = (tmp_path / "en" / "report.md").read_text(encoding="utf-8")

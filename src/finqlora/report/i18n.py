@@ -29,6 +29,8 @@ METRICS = {
     "parse_rate": {"zh": "可解析率（格式遵循）", "en": "parse rate (format adherence)"},
     "choice_accuracy": {"zh": "准确率（选项打分）", "en": "accuracy (choice)"},
     "choice_macro_f1": {"zh": "宏平均 F1（选项打分）", "en": "macro-F1 (choice)"},
+    "mcc": {"zh": "马修斯相关系数 MCC", "en": "MCC"},
+    "choice_mcc": {"zh": "马修斯相关系数 MCC（选项打分）", "en": "MCC (choice)"},
     "rouge_l": {"zh": "ROUGE-L F1（与参考答案）", "en": "ROUGE-L F1 vs reference"},
     "bleu": {"zh": "BLEU-4（sacreBLEU，0-100）", "en": "BLEU-4 vs reference (sacreBLEU, 0-100)"},
     "reference": {"zh": "参考答案困惑度", "en": "reference-answer perplexity"},
