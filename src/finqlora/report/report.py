@@ -36,7 +36,6 @@ import base64
 import importlib.util
 import io
 import json
-import math
 import random
 import re
 from collections.abc import Sequence
@@ -211,18 +210,11 @@ def _percent(value: float | None) -> str:
 
 
 def binomial_greater_p(successes: int, n: int, p0: float) -> float:
-    """One-sided exact binomial test: P(X >= successes) for X ~ Binomial(n, p0)."""
-    if n == 0 or successes <= 0:
-        return 1.0
-    if p0 <= 0.0:
-        return 0.0
-    if p0 >= 1.0:
-        return 1.0 if successes <= n else 0.0
+    """One-sided exact binomial test, P(X >= successes) for X ~ Binomial(n, p0): scipy's
+    `binomtest(alternative="greater")`; 1 with no trials."""
+    from scipy.stats import binomtest
 
-    def log_pmf(k: int) -> float:
-        return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p0) + (n - k) * math.log1p(-p0)
-
-    return min(1.0, sum(math.exp(log_pmf(k)) for k in range(successes, n + 1)))
+    return float(binomtest(successes, n, p0, alternative="greater").pvalue) if n else 1.0
 
 
 # ---------------------------------------------------------------------------------------------
