@@ -24,6 +24,7 @@ from finqlora.core import statistics as S
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, atomic_write_jsonl, read_jsonl
 from finqlora.dataset.answer_parser import DIRECTIONS, parse_direction, parse_number
+from finqlora.dataset.labels import IMPORTANCE, MARKET_CASES, RELATIONS
 from finqlora.evaluate import metrics as M
 from finqlora.evaluate.choice import NORMALISATION
 
@@ -262,15 +263,23 @@ def _first_named(text: str, names: Sequence[str]) -> str | None:
 
 
 def _market_analysis(ctx: _Context) -> None:
-    cases = [item for item in ctx.items if item["task"] == "market_analysis" and (item.get("label") or {}).get("case")]
-    if not cases:
-        return
-    # Every case the builder can label (the items' options), so an answer naming another case is wrong, not unparsed.
-    names = sorted({name for item in cases for name in (item.get("choice") or {}).get("classes", [])} | {item["label"]["case"] for item in cases})
-    block = ctx.closed_task("market_analysis", "Market case", cases, [item["label"]["case"] for item in cases], names,
-                            lambda text, _item: (_first_named(text, names), {}))
-    if block:
-        ctx.tasks["market_analysis"] = block
+    market = [item for item in ctx.items if item["task"] == "market_analysis" and (item.get("label") or {}).get("case")]
+    # The 重要性与波动 question names its own type: it is scored on its answer (高于/接近/低于常态).
+    importance = [item for item in market if item["label"]["case"] == IMPORTANCE and item["label"].get("relation")]
+    cases = [item for item in market if item not in importance]
+    if cases:
+        # Every case the builder can label, so an answer naming another case is wrong, not unparsed.
+        names = sorted(set(MARKET_CASES) | {item["label"]["case"] for item in cases})
+        block = ctx.closed_task("market_analysis", "Market case", cases, [item["label"]["case"] for item in cases], names,
+                                lambda text, _item: (_first_named(text, names), {}))
+        if block:
+            ctx.tasks["market_analysis"] = block
+    if importance:
+        relations = list(RELATIONS)
+        block = ctx.closed_task("market_importance", "Move vs typical", importance, [item["label"]["relation"] for item in importance],
+                                relations, lambda text, _item: (_first_named(text, relations), {}))
+        if block:
+            ctx.tasks["market_importance"] = block
 
 
 _SAID_LETTER = re.compile(r"(?:答案|answer)\s*(?:是|为|:|：)?\s*([A-F])(?![A-Za-z])", re.IGNORECASE)
