@@ -23,6 +23,7 @@ from finqlora.store.db import Event, init_db
 from finqlora.core.errors import FinqloraError
 from finqlora.dataset.labels import LabelRules, direction, threshold_for
 from finqlora.store.sample_db import build_sample_db
+from finqlora.evaluate.evaluation import build_items
 
 REPO = Path(__file__).resolve().parents[1]
 FINQLORA = [sys.executable, "-c", "from finqlora.cli import main; main()"]
@@ -180,6 +181,10 @@ def test_outputs_say_what_the_labels_say(sample_build: builder.BuildResult) -> N
             assert parse_number(r["output"], r["label"]["unit"]).value == pytest.approx(r["label"]["answer"])
         elif r["type"] == "market_analysis":
             assert r["output"].startswith(f"案例类型：{r['label']['case']}")
+            # Choice scoring puts each option after this opening (evaluate/evaluation.py).
+            prefix = build_items([r])[0]["choice"]["answer_prefix"]
+            label = r["label"].get("relation") if r["label"]["case"] == "重要性与波动" else r["label"]["case"]
+            assert r["output"].startswith(prefix + label)
 
 
 def test_market_cases_are_balanced(sample_build: builder.BuildResult) -> None:
