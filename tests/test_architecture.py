@@ -3,7 +3,8 @@
 Checked with `ast` over src/finqlora, function-local imports included:
 - every import between stage subpackages points down the layer order (so there are no cycles);
 - the whole module graph has no cycle;
-- no function or method is longer than 120 lines, and classes live at module level.
+- no function or method is longer than 120 lines, and classes live at module level;
+- no module outside `cli/` imports typer.
 """
 
 from __future__ import annotations
@@ -131,6 +132,25 @@ def test_no_import_cycles_counting_function_local_imports() -> None:
         if module not in done:
             visit(module, [])
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def _imports_typer(tree: ast.AST) -> bool:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(alias.name.split(".")[0] == "typer" for alias in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "typer":
+            return True
+    return False
+
+
+def test_no_typer_below_the_cli() -> None:
+    """Only `cli/` builds typer commands and options; every other module takes plain values."""
+    below = [name for name, tree in _modules().items() if name.split(".")[:2] != ["finqlora", "cli"] and _imports_typer(tree)]
+    assert not below, f"modules outside finqlora.cli that import typer: {sorted(below)}"
+    # The check must see what it is for, function-local imports included.
+    assert _imports_typer(ast.parse("def options():\n    import typer\n"))
+    assert _imports_typer(ast.parse("from typer.models import OptionInfo\n"))
+    assert not _imports_typer(ast.parse("from finqlora.cli import typer_help\n"))
 
 
 def _functions(tree: ast.AST):

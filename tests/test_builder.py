@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from finqlora.dataset import builder
+from finqlora.dataset import builder, labelling, lengths, split
 from finqlora.core import textdedup
 from finqlora.dataset.answer_parser import parse_direction, parse_number
-from finqlora.dataset.builder import BuildConfig, build_dataset
+from finqlora.dataset.build_config import BuildConfig
+from finqlora.dataset.builder import build_dataset
 from finqlora.core.chat_format import record_to_chat
 from finqlora.core.records import user_content
 from finqlora.store.db import Event, init_db
@@ -159,7 +160,7 @@ def test_news_labels_follow_the_rule_on_stored_returns(sample_build: builder.Bui
                 adjacent = sorted(w for (t, w) in stored if t == ticker and w > 0)
                 i = adjacent.index(15)
                 neighbours = adjacent[max(i - 1, 0):i] + adjacent[i + 1:i + 2]
-                assert neighbours == builder._adjacent_windows(stored, ticker, 15)
+                assert neighbours == labelling.adjacent_windows(stored, ticker, 15)
                 held = all(stored[(ticker, w)] * stored[(ticker, 15)] > 0 for w in neighbours)
                 assert dir_ == (expected if held or expected == "中性" else "中性")
                 assert label["relevance"][ticker]["relevant"]
@@ -275,11 +276,11 @@ def _event(i: int, ts: int) -> Event:
 
 def test_split_by_time_keeps_ties_together_and_embargoes() -> None:
     times = [0, 60, 120, 120, 120, 180, 7200, 7260, 20000, 20060]
-    plan = builder.split_by_time([_event(i, t) for i, t in enumerate(times)], (0.4, 0.3, 0.3), embargo_min=0)
+    plan = split.split_by_time([_event(i, t) for i, t in enumerate(times)], (0.4, 0.3, 0.3), embargo_min=0)
     assert [e.ts_utc for e in plan.pools["train"]] == [0, 60, 120, 120, 120]  # the tie at 120 stays in train
     assert [e.ts_utc for e in plan.pools["val"]] == [180, 7200, 7260]
     assert [e.ts_utc for e in plan.pools["test"]] == [20000, 20060]
-    embargoed = builder.split_by_time([_event(i, t) for i, t in enumerate(times)], (0.4, 0.3, 0.3), embargo_min=5)
+    embargoed = split.split_by_time([_event(i, t) for i, t in enumerate(times)], (0.4, 0.3, 0.3), embargo_min=5)
     assert [e.ts_utc for e in embargoed.pools["val"]] == [7200, 7260]  # 180 is 1 min after train's end
     assert embargoed.embargoed == 1
 
@@ -294,7 +295,7 @@ def test_long_inputs_are_trimmed_and_outputs_kept(tmp_path: Path) -> None:
     assert result.stats["length_tokens"]["trimmed"] == 40
     assert any("trimmed" in n for n in result.notices)
     for r in result.records:
-        assert builder.TRIM_MARK in r["input"]
+        assert lengths.TRIM_MARK in r["input"]
         assert r["output"].endswith(f"方向：{r['label']['direction']}")
     assert result.stats["length_tokens"]["total"]["max"] <= 512
 
@@ -507,10 +508,10 @@ def test_irrelevant_events_are_not_labelled(tmp_path: Path) -> None:
 
 def test_direction_must_hold_across_adjacent_windows() -> None:
     rules = LabelRules()
-    ctx = builder.LabelContext(rules, {("XAUUSD", w): 0.001 for w in (5, 10, 15, 30, 120)}, "XAUUSD", {})
+    ctx = labelling.LabelContext(rules, {("XAUUSD", w): 0.001 for w in (5, 10, 15, 30, 120)}, "XAUUSD", {})
     held = {("XAUUSD", 5): -0.002, ("XAUUSD", 10): 0.001, ("XAUUSD", 15): 0.002, ("XAUUSD", 30): 0.0015, ("XAUUSD", 120): -0.001}
-    assert builder.ticker_direction(held, "XAUUSD", ctx) == ("利好", pytest.approx(2.0), True)
+    assert labelling.ticker_direction(held, "XAUUSD", ctx) == ("利好", pytest.approx(2.0), True)
     turned = {**held, ("XAUUSD", 30): -0.0001}
-    assert builder.ticker_direction(turned, "XAUUSD", ctx) == ("中性", pytest.approx(2.0), False)
-    off = builder.LabelContext(LabelRules(hold_adjacent=False), ctx.sigmas, "XAUUSD", {})
-    assert builder.ticker_direction(turned, "XAUUSD", off)[0] == "利好"
+    assert labelling.ticker_direction(turned, "XAUUSD", ctx) == ("中性", pytest.approx(2.0), False)
+    off = labelling.LabelContext(LabelRules(hold_adjacent=False), ctx.sigmas, "XAUUSD", {})
+    assert labelling.ticker_direction(turned, "XAUUSD", off)[0] == "利好"

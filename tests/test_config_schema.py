@@ -73,7 +73,7 @@ def test_every_option_of_a_stage_is_a_key_or_not_in_the_schema() -> None:
 
 def test_each_key_is_declared_once_with_one_default() -> None:
     """The stages' own option objects agree with the schema wherever they hold the same setting."""
-    from finqlora.dataset.builder import BuildConfig
+    from finqlora.dataset.build_config import BuildConfig
     from finqlora.dataset.labels import LabelRules
     from finqlora.evaluate.evaluation import EvalOptions
     from finqlora.models.generation import GenerationSettings

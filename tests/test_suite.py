@@ -211,7 +211,7 @@ def test_cli_eval_suite(tmp_path: Path, tiny_model_dir: Path) -> None:
 def test_suite_sets_decontaminate_the_build(tmp_path: Path) -> None:
     """Every local suite set joins the build's decontamination, FinEval's CSV folder and CFLUE's JSON included."""
     from finqlora.core.config import RunConfig
-    from finqlora.dataset.builder import BuildConfig
+    from finqlora.dataset.build_config import BuildConfig
     from finqlora.dataset.mixture import contaminated, eval_texts
 
     _fineval(tmp_path / "val", "banking", rows=2)
