@@ -515,3 +515,31 @@ def test_direction_must_hold_across_adjacent_windows() -> None:
     assert labelling.ticker_direction(turned, "XAUUSD", ctx) == ("中性", pytest.approx(2.0), False)
     off = labelling.LabelContext(LabelRules(hold_adjacent=False), ctx.sigmas, "XAUUSD", {})
     assert labelling.ticker_direction(turned, "XAUUSD", off)[0] == "利好"
+
+
+_CASE_ROW = re.compile(r"- 发布(前|后)(\d+)分钟：([+-][\d.]+)%（该窗口典型波动 σ=([\d.]+)%，即 ([+-][\d.]+)σ）")
+
+
+def test_market_labels_are_knowable_from_the_input(sample_build: builder.BuildResult) -> None:
+    """The case and the 重要性与波动 comparison recomputed from the numbers the input states (not
+    the stored returns) give the label: the answer uses only what the input makes knowable."""
+    from finqlora.dataset.labels import IMPORTANCE, importance_relation, market_case
+
+    checked = 0
+    for r in _read(sample_build.output):
+        if r["type"] != "market_analysis":
+            continue
+        if r["label"]["case"] == IMPORTANCE:
+            ret = float(re.search(r"发布后\d+分钟收益：([+-][\d.]+)%", r["input"]).group(1))
+            median = float(re.search(r"中位数：([\d.]+)%", r["input"]).group(1))
+            assert importance_relation(abs(ret), median) == r["label"]["relation"], r["input"]
+        else:
+            rows = _CASE_ROW.findall(r["input"])
+            assert rows, r["input"]
+            windows = [(-1 if side == "前" else 1) * int(minutes) for side, minutes, *_ in rows]
+            zs = {w: float(z) for w, (*_, z) in zip(windows, rows)}
+            for w, (*_, ret, sigma, z) in zip(windows, rows):
+                assert float(z) == pytest.approx(float(ret) / float(sigma), rel=0.02, abs=0.02)  # both shown rounded
+            assert market_case(zs, {w: 1.0 for w in zs}) == r["label"]["case"], r["input"]
+        checked += 1
+    assert checked >= 40

@@ -47,7 +47,9 @@ _CAVEAT = "同期其他消息与流动性也会影响价格，历史反应不代
 
 
 def _pct(ret: float) -> str:
-    return f"{ret * 100:+.2f}%"
+    """A return to the precision of the scale it is compared with (σ, medians: 0.001%), so that the
+    label computed from it can be recomputed from the text."""
+    return f"{ret * 100:+.3f}%"
 
 
 def _ticker_label(ticker: str) -> str:
@@ -80,9 +82,9 @@ def news_impact_output(label: dict[str, Any], rng: random.Random) -> str:
 
 
 def _case_explanation(case: str, name: str, pre: tuple[int, float, float] | None, post: tuple[int, float, float], longest: tuple[int, float, float]) -> str:
-    pre_text = f"发布前{-pre[0]}分钟{name}变动 {_pct(pre[1])}（{pre[2]:+.1f}σ）" if pre else "发布前走势数据缺失"
-    post_text = f"发布后{post[0]}分钟 {_pct(post[1])}（{post[2]:+.1f}σ）"
-    long_text = f"发布后{longest[0]}分钟 {_pct(longest[1])}（{longest[2]:+.1f}σ）"
+    pre_text = f"发布前{-pre[0]}分钟{name}变动 {_pct(pre[1])}（{pre[2]:+.2f}σ）" if pre else "发布前走势数据缺失"
+    post_text = f"发布后{post[0]}分钟 {_pct(post[1])}（{post[2]:+.2f}σ）"
+    long_text = f"发布后{longest[0]}分钟 {_pct(longest[1])}（{longest[2]:+.2f}σ）"
     if case == lab.EXPECTATION_REALIZED:
         return (f"依据：{pre_text}，已提前出现明显波动；{post_text}，{long_text}，消息落地后没有沿事前方向继续，"
                 "说明市场在消息发布前已经计入了预期。\n解读：消息内容本身可能并不差，但预期已被交易，落地后缺少新的增量资金，"
@@ -109,8 +111,11 @@ def market_case_record(impact: dict[tuple[str, int], float], ctx: LabelContext, 
     name = _ticker_label(ticker)
     pre_windows = sorted(w for w in returns if w < 0)
     post_windows = sorted(w for w in returns if w > 0)
+    # Each window's move in units of its σ (z) is what the case rule reads (dataset/labels.py), stated
+    # so that the label is knowable from the input, not only computable by dividing two numbers.
     table = "\n".join(
-        f"- {_window_label(w)}：{_pct(returns[w])}（该窗口典型波动 σ={sigmas[w] * 100:.3f}%）" for w in pre_windows + post_windows
+        f"- {_window_label(w)}：{_pct(returns[w])}（该窗口典型波动 σ={sigmas[w] * 100:.3f}%，即 {returns[w] / sigmas[w]:+.2f}σ）"
+        for w in pre_windows + post_windows
     )
     suffix = f"\n\n{name}行情：\n{table}"
     pre = _z(impact, ticker, pre_windows[0], ctx) if pre_windows else None
