@@ -265,7 +265,7 @@ def test_cli_choice_scoring_of_a_benchmark(tmp_path: Path, tiny_model_dir: Path,
     bench.write_text(json.dumps([["公司业绩大幅增长", 2], ["市场表现平稳", 1], ["亏损继续扩大", 0], ["营收明显下滑", 0]], ensure_ascii=False), encoding="utf-8")
     out = tmp_path / "eval"
     result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter), "--scoring", "choice",
-                                      "--benchmark", f"finfe:{bench}", "--no-forgetting", "--bootstrap", "100", "--lang", "en", "--output", str(out)])
+                                      "--showcase-samples", "0", "--benchmark", f"finfe:{bench}", "--no-forgetting", "--bootstrap", "100", "--lang", "en", "--output", str(out)])
     assert result.exit_code == 0, result.output
     assert not (out / "generations_base.jsonl").exists() and (out / "choice_finetuned.jsonl").exists()
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
