@@ -111,12 +111,6 @@ def test_each_key_is_declared_once_with_one_default() -> None:
             assert not hits, f"{path.name} declares a generation length default again: {hits}"
 
 
-def test_profile_names_match_the_registry() -> None:
-    from finqlora.train.speedups import PROFILES
-
-    assert set(PROFILE_NAMES) == set(PROFILES)
-
-
 def test_build_takes_config_and_set(tmp_path: Path) -> None:
     """`finqlora build --config ... --set data.mix=...`: the file, then --set, then flags, in one config."""
     config = tmp_path / "c.yaml"
