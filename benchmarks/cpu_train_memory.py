@@ -1,12 +1,12 @@
-"""Peak resident memory of CPU training, glibc's default allocator settings vs finqlora's.
+"""Peak resident memory of CPU training, without and with the heap trim after every step.
 
     python benchmarks/cpu_train_memory.py --dataset DIR/instructions.jsonl [--steps 30]
 
-Runs `finqlora train --config configs/demo-cpu.yaml` twice on the same data and steps, one
-process each, alternating: the baseline through the typer app alone (glibc's defaults), the
-candidate through the `finqlora` entry point (`finqlora.cli.main`, which fixes glibc's mmap and
-trim thresholds first: core/allocator.py). Prints each run's peak RSS (the kernel's
-ru_maxrss of the child), wall time, validation loss, and the ratios.
+Runs `finqlora train --config configs/demo-cpu.yaml` on the same data and steps, one process
+each, alternating: the baseline with the training callback's `trim_heap` turned into a no-op
+(glibc keeps the freed, fragmented heap), the candidate as shipped (`malloc_trim(0)` after every
+step and evaluation: core/hardware.py). Prints each run's peak RSS (the kernel's ru_maxrss of
+the child), wall time, validation loss, and the ratios.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = {
-    "glibc default": "import sys; from finqlora.cli import app; app(args=sys.argv[1:])",
-    "finqlora (fixed thresholds)": "import sys; from finqlora.cli import main; main(sys.argv[1:])",
+    "no trim": "import sys; import finqlora.train.callbacks as c; c.trim_heap = lambda: False; from finqlora.cli import main; main(sys.argv[1:])",
+    "trim after each step": "import sys; from finqlora.cli import main; main(sys.argv[1:])",
 }
 
 
@@ -52,11 +52,11 @@ def main() -> None:
             for number, label in enumerate(ENTRY):
                 rows.append(run(label, opts.dataset, opts.steps, Path(tmp) / f"{repeat}-{number}"))
                 print(json.dumps(rows[-1], ensure_ascii=False), flush=True)
-    base = [r for r in rows if r["run"] == "glibc default"]
-    fixed = [r for r in rows if r["run"] != "glibc default"]
+    base = [r for r in rows if r["run"] == "no trim"]
+    fixed = [r for r in rows if r["run"] != "no trim"]
     for key in ("peak_rss_gb", "wall_s"):
         ratio = sum(r[key] for r in fixed) / sum(r[key] for r in base)
-        print(f"{key}: finqlora / glibc default = {ratio:.2f}")
+        print(f"{key}: trim / no trim = {ratio:.2f}")
 
 
 if __name__ == "__main__":

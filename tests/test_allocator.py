@@ -1,4 +1,4 @@
-"""The process-wide allocator setting that returns freed tensor memory (core/allocator.py)."""
+"""trim_heap (core/hardware.py): freed memory in a fragmented glibc heap leaves the process."""
 
 from __future__ import annotations
 
@@ -7,36 +7,40 @@ import sys
 
 import pytest
 
-from finqlora.core.allocator import return_freed_memory
+from finqlora.core.hardware import trim_heap
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's (Linux)")
 
-
-def test_the_cli_fixes_the_thresholds_and_fragmented_memory_is_returned() -> None:
-    """Blocks of varying size below glibc's dynamic threshold, half of them freed: with the fixed
-    128 KiB threshold they are mappings of their own and the freed half leaves the process."""
-    script = r"""
+# Blocks of varying size below glibc's dynamic mmap threshold (raised to 30 MB by the first large
+# free), every other one freed: holes inside the heap that glibc keeps unless trimmed.
+SCRIPT = r"""
 import sys
 import numpy as np
-from finqlora.core.allocator import return_freed_memory
+from finqlora.core.hardware import trim_heap
 def rss_mb():
     return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) / 1024
-if sys.argv[1] == 'fixed':
-    assert return_freed_memory()
-warm = np.ones(30 * 2**20 // 8); del warm          # a large free raises glibc's dynamic threshold to 30 MB
+warm = np.ones(30 * 2**20 // 8); del warm
 blocks = [np.ones((2 + i % 7) * 2**20 // 8) for i in range(200)]   # ~1 GB in 2-8 MB blocks
 before = rss_mb()
 del blocks[::2]
+if sys.argv[1] == 'trim':
+    assert trim_heap()
 print(round(before - rss_mb()))
 """
+
+
+def test_trimming_returns_the_holes_of_a_fragmented_heap() -> None:
     freed = {}
-    for mode in ("default", "fixed"):
-        done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120)
+    for mode in ("keep", "trim"):
+        done = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         freed[mode] = int(done.stdout.strip())
-    assert freed["fixed"] > 400, freed          # about half of the ~1 GB leaves the process
-    assert freed["default"] < freed["fixed"] / 2, freed  # glibc's default keeps most of it
+    assert freed["trim"] > 400, freed            # about half of the ~1 GB leaves the process
+    assert freed["keep"] < freed["trim"] / 2, freed  # without the trim glibc keeps it
 
 
-def test_it_reports_success_on_glibc() -> None:
-    assert return_freed_memory() is True
+def test_training_trims_after_every_step() -> None:
+    from finqlora.train.callbacks import ReleaseFreedMemory
+
+    assert trim_heap() is True
+    assert {"on_step_end", "on_evaluate"} <= set(vars(ReleaseFreedMemory))

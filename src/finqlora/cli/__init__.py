@@ -16,7 +16,6 @@ from rich.console import Console
 from finqlora import __version__
 from finqlora.cli.console import make_console, styled
 from finqlora.core.errors import FinqloraError
-from finqlora.core.allocator import return_freed_memory
 from finqlora.core.fileio import WRITE_ERRNOS, write_error
 
 # Order is the order of `finqlora --help`: the pipeline's stages first, then tools.
@@ -50,7 +49,6 @@ for _area in AREAS:
 
 
 def main(argv: list[str] | None = None) -> None:
-    return_freed_memory()  # before any tensor exists (core/allocator.py says why)
     err = make_console(stderr=True)
     try:
         app(args=argv, standalone_mode=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from finqlora.core.hardware import trim_heap
 from finqlora.core.fileio import atomic_write_text
 from finqlora.train.checkpoints import check_free_space, now_utc
 from finqlora.train.distributed import any_rank
@@ -68,6 +69,17 @@ class RunControl(TrainerCallback):
                 control.should_training_stop = True
                 control.should_save = False
         return control
+
+class ReleaseFreedMemory(TrainerCallback):
+    """Give the heap's free pages back after every step and evaluation (core/hardware.trim_heap: on the
+    CPU, activations of varying size otherwise fragment glibc's heap and resident memory grows)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trim_heap()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        trim_heap()
+
 
 class JsonlLog(TrainerCallback):
     """training_log.jsonl: one line per logged step (loss, lr, grad norm, tokens/s) and per validation."""

@@ -35,7 +35,7 @@ from typing import Any
 from finqlora.core.config import RunConfig, TrainConfig
 from finqlora.core.errors import FinqloraError
 from finqlora.core.lock import RunFolderLock
-from finqlora.train.callbacks import JsonlLog, LiveLossPlot, RichProgress, RunControl
+from finqlora.train.callbacks import JsonlLog, LiveLossPlot, ReleaseFreedMemory, RichProgress, RunControl
 from finqlora.train.checkpoints import check_free_space, now_utc, resolve_resume, save_bytes_needed, training_fingerprint
 from finqlora.train.data import load_splits
 from finqlora.train.distributed import is_main_process
@@ -84,7 +84,7 @@ def _train(run: RunConfig, output_dir: Path, callbacks: Sequence[Any], progress:
     progress_cb = RichProgress(log_cb, enabled=progress)
     args = training_arguments(cfg, facts.plan, facts.data, output_dir, resuming=facts.resume_from is not None)
     # Extra callbacks run first, so one that raises a signal at step N is seen at that same step.
-    trainer_callbacks = [*callbacks, control_cb, log_cb, progress_cb, LiveLossPlot(output_dir, f"{run.name}: loss")]
+    trainer_callbacks = [*callbacks, control_cb, log_cb, progress_cb, LiveLossPlot(output_dir, f"{run.name}: loss"), ReleaseFreedMemory()]
     if cfg.early_stopping_patience is not None:
         from transformers import EarlyStoppingCallback
 
