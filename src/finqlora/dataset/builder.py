@@ -1075,6 +1075,10 @@ def _decontaminate(drafts: list[Draft], config: BuildConfig, notices: list[str],
         return drafts
     eval_sets = {str(path): mixture.eval_texts(Path(path)) for path in config.decontaminate}
     hits = mixture.contaminated([d.news or d.input for d in drafts], eval_sets, config.dedup_threshold)
+    # A mixed-in instruction row (DISC-Fin-SFT, Alpaca) often holds its question in the instruction, its input empty.
+    public = [i for i, d in enumerate(drafts) if d.type == PUBLIC]
+    for index, name in mixture.contaminated([drafts[i].instruction for i in public], eval_sets, config.dedup_threshold).items():
+        hits.setdefault(public[index], name)
     by_type = Counter(drafts[i].type for i in hits)
     stats["decontamination"] = {"eval_sets": {k: len(v) for k, v in eval_sets.items()}, "threshold": config.dedup_threshold,
                                 "dropped": len(hits), "dropped_by_type": dict(sorted(by_type.items())),
