@@ -35,7 +35,9 @@ sys.path.insert(0, str(REPO / "src"))
 
 from finqlora.store import db as store  # noqa: E402
 from finqlora.core import textdedup  # noqa: E402
-from finqlora.dataset.builder import BuildConfig, news_text, build_dataset  # noqa: E402
+from finqlora.dataset.build_config import BuildConfig  # noqa: E402
+from finqlora.dataset.builder import build_dataset  # noqa: E402
+from finqlora.dataset.store_reader import news_text  # noqa: E402
 
 TARGETS = {300: 10.0, 20_000: 60.0}
 

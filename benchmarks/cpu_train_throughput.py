@@ -37,7 +37,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import train_throughput as tt  # noqa: E402
 
-from finqlora.train.speedups import SpeedProfile, apply_model_speedups, get_profile, make_data_collator  # noqa: E402
+from finqlora.core.profiles import SpeedProfile  # noqa: E402
+from finqlora.train.collate import make_data_collator  # noqa: E402
+from finqlora.train.patches import apply_model_speedups  # noqa: E402
+from finqlora.train.profiles import get_profile  # noqa: E402
 
 PLAIN = dataclasses.replace(get_profile("default"), load_in_4bit=False, gradient_checkpointing=False,
                             compute_dtype="fp32", optimizer="adamw_torch")

@@ -70,7 +70,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from finqlora.train.speedups import SpeedProfile, get_profile  # noqa: E402
+from finqlora.core.profiles import SpeedProfile  # noqa: E402
+from finqlora.train.profiles import get_profile  # noqa: E402
 from finqlora.train.recompute import memory_sizing_of  # noqa: E402
 
 DEEPSEEK_7B = dict(
@@ -402,7 +403,7 @@ def attach_lora(model: Any, profile: SpeedProfile, lora_layers: int | None = Non
     elif profile.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    from finqlora.train.training import lora_targets
+    from finqlora.train.setup import lora_targets
 
     targets, layers = lora_targets(model, "all-linear", lora_layers)
     config = LoraConfig(r=LORA_R, lora_alpha=16, lora_dropout=lora_dropout, target_modules=targets, bias="none",
@@ -511,7 +512,7 @@ def block_result(marks: list[float], block: dict, counted: list[tuple[int, list[
 
 def train_items(variant: Variant, samples: list[dict], max_length: int, seed: int) -> tuple[list[dict], int]:
     """The Trainer's dataset and per-device batch size for the variant's batch layout."""
-    from finqlora.train.speedups import pack_by_token_budget, tokens_per_micro_batch
+    from finqlora.train.collate import pack_by_token_budget, tokens_per_micro_batch
 
     profile = variant.profile
     if variant.repeat_check:
@@ -527,7 +528,8 @@ def train_items(variant: Variant, samples: list[dict], max_length: int, seed: in
 
 def finqlora_model(variant: Variant, *, arch: dict, device: str, build: Any, lora_layers: int | None) -> tuple[Any, Any]:
     """peft LoRA on the random base (or `build(profile)`), the profile's levers, the profile's collator."""
-    from finqlora.train.speedups import apply_model_speedups, attention_implementation, make_data_collator
+    from finqlora.train.collate import make_data_collator
+    from finqlora.train.patches import apply_model_speedups, attention_implementation
 
     profile = variant.profile
     model = build(profile) if build is not None else build_model(arch, profile, device)
@@ -672,7 +674,7 @@ def paged_state_gib(optimizer: Any) -> float:
 def val_loss(model: Any, samples: list[dict], profile: SpeedProfile, device: str) -> float:
     """Mean token loss of held-out samples (eval mode, padded batches of 4, the profile's precision)."""
     import torch
-    from finqlora.train.speedups import get_profile, make_data_collator
+    from finqlora.train.collate import make_data_collator
 
     collate = make_data_collator(padding_tokenizer(), get_profile("default"))
     dtype = getattr(torch, DTYPES.get(profile.compute_dtype or "bf16", "bfloat16"))
@@ -700,7 +702,7 @@ def unsloth_model(variant: Variant, checkpoint: str | None) -> tuple[Any, Any]:
     import torch
     from unsloth import FastLanguageModel
 
-    from finqlora.train.speedups import make_data_collator
+    from finqlora.train.collate import make_data_collator
 
     if not checkpoint:
         raise RuntimeError("Unsloth rows need --checkpoint (made by `make-checkpoint`)")

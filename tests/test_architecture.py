@@ -3,7 +3,8 @@
 Checked with `ast` over src/finqlora, function-local imports included:
 - every import between stage subpackages points down the layer order (so there are no cycles);
 - the whole module graph has no cycle;
-- no function or method is longer than 120 lines, and classes live at module level.
+- no function or method is longer than 120 lines, and classes live at module level;
+- no module outside `cli/` imports typer.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ LAYERS = {
     "store": 1,
     "models": 1,
     "dataset": 2,
+    "doctor": 2,
     "train": 3,
     "evaluate": 3,
     "serve": 3,
@@ -30,7 +32,7 @@ LAYERS = {
     "ui": 6,
     "cli": 7,
 }
-# Top-level modules: the package's own __init__/__main__ and compatibility aliases of old names.
+# Top-level modules: only the package's own __init__ and __main__.
 TOP_LEVEL_RANK = 8
 MAX_FUNCTION_LINES = 120
 
@@ -87,8 +89,9 @@ def _graph() -> dict[str, set[str]]:
     return {name: _imported_modules(name, tree, known) for name, tree in modules.items()}
 
 
-def test_every_module_sits_in_a_stage_subpackage_or_is_a_documented_alias() -> None:
-    allowed_top = {"finqlora", "finqlora.__main__", "finqlora.builder", "finqlora.training", "finqlora.evaluation", "finqlora.server", "finqlora.client"}
+def test_every_module_sits_in_a_stage_subpackage() -> None:
+    """The old flat names (and their five compatibility aliases) were removed: docs/architecture.md."""
+    allowed_top = {"finqlora", "finqlora.__main__"}
     stray = [m for m in _modules() if m.count(".") == 1 and m.split(".")[1] not in LAYERS and m not in allowed_top]
     assert not stray, f"modules outside the stage subpackages: {stray}"
 
@@ -131,6 +134,25 @@ def test_no_import_cycles_counting_function_local_imports() -> None:
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
+def _imports_typer(tree: ast.AST) -> bool:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(alias.name.split(".")[0] == "typer" for alias in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "typer":
+            return True
+    return False
+
+
+def test_no_typer_below_the_cli() -> None:
+    """Only `cli/` builds typer commands and options; every other module takes plain values."""
+    below = [name for name, tree in _modules().items() if name.split(".")[:2] != ["finqlora", "cli"] and _imports_typer(tree)]
+    assert not below, f"modules outside finqlora.cli that import typer: {sorted(below)}"
+    # The check must see what it is for, function-local imports included.
+    assert _imports_typer(ast.parse("def options():\n    import typer\n"))
+    assert _imports_typer(ast.parse("from typer.models import OptionInfo\n"))
+    assert not _imports_typer(ast.parse("from finqlora.cli import typer_help\n"))
+
+
 def _functions(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -169,7 +191,6 @@ def test_the_checker_sees_a_function_local_upward_import(tmp_path: Path) -> None
     assert _rank("finqlora.report.report") > _rank("finqlora.evaluate.evaluation")
 
 
-ALIASES = {"finqlora.builder", "finqlora.training", "finqlora.evaluation", "finqlora.server", "finqlora.client"}
 ARCHITECTURE_DOC = PACKAGE_ROOT.parents[1] / "docs" / "architecture.md"
 
 
@@ -178,19 +199,6 @@ def test_the_pipeline_engine_imports_no_stage() -> None:
     imported = _graph()["finqlora.pipeline.engine"]
     stray = sorted(t for t in imported if t != "finqlora" and not t.startswith(("finqlora.core", "finqlora.pipeline")))
     assert "finqlora.pipeline.stages" not in imported and not stray, f"pipeline.engine imports {stray or 'pipeline.stages'}"
-
-
-def test_the_aliases_are_the_five_documented_thin_ones() -> None:
-    modules = _modules()
-    top_level = {m for m in modules if m.count(".") == 1 and m.split(".")[1] not in LAYERS and m != "finqlora.__main__"}
-    assert top_level == ALIASES, f"compatibility aliases changed: {sorted(top_level ^ ALIASES)}"
-    doc = ARCHITECTURE_DOC.read_text(encoding="utf-8")
-    for alias in sorted(ALIASES):
-        tree = modules[alias]
-        # A thin alias: imports and the sys.modules assignment, no code of its own.
-        assert not [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))], f"{alias} holds code"
-        assert any("sys.modules" in ast.unparse(n) for n in tree.body), f"{alias} is not a sys.modules alias"
-        assert f"`{alias}`" in doc, f"docs/architecture.md does not list the alias {alias}"
 
 
 def test_the_architecture_page_names_every_subpackage() -> None:

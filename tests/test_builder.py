@@ -13,16 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from finqlora.dataset import builder
+from finqlora.dataset import builder, labelling, lengths, split
 from finqlora.core import textdedup
 from finqlora.dataset.answer_parser import parse_direction, parse_number
-from finqlora.dataset.builder import BuildConfig, build_dataset
+from finqlora.dataset.build_config import BuildConfig
+from finqlora.dataset.builder import build_dataset
 from finqlora.core.chat_format import record_to_chat
 from finqlora.core.records import user_content
 from finqlora.store.db import Event, init_db
 from finqlora.core.errors import FinqloraError
 from finqlora.dataset.labels import LabelRules, direction, threshold_for
 from finqlora.store.sample_db import build_sample_db
+from finqlora.evaluate.evaluation import build_items
 
 REPO = Path(__file__).resolve().parents[1]
 FINQLORA = [sys.executable, "-c", "from finqlora.cli import main; main()"]
@@ -158,7 +160,7 @@ def test_news_labels_follow_the_rule_on_stored_returns(sample_build: builder.Bui
                 adjacent = sorted(w for (t, w) in stored if t == ticker and w > 0)
                 i = adjacent.index(15)
                 neighbours = adjacent[max(i - 1, 0):i] + adjacent[i + 1:i + 2]
-                assert neighbours == builder._adjacent_windows(stored, ticker, 15)
+                assert neighbours == labelling.adjacent_windows(stored, ticker, 15)
                 held = all(stored[(ticker, w)] * stored[(ticker, 15)] > 0 for w in neighbours)
                 assert dir_ == (expected if held or expected == "中性" else "中性")
                 assert label["relevance"][ticker]["relevant"]
@@ -180,6 +182,10 @@ def test_outputs_say_what_the_labels_say(sample_build: builder.BuildResult) -> N
             assert parse_number(r["output"], r["label"]["unit"]).value == pytest.approx(r["label"]["answer"])
         elif r["type"] == "market_analysis":
             assert r["output"].startswith(f"案例类型：{r['label']['case']}")
+            # Choice scoring puts each option after this opening (evaluate/evaluation.py).
+            prefix = build_items([r])[0]["choice"]["answer_prefix"]
+            label = r["label"].get("relation") if r["label"]["case"] == "重要性与波动" else r["label"]["case"]
+            assert r["output"].startswith(prefix + label)
 
 
 def test_market_cases_are_balanced(sample_build: builder.BuildResult) -> None:
@@ -270,11 +276,11 @@ def _event(i: int, ts: int) -> Event:
 
 def test_split_by_time_keeps_ties_together_and_embargoes() -> None:
     times = [0, 60, 120, 120, 120, 180, 7200, 7260, 20000, 20060]
-    plan = builder.split_by_time([_event(i, t) for i, t in enumerate(times)], (0.4, 0.3, 0.3), embargo_min=0)
+    plan = split.split_by_time([_event(i, t) for i, t in enumerate(times)], (0.4, 0.3, 0.3), embargo_min=0)
     assert [e.ts_utc for e in plan.pools["train"]] == [0, 60, 120, 120, 120]  # the tie at 120 stays in train
     assert [e.ts_utc for e in plan.pools["val"]] == [180, 7200, 7260]
     assert [e.ts_utc for e in plan.pools["test"]] == [20000, 20060]
-    embargoed = builder.split_by_time([_event(i, t) for i, t in enumerate(times)], (0.4, 0.3, 0.3), embargo_min=5)
+    embargoed = split.split_by_time([_event(i, t) for i, t in enumerate(times)], (0.4, 0.3, 0.3), embargo_min=5)
     assert [e.ts_utc for e in embargoed.pools["val"]] == [7200, 7260]  # 180 is 1 min after train's end
     assert embargoed.embargoed == 1
 
@@ -289,7 +295,7 @@ def test_long_inputs_are_trimmed_and_outputs_kept(tmp_path: Path) -> None:
     assert result.stats["length_tokens"]["trimmed"] == 40
     assert any("trimmed" in n for n in result.notices)
     for r in result.records:
-        assert builder.TRIM_MARK in r["input"]
+        assert lengths.TRIM_MARK in r["input"]
         assert r["output"].endswith(f"方向：{r['label']['direction']}")
     assert result.stats["length_tokens"]["total"]["max"] <= 512
 
@@ -502,10 +508,38 @@ def test_irrelevant_events_are_not_labelled(tmp_path: Path) -> None:
 
 def test_direction_must_hold_across_adjacent_windows() -> None:
     rules = LabelRules()
-    ctx = builder.LabelContext(rules, {("XAUUSD", w): 0.001 for w in (5, 10, 15, 30, 120)}, "XAUUSD", {})
+    ctx = labelling.LabelContext(rules, {("XAUUSD", w): 0.001 for w in (5, 10, 15, 30, 120)}, "XAUUSD", {})
     held = {("XAUUSD", 5): -0.002, ("XAUUSD", 10): 0.001, ("XAUUSD", 15): 0.002, ("XAUUSD", 30): 0.0015, ("XAUUSD", 120): -0.001}
-    assert builder.ticker_direction(held, "XAUUSD", ctx) == ("利好", pytest.approx(2.0), True)
+    assert labelling.ticker_direction(held, "XAUUSD", ctx) == ("利好", pytest.approx(2.0), True)
     turned = {**held, ("XAUUSD", 30): -0.0001}
-    assert builder.ticker_direction(turned, "XAUUSD", ctx) == ("中性", pytest.approx(2.0), False)
-    off = builder.LabelContext(LabelRules(hold_adjacent=False), ctx.sigmas, "XAUUSD", {})
-    assert builder.ticker_direction(turned, "XAUUSD", off)[0] == "利好"
+    assert labelling.ticker_direction(turned, "XAUUSD", ctx) == ("中性", pytest.approx(2.0), False)
+    off = labelling.LabelContext(LabelRules(hold_adjacent=False), ctx.sigmas, "XAUUSD", {})
+    assert labelling.ticker_direction(turned, "XAUUSD", off)[0] == "利好"
+
+
+_CASE_ROW = re.compile(r"- 发布(前|后)(\d+)分钟：([+-][\d.]+)%（该窗口典型波动 σ=([\d.]+)%，即 ([+-][\d.]+)σ）")
+
+
+def test_market_labels_are_knowable_from_the_input(sample_build: builder.BuildResult) -> None:
+    """The case and the 重要性与波动 comparison recomputed from the numbers the input states (not
+    the stored returns) give the label: the answer uses only what the input makes knowable."""
+    from finqlora.dataset.labels import IMPORTANCE, importance_relation, market_case
+
+    checked = 0
+    for r in _read(sample_build.output):
+        if r["type"] != "market_analysis":
+            continue
+        if r["label"]["case"] == IMPORTANCE:
+            ret = float(re.search(r"发布后\d+分钟收益：([+-][\d.]+)%", r["input"]).group(1))
+            median = float(re.search(r"中位数：([\d.]+)%", r["input"]).group(1))
+            assert importance_relation(abs(ret), median) == r["label"]["relation"], r["input"]
+        else:
+            rows = _CASE_ROW.findall(r["input"])
+            assert rows, r["input"]
+            windows = [(-1 if side == "前" else 1) * int(minutes) for side, minutes, *_ in rows]
+            zs = {w: float(z) for w, (*_, z) in zip(windows, rows)}
+            for w, (*_, ret, sigma, z) in zip(windows, rows):
+                assert float(z) == pytest.approx(float(ret) / float(sigma), rel=0.02, abs=0.02)  # both shown rounded
+            assert market_case(zs, {w: 1.0 for w in zs}) == r["label"]["case"], r["input"]
+        checked += 1
+    assert checked >= 40

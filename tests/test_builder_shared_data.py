@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finqlora.dataset.builder import BuildConfig, build_dataset
+from finqlora.dataset.build_config import BuildConfig
+from finqlora.dataset.builder import build_dataset
 from finqlora.dataset.labels import direction
 
 pytestmark = pytest.mark.shared_data

@@ -177,3 +177,28 @@ def test_cli_models_list_info_and_verify(monkeypatch):
     assert verified.exit_code == 0 and f"sha256 OK ({SMOL.sha256})" in verified.stdout
     unknown = runner.invoke(app, ["models", "prepare", "nope"])
     assert isinstance(unknown.exception, FinqloraError)
+
+
+def test_half_precision_loads_read_a_cast_copy_with_the_same_weights():
+    """A bf16 load of a built-in reads a copy cast once on disk (half the load's peak memory) whose
+    weights equal, bit for bit, what transformers makes of the float32 folder with dtype=bf16."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finqlora.models.builtin import cast_folder
+    from finqlora.models.loading import load_model
+
+    _require(SMOL)
+    folder = prepare_builtin(SMOL, progress=False)  # the user's cache (the conversion is slow)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).state_dict()
+    loaded = load_model(SMOL.spec, device="cpu", dtype="bfloat16", progress=False)
+    cast = folder.with_name(f"{folder.name}.bfloat16")
+    assert read_marker(cast)["dtype"] == "bfloat16" and read_marker(cast)["cast_of"] == read_marker(folder)["converted_at"]
+    state = loaded.model.state_dict()
+    assert state.keys() == reference.keys()
+    assert all(state[name].dtype == torch.bfloat16 and torch.equal(state[name], reference[name]) for name in reference)
+    # Made once: a second call returns the same folder untouched.
+    stamp = (cast / "model.safetensors").stat().st_mtime_ns
+    assert cast_folder(folder, "bfloat16") == cast and (cast / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="casts to"):
+        cast_folder(folder, "int8")

@@ -13,7 +13,8 @@ import pytest
 from test_training import tiny_config, write_dataset
 
 from finqlora.core.errors import FinqloraError
-from finqlora.train.training import CHECKPOINT_MARKER, checkpoint_is_complete, find_latest_checkpoint, train
+from finqlora.train.checkpoints import CHECKPOINT_MARKER, checkpoint_is_complete, find_latest_checkpoint
+from finqlora.train.training import train
 
 
 @pytest.fixture(scope="module")

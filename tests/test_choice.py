@@ -104,3 +104,27 @@ def test_a_model_taught_to_prefer_an_option_picks_it(tiny_model_dir: Path) -> No
 def test_options_without_tokens_are_refused(tiny) -> None:
     with pytest.raises(ValueError, match="have no tokens"):
         score_choices(tiny.model, tiny.tokenizer, [_question("快讯", ["利好", ""])])
+
+
+def test_an_answer_prefix_joins_the_prompt_and_is_not_scored(tiny) -> None:
+    """With `案例类型：` before the options, each option's tokens are scored after prompt + prefix,
+    exactly as a plain forward pass over the answer text `prefix + option` gives them."""
+    import torch
+
+    from finqlora.dataset.labels import CASE_ANSWER_PREFIX, MARKET_CASES
+
+    messages, options = _question("现货黄金发布后15分钟上涨0.8σ。", MARKET_CASES)
+    result = score_choices(tiny.model, tiny.tokenizer, [(messages, options)], answer_prefixes=[CASE_ANSWER_PREFIX])[0]
+    prompt = tiny.tokenizer.encode(render_prompt(tiny.tokenizer, messages), add_special_tokens=False)
+    prefix = tiny.tokenizer.encode(CASE_ANSWER_PREFIX, add_special_tokens=False)
+    for option, got in zip(options, result.token_logprobs):
+        answer = tiny.tokenizer.encode(CASE_ANSWER_PREFIX + option, add_special_tokens=False)
+        assert answer[: len(prefix)] == prefix
+        with torch.no_grad():
+            logprobs = torch.log_softmax(tiny.model(input_ids=torch.tensor([prompt + answer])).logits[0].float(), dim=-1)
+        start = len(prompt) + len(prefix)
+        want = [float(logprobs[start - 1 + t, token]) for t, token in enumerate(answer[len(prefix):])]
+        assert got == pytest.approx(want, abs=1e-4)
+    # No prefix: the same options scored right after the prompt differ (the prefix is really used).
+    bare = score_choices(tiny.model, tiny.tokenizer, [(messages, options)])[0]
+    assert bare.token_logprobs != result.token_logprobs

@@ -14,7 +14,7 @@ import torch
 
 from conftest import dense_nf4_reference
 from finqlora.core.errors import FinqloraError
-from finqlora.train import compiled, kernels, speedups
+from finqlora.train import compiled, kernels, profiles
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inductor/Triton path)")
 
@@ -201,10 +201,10 @@ def test_compiled_layers_refuse_other_4bit_layouts_and_models_without_layers():
 
 def test_compiled_profiles_keep_the_run_configs_batches_and_t4_kernels():
     for name in ("compiled", "t4-compiled"):
-        profile = speedups.get_profile(name)
+        profile = profiles.get_profile(name)
         assert not profile.packing and profile.budget_scale == 1, "same samples per optimizer step as the recipe"
         assert profile.compiled_layers and profile.offload_activations and not profile.varlen_attention
-    t4 = speedups.get_profile("t4-compiled")
+    t4 = profiles.get_profile("t4-compiled")
     assert t4.compute_dtype == "fp16" and t4.avoid_flash_attention and t4.avoid_cudnn_attention
 
 
@@ -217,7 +217,7 @@ def test_inductor_dropout_masks_repeat_in_the_offloaded_recomputation():
     """
     plain = _lora(_tiny_llama(dtype=torch.bfloat16, quantize=True, device="cuda"), 0.1, False)
     offloaded = _lora(_tiny_llama(dtype=torch.bfloat16, quantize=True, device="cuda"), 0.1, True, compiled_layers=True)
-    profile = speedups.get_profile("compiled")  # what the profile compiles: C++ launcher, dense weights kept
+    profile = profiles.get_profile("compiled")  # what the profile compiles: C++ launcher, dense weights kept
     for model in (plain, offloaded):
         compiled.compile_decoder_layers(model.get_base_model(), cpp_wrapper=profile.compile_cpp_wrapper,
                                         recompute_weights=profile.recompute_dequantized_weights)
@@ -236,7 +236,7 @@ def test_inductor_compiled_layers_match_the_fused_path_on_cuda():
     reference = _lora(_tiny_llama(dtype=torch.bfloat16, quantize=True, device="cuda"), 0.0, True)
     kernels.install_fused_lora(reference)
     candidate = _lora(_tiny_llama(dtype=torch.bfloat16, quantize=True, device="cuda"), 0.0, True, compiled_layers=True)
-    profile = speedups.get_profile("compiled")
+    profile = profiles.get_profile("compiled")
     compiled.compile_decoder_layers(candidate.get_base_model(), cpp_wrapper=profile.compile_cpp_wrapper,
                                     recompute_weights=profile.recompute_dequantized_weights)
     for length in (40, 57):

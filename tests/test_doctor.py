@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finqlora.models import doctor
+from finqlora.doctor import checks as doctor
 from finqlora.core import versions
 
 REPO = Path(__file__).resolve().parents[1]

@@ -265,7 +265,7 @@ def test_cli_choice_scoring_of_a_benchmark(tmp_path: Path, tiny_model_dir: Path,
     bench.write_text(json.dumps([["公司业绩大幅增长", 2], ["市场表现平稳", 1], ["亏损继续扩大", 0], ["营收明显下滑", 0]], ensure_ascii=False), encoding="utf-8")
     out = tmp_path / "eval"
     result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter), "--scoring", "choice",
-                                      "--benchmark", f"finfe:{bench}", "--no-forgetting", "--bootstrap", "100", "--lang", "en", "--output", str(out)])
+                                      "--showcase-samples", "0", "--benchmark", f"finfe:{bench}", "--no-forgetting", "--bootstrap", "100", "--lang", "en", "--output", str(out)])
     assert result.exit_code == 0, result.output
     assert not (out / "generations_base.jsonl").exists() and (out / "choice_finetuned.jsonl").exists()
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
@@ -273,3 +273,57 @@ def test_cli_choice_scoring_of_a_benchmark(tmp_path: Path, tiny_model_dir: Path,
     assert metrics["tasks"]["choice"]["benchmark.finfe"]["options"] == ["积极", "消极", "中性"]  # in the order of the classes 利好, 利空, 中性
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "Benchmark finfe: accuracy (choice)" in html and "choice scoring only" in html
+
+
+def _market_record(i: int, case: str, relation: str | None = None) -> dict:
+    label = {"case": case, "ticker": "XAUUSD", "window_min": 15}
+    output = f"案例类型：{case}\n依据：……"
+    if relation:
+        label["relation"] = relation
+        output = f"案例类型：{case}\n结论：{relation}（……）"
+    return {"id": f"m{i}", "type": "market_analysis", "instruction": "判断市场反应属于哪种情形。", "input": f"快讯{i}",
+            "output": output, "split": "test", "event_id": f"e{i}", "event_time": "2026-06-01T00:00:00Z", "label": label}
+
+
+def test_importance_questions_are_scored_on_their_own_answer(tmp_path: Path) -> None:
+    """A 重要性与波动 question names its type: it is scored on 高于/接近/低于常态 (its own task), and
+    the four cases are scored after the answer's fixed opening 案例类型：, where a trained model states them."""
+    from finqlora.dataset.labels import CASE_ANSWER_PREFIX, IMPORTANCE, IMPORTANCE_ANSWER_PREFIX, MARKET_CASES, RELATIONS
+
+    records = [_market_record(i, MARKET_CASES[i % 4]) for i in range(8)]
+    records += [_market_record(8 + i, IMPORTANCE, RELATIONS[i % 3]) for i in range(6)]
+    items = build_items(records)
+    assert items[0]["choice"] == {"options": sorted(MARKET_CASES), "classes": sorted(MARKET_CASES), "answer_prefix": CASE_ANSWER_PREFIX}
+    assert items[8]["choice"] == {"options": list(RELATIONS), "classes": list(RELATIONS), "answer_prefix": IMPORTANCE_ANSWER_PREFIX}
+    # The prefixes are how the references open: what the builder writes (checked on real builds in test_builder).
+    assert all(item["reference"].startswith(item["choice"]["answer_prefix"]) for item in items)
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items), encoding="utf-8")
+    (tmp_path / "eval_config.json").write_text(json.dumps({"scoring": "choice"}), encoding="utf-8")
+    for variant in ("base", "finetuned"):
+        rows = []
+        for item in items:
+            truth = item["label"].get("relation") or item["label"]["case"]
+            right = item["choice"]["classes"].index(truth)
+            chosen = right if variant == "finetuned" else 0
+            rows.append(json.dumps({"id": item["id"], "choice": chosen, "scores": [0.0] * len(item["choice"]["options"])}))
+        (tmp_path / f"choice_{variant}.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    metrics = compute_metrics(tmp_path, bootstrap_resamples=200)
+    choice = metrics["tasks"]["choice"]
+    assert choice["market_analysis"]["n"] == 8 and choice["market_importance"]["n"] == 6
+    rows = {row["key"]: row for row in metrics["table"]}
+    assert rows["market_importance.choice_accuracy"]["finetuned"] == 1.0
+    assert rows["market_importance.choice_accuracy"]["base"] == pytest.approx(2 / 6)  # always 高于常态
+    assert rows["market_analysis.choice_accuracy"]["base"] == pytest.approx(2 / 8)
+    assert IMPORTANCE not in choice["market_analysis"]["options"]
+
+
+def test_under_choice_scoring_a_few_closed_items_per_task_are_still_generated() -> None:
+    from finqlora.evaluate.evaluation import generated_items
+
+    records = [_record(i, "news_impact", "test") for i in range(5)] + [_record(i, "report_qa", "test") for i in range(3)]
+    records += [_market_record(10 + i, "观望信号") for i in range(4)]
+    items = build_items(records)
+    shown = generated_items(items, "choice", showcase_samples=2)
+    assert [item["id"] for item in shown] == ["n0", "n1", "q0", "q1", "q2", "m10", "m11"]  # open tasks always
+    assert [item["id"] for item in generated_items(items, "choice")] == ["q0", "q1", "q2"]
+    assert generated_items(items, "both", showcase_samples=0) == items

@@ -1,4 +1,5 @@
-"""Metric functions against hand-computed cases; McNemar on known tables."""
+"""Metric functions against hand-computed cases; McNemar on known tables (tests/test_statistics.py
+compares every statistic with scipy, scikit-learn and statsmodels on random inputs)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from finqlora.core import statistics as S
 from finqlora.evaluate import metrics as M
 
 
@@ -124,15 +126,15 @@ def test_perplexity() -> None:
 
 def test_bootstrap_ci() -> None:
     constant = np.ones(50)
-    interval = M.bootstrap_ci(lambda idx: float(constant[idx].mean()), 50)
+    interval = S.bootstrap_ci(lambda idx: float(constant[idx].mean()), 50)
     assert (interval.low, interval.high) == (1.0, 1.0)
     values = np.array([1.0] * 30 + [0.0] * 30)
-    small = M.bootstrap_ci(lambda idx: float(values[idx].mean()), 60, seed=1)
+    small = S.bootstrap_ci(lambda idx: float(values[idx].mean()), 60, seed=1)
     assert small.low < 0.5 < small.high
     # the normal approximation of the 95% interval half-width is 1.96 * sqrt(0.25 / 60) ~= 0.126
     assert (small.high - small.low) / 2 == pytest.approx(0.126, abs=0.03)
     big_values = np.array([1.0] * 600 + [0.0] * 600)
-    big = M.bootstrap_ci(lambda idx: float(big_values[idx].mean()), 1200, seed=1)
+    big = S.bootstrap_ci(lambda idx: float(big_values[idx].mean()), 1200, seed=1)
     assert big.high - big.low < (small.high - small.low) / 3
 
 

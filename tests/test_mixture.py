@@ -10,7 +10,8 @@ import pytest
 
 from finqlora.core.errors import FinqloraError
 from finqlora.dataset import mixture
-from finqlora.dataset.builder import BuildConfig, build_dataset
+from finqlora.dataset.build_config import BuildConfig
+from finqlora.dataset.builder import build_dataset
 from finqlora.dataset.mixture import AddSource, load_source
 
 # Synthetic texts written for these tests (never text from ../shared/data).

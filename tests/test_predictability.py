@@ -60,7 +60,8 @@ def test_too_few_events_are_not_tested() -> None:
 
 def test_build_runs_the_check_and_writes_the_card(tmp_path: Path) -> None:
     """The synthetic sample store: the check runs on its train and later validation events."""
-    from finqlora.dataset.builder import BuildConfig, build_dataset
+    from finqlora.dataset.build_config import BuildConfig
+    from finqlora.dataset.builder import build_dataset
     from finqlora.store.sample_db import build_sample_db
 
     db = build_sample_db(tmp_path / "sample.db", seed=0)

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from finqlora.train import speedups
+from finqlora.train import profiles
 from finqlora.train.compiled import decoder_layers
 from finqlora.train.recompute import (MemorySizedCheckpointing, install_memory_sized_checkpointing, layers_to_keep,
                                      memory_sizing_of, usable_memory_limit)
@@ -99,10 +99,10 @@ def test_sizing_is_found_through_wrappers_and_summarized_for_training_info():
 def test_memory_sizing_is_cuda_only_and_profiles_name_it():
     assert install_memory_sized_checkpointing(_tiny_lora_llama("cpu").get_base_model()) is None
     for name in ("fast", "fast-compiled", "fast-bf16"):
-        assert speedups.get_profile(name).memory_sized_checkpointing
+        assert profiles.get_profile(name).memory_sized_checkpointing
     for name in ("t4", "compiled", "t4-compiled", "fused", "default"):
-        assert not speedups.get_profile(name).memory_sized_checkpointing, "16 GB GPUs keep every layer checkpointed"
-    compiled = speedups.get_profile("fast-compiled")
+        assert not profiles.get_profile(name).memory_sized_checkpointing, "16 GB GPUs keep every layer checkpointed"
+    compiled = profiles.get_profile("fast-compiled")
     assert compiled.compiled_layers and compiled.packing and compiled.varlen_attention
 
 
@@ -178,7 +178,7 @@ def test_out_of_memory_advice_names_the_memory_sized_profile():
     from finqlora.train.setup import resolve_plan
 
     cfg = TrainConfig(profile="fast", load_in_4bit=False)  # a plan this CPU can make
-    plan = resolve_plan(cfg, speedups.get_profile("fast"))
-    assert "profile fast fills the GPU memory it finds free" in oom_error(cfg, plan, speedups.get_profile("fast")).hint
-    assert "fills the GPU memory" not in oom_error(cfg, plan, speedups.get_profile("t4")).hint
+    plan = resolve_plan(cfg, profiles.get_profile("fast"))
+    assert "profile fast fills the GPU memory it finds free" in oom_error(cfg, plan, profiles.get_profile("fast")).hint
+    assert "fills the GPU memory" not in oom_error(cfg, plan, profiles.get_profile("t4")).hint
     assert "fills the GPU memory" not in oom_error(cfg, plan).hint

@@ -38,7 +38,8 @@ from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import sha256_file
 from finqlora.pipeline.engine import STAGES, run_pipeline
 from finqlora.pipeline.stages import make_stages
-from finqlora.train.training import CHECKPOINT_MARKER, train
+from finqlora.train.checkpoints import CHECKPOINT_MARKER
+from finqlora.train.training import train
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from conftest import dense_nf4_reference
-from finqlora.train import speedups
+from finqlora.core import hardware
+from finqlora.core import profiles as core_profiles
 from finqlora.core.chat_format import encode_for_training
 from finqlora.core.errors import FinqloraError
+from finqlora.train import collate, patches, profiles
 
 RECORDS = [
     {"instruction": "判断这条新闻对黄金的影响", "input": "美联储宣布降息25个基点。", "output": "利好。降息压低实际利率。"},
@@ -52,38 +56,38 @@ def _per_sample_reference(model, samples):
 
 
 def test_profile_lookup_and_errors():
-    assert speedups.get_profile("default") is speedups.PROFILES["default"]
-    assert speedups.get_profile(" T4 ").name == "t4"
+    assert profiles.get_profile("default") is core_profiles.PROFILES["default"]
+    assert profiles.get_profile(" T4 ").name == "t4"
     for name in ("default", "t4", "fast", "cpu"):
-        assert name in speedups.PROFILES
-    t4 = speedups.get_profile("t4")
+        assert name in core_profiles.PROFILES
+    t4 = profiles.get_profile("t4")
     assert t4.load_in_4bit and t4.gradient_checkpointing and t4.compute_dtype == "fp16"
-    assert not speedups.get_profile("cpu").liger, "the CPU profile must never use Triton kernels"
+    assert not profiles.get_profile("cpu").liger, "the CPU profile must never use Triton kernels"
     with pytest.raises(FinqloraError) as err:
-        speedups.get_profile("turbo")
+        profiles.get_profile("turbo")
     assert "turbo" in str(err.value) and "fast" in str(err.value) and "t4" in str(err.value)
-    assert speedups.profile_as_dict(t4)["name"] == "t4"
+    assert profiles.profile_as_dict(t4)["name"] == "t4"
     # t4: 4 rows of batch_size x max_length tokens (measured <= the baseline's peak memory).
-    assert speedups.tokens_per_micro_batch(t4, 4, 512) == 4 * 2048 and t4.pack_rows == 4
+    assert collate.tokens_per_micro_batch(t4, 4, 512) == 4 * 2048 and t4.pack_rows == 4
 
 
 def test_pack_by_token_budget_is_a_partition_within_budget():
     lengths = [int(x) for x in torch.randint(5, 300, (500,), generator=torch.Generator().manual_seed(1))]
-    bins = speedups.pack_by_token_budget(lengths, 1024, seed=3)
+    bins = collate.pack_by_token_budget(lengths, 1024, seed=3)
     flat = sorted(i for b in bins for i in b)
     assert flat == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in b) <= 1024 for b in bins)
     fill = sum(lengths) / (len(bins) * 1024)
     assert fill > 0.9, f"first-fit packing left too much room: {fill:.2%}"
-    assert bins == speedups.pack_by_token_budget(lengths, 1024, seed=3)
-    assert bins != speedups.pack_by_token_budget(lengths, 1024, seed=4)
+    assert bins == collate.pack_by_token_budget(lengths, 1024, seed=3)
+    assert bins != collate.pack_by_token_budget(lengths, 1024, seed=4)
     with pytest.raises(FinqloraError, match="sample 1 has 2000 tokens"):
-        speedups.pack_by_token_budget([10, 2000], 1024)
+        collate.pack_by_token_budget([10, 2000], 1024)
 
 
 def test_packed_collator_restarts_positions_and_masks_boundaries(samples):
-    collate = speedups.make_data_collator(None, speedups.get_profile("cpu"))
-    batch = collate([samples[0], {"pack": [samples[1], samples[2]]}])
+    collator = collate.make_data_collator(None, profiles.get_profile("cpu"))
+    batch = collator([samples[0], {"pack": [samples[1], samples[2]]}])
     lengths = [len(s["input_ids"]) for s in samples]
     assert batch["input_ids"].shape == (1, sum(lengths))
     assert "attention_mask" not in batch, "a padding-free batch must not carry a 2D mask (it would hide the packing)"
@@ -98,14 +102,14 @@ def test_packed_loss_equals_unpadded_per_sample_loss(tiny, samples):
     ref_sum, ref_count = _per_sample_reference(model, samples)
     reference = ref_sum / ref_count
 
-    packed = speedups.make_data_collator(None, speedups.get_profile("cpu"))(samples)
+    packed = collate.make_data_collator(None, profiles.get_profile("cpu"))(samples)
     with torch.no_grad():
         plain_packed = model(**packed).loss.item()  # transformers' own loss on the packed row
     assert plain_packed == pytest.approx(reference, rel=1e-5)
 
     model_copy = type(model)(model.config)
     model_copy.load_state_dict(model.state_dict())
-    speedups.apply_model_speedups(model_copy, speedups.get_profile("cpu"))
+    patches.apply_model_speedups(model_copy, profiles.get_profile("cpu"))
     model_copy.train()
     fast = model_copy(**packed)
     assert fast.logits is None, "the answer-only path must not build full logits"
@@ -119,7 +123,7 @@ def test_packed_loss_equals_unpadded_per_sample_loss(tiny, samples):
 
     # The padded default path gives the same mean loss.
     _, tokenizer = tiny
-    padded = speedups.make_data_collator(tokenizer, speedups.get_profile("default"))(
+    padded = collate.make_data_collator(tokenizer, profiles.get_profile("default"))(
         [dict(s) for s in samples]
     )
     assert "attention_mask" in padded and padded["input_ids"].shape[0] == len(samples)
@@ -134,12 +138,10 @@ def test_packed_loss_equals_unpadded_per_sample_loss(tiny, samples):
 
 
 def test_multi_row_packing_keeps_the_loss_and_balances_rows(tiny, samples):
-    import dataclasses
-
     model, _ = tiny
     ref_sum, ref_count = _per_sample_reference(model, samples)
-    profile = dataclasses.replace(speedups.get_profile("cpu"), pack_rows=2)
-    batch = speedups.make_data_collator(None, profile)([{"pack": samples}])
+    profile = dataclasses.replace(profiles.get_profile("cpu"), pack_rows=2)
+    batch = collate.make_data_collator(None, profile)([{"pack": samples}])
     assert batch["input_ids"].shape[0] == 2
     lengths = sorted(len(s["input_ids"]) for s in samples)
     assert batch["input_ids"].shape[1] == max(lengths[-1], lengths[0] + lengths[1])
@@ -157,12 +159,12 @@ def test_multi_row_packing_keeps_the_loss_and_balances_rows(tiny, samples):
 
 def test_no_attention_across_packed_samples(tiny, samples):
     model, _ = tiny
-    collate = speedups.make_data_collator(None, speedups.get_profile("cpu"))
+    collator = collate.make_data_collator(None, profiles.get_profile("cpu"))
     first, second = samples[0], samples[2]
     changed = dict(first, input_ids=[(t * 7 + 13) % 1000 + 5 for t in first["input_ids"]])
     with torch.no_grad():
-        logits_a = model(**collate([first, second])).logits[0]
-        logits_b = model(**collate([changed, second])).logits[0]
+        logits_a = model(**collator([first, second])).logits[0]
+        logits_b = model(**collator([changed, second])).logits[0]
         alone = model(input_ids=torch.tensor([second["input_ids"]])).logits[0]
     n = len(first["input_ids"])
     assert not torch.allclose(logits_a[:n], logits_b[:n]), "the change to sample A must be visible in A"
@@ -175,7 +177,7 @@ def test_answer_only_loss_matches_full_logits_with_peft(tiny, samples):
     from peft import LoraConfig, get_peft_model
 
     model, _ = tiny
-    packed = speedups.make_data_collator(None, speedups.get_profile("cpu"))(samples)
+    packed = collate.make_data_collator(None, profiles.get_profile("cpu"))(samples)
     grads = []
     for use_lever in (False, True):
         base = type(model)(model.config)
@@ -188,7 +190,7 @@ def test_answer_only_loss_matches_full_logits_with_peft(tiny, samples):
                 if "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
         if use_lever:
-            speedups.apply_model_speedups(peft_model, speedups.get_profile("cpu"))
+            patches.apply_model_speedups(peft_model, profiles.get_profile("cpu"))
         peft_model.train()
         peft_model(**packed).loss.backward()
         grads.append({n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad})
@@ -202,12 +204,11 @@ def test_lora_update_in_fp32_keeps_small_updates_over_a_bf16_base(tiny, samples)
     """Over a bf16 base, an adapted layer's LoRA update is added in fp32: an update far below bf16's
     resolution of the layer output still changes it (without the lever it is rounded away), and
     the model also runs outside autocast (evaluation, generation)."""
-    import dataclasses
 
     from peft import LoraConfig, get_peft_model
 
     model, _ = tiny
-    profile = dataclasses.replace(speedups.get_profile("cpu"), compute_dtype="bf16", lora_update_in_fp32=True)
+    profile = dataclasses.replace(profiles.get_profile("cpu"), compute_dtype="bf16", lora_update_in_fp32=True)
     x = torch.randn(1, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     outputs = {}
     for lever in (False, True):
@@ -219,7 +220,7 @@ def test_lora_update_in_fp32_keeps_small_updates_over_a_bf16_base(tiny, samples)
             for name, param in peft_model.named_parameters():
                 if "lora_B" in name:
                     param.fill_(1e-8)
-        speedups.apply_model_speedups(peft_model, profile if lever else dataclasses.replace(profile, lora_update_in_fp32=False))
+        patches.apply_model_speedups(peft_model, profile if lever else dataclasses.replace(profile, lora_update_in_fp32=False))
         layer = peft_model.get_base_model().model.layers[0].self_attn.q_proj
         with torch.autocast("cpu", dtype=torch.bfloat16):
             adapted = layer(x)
@@ -239,16 +240,16 @@ def test_lora_update_in_fp32_keeps_small_updates_over_a_bf16_base(tiny, samples)
 
 
 def test_varlen_collator_gives_one_row_with_sample_boundaries(samples):
-    profile = speedups.get_profile("fast")
+    profile = profiles.get_profile("fast")
     assert profile.varlen_attention and profile.pack_rows > 1
-    batch = speedups.make_data_collator(None, profile, attn_implementation=speedups.VARLEN_ATTENTION)(
+    batch = collate.make_data_collator(None, profile, attn_implementation=patches.VARLEN_ATTENTION)(
         [{"pack": samples}])
     lengths = [len(s["input_ids"]) for s in samples]
     assert batch["input_ids"].shape == (1, sum(lengths)), "varlen attention needs no rows: one row holds all"
     assert batch["cu_seq_lens_q"].tolist() == [0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
     assert batch["max_length_q"] == max(lengths) and batch["use_cache"] is False
     # Without varlen attention the profile's rows are kept (masked sdpa, rows of similar length).
-    rows = speedups.make_data_collator(None, profile, attn_implementation="sdpa")([{"pack": samples}])
+    rows = collate.make_data_collator(None, profile, attn_implementation="sdpa")([{"pack": samples}])
     assert rows["input_ids"].shape[0] == len(samples) and "cu_seq_lens_q" not in rows
 
 
@@ -257,39 +258,37 @@ def test_varlen_attention_needs_cuda_and_falls_back_to_sdpa(tiny, samples):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     model, _ = tiny
-    assert not speedups.packed_varlen_available("cpu")
+    assert not patches.packed_varlen_available("cpu")
     copy = type(model)(model.config)
     copy.load_state_dict(model.state_dict())
-    import dataclasses
 
-    profile = dataclasses.replace(speedups.get_profile("cpu"), varlen_attention=True)
-    speedups.apply_model_speedups(copy, profile)
-    assert speedups.attention_implementation(copy) == "sdpa", "no flash kernel on the CPU: masked packing stays"
+    profile = dataclasses.replace(profiles.get_profile("cpu"), varlen_attention=True)
+    patches.apply_model_speedups(copy, profile)
+    assert patches.attention_implementation(copy) == "sdpa", "no flash kernel on the CPU: masked packing stays"
 
     module = model.model.layers[0].self_attn
     generator = torch.Generator().manual_seed(0)
     query, key, value = (torch.randn(2, 4, 9, 8, generator=generator) for _ in range(3))
     expected, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.35)
-    got, weights = speedups.varlen_attention_forward(module, query, key, value, None, scaling=0.35,
+    got, weights = patches.varlen_attention_forward(module, query, key, value, None, scaling=0.35,
                                                      position_ids=torch.arange(9).expand(2, 9))
     assert weights is None
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     packed_positions = torch.cat([torch.arange(4), torch.arange(5)]).unsqueeze(0)
     with pytest.raises(FinqloraError, match="without their boundaries"):
-        speedups.varlen_attention_forward(module, query[:1], key[:1], value[:1], None, position_ids=packed_positions)
+        patches.varlen_attention_forward(module, query[:1], key[:1], value[:1], None, position_ids=packed_positions)
     with pytest.raises(FinqloraError, match="one packed row"):
-        speedups.varlen_attention_forward(module, query, key, value, None, cu_seq_lens_q=torch.tensor([0, 4, 9]),
+        patches.varlen_attention_forward(module, query, key, value, None, cu_seq_lens_q=torch.tensor([0, 4, 9]),
                                           max_length_q=5)
 
 
-@pytest.mark.skipif(not speedups.packed_varlen_available("cuda" if torch.cuda.is_available() else "cpu"),
+@pytest.mark.skipif(not patches.packed_varlen_available("cuda" if torch.cuda.is_available() else "cpu"),
                     reason="varlen flash attention needs a CUDA GPU of compute capability 8.0+ (none here)")
 def test_varlen_attention_matches_masked_packing_on_cuda():
     """Same loss and LoRA gradients as sdpa with the block-diagonal mask; generation unchanged.
 
     A random grouped-query Llama (4 query heads, 2 key/value heads) in bf16, five packed samples.
     """
-    import dataclasses
 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -312,12 +311,12 @@ def test_varlen_attention_matches_masked_packing_on_cuda():
                     param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
         # Only the attention differs between the two runs: the cpu profile's fp32 LoRA updates (added to
         # it after this test was written) would run the masked path's attention in fp32.
-        profile = dataclasses.replace(speedups.get_profile("cpu"), compute_dtype="bf16", varlen_attention=varlen,
+        profile = dataclasses.replace(profiles.get_profile("cpu"), compute_dtype="bf16", varlen_attention=varlen,
                                       lora_update_in_fp32=False)
-        speedups.apply_model_speedups(model, profile)
-        assert (speedups.attention_implementation(model) == speedups.VARLEN_ATTENTION) is varlen
-        collate = speedups.make_data_collator(None, profile, attn_implementation=speedups.attention_implementation(model))
-        batch = {k: v.to("cuda") if hasattr(v, "to") else v for k, v in collate([{"pack": samples}]).items()}
+        patches.apply_model_speedups(model, profile)
+        assert (patches.attention_implementation(model) == patches.VARLEN_ATTENTION) is varlen
+        collator = collate.make_data_collator(None, profile, attn_implementation=patches.attention_implementation(model))
+        batch = {k: v.to("cuda") if hasattr(v, "to") else v for k, v in collator([{"pack": samples}]).items()}
         model.train()
         loss = model(**batch).loss
         loss.backward()
@@ -337,7 +336,7 @@ def test_varlen_attention_matches_masked_packing_on_cuda():
 def test_liger_profiles_refuse_the_cpu(tiny):
     model, _ = tiny
     with pytest.raises(FinqloraError, match="CUDA"):
-        speedups.apply_model_speedups(model, speedups.get_profile("t4"))
+        patches.apply_model_speedups(model, profiles.get_profile("t4"))
 
 
 def test_padding_collator_needs_a_pad_token(tiny):
@@ -348,15 +347,29 @@ def test_padding_collator_needs_a_pad_token(tiny):
         name_or_path = "x"
 
     with pytest.raises(FinqloraError, match="no pad token"):
-        speedups.make_data_collator(NoPad(), speedups.get_profile("default"))
-    assert speedups.make_data_collator(tokenizer, speedups.get_profile("default")) is not None
+        collate.make_data_collator(NoPad(), profiles.get_profile("default"))
+    assert collate.make_data_collator(tokenizer, profiles.get_profile("default")) is not None
 
 
 def test_cpu_bf16_detection_reads_cpu_flags():
-    assert speedups.cpu_has_fast_bf16("processor : 0\nflags\t\t: fpu sse2 avx512f amx_bf16 amx_tile\n")
-    assert speedups.cpu_has_fast_bf16("flags : fpu avx512_bf16\n")
-    assert not speedups.cpu_has_fast_bf16("flags : fpu sse2 avx2 avx512f\n")
-    assert speedups.get_profile("cpu").compute_dtype in ("bf16", "fp32")
+    assert hardware.cpu_has_fast_bf16("processor : 0\nflags\t\t: fpu sse2 avx512f amx_bf16 amx_tile\n")
+    assert hardware.cpu_has_fast_bf16("flags : fpu avx512_bf16\n")
+    assert not hardware.cpu_has_fast_bf16("flags : fpu sse2 avx2 avx512f\n")
+    assert profiles.get_profile("cpu").compute_dtype == ("bf16" if hardware.cpu_has_fast_bf16() else "fp32")
+
+
+def test_cpu_profile_precision_is_chosen_when_the_profile_is_asked_for(monkeypatch):
+    declared = core_profiles.PROFILES["cpu"]
+    assert declared.compute_dtype == core_profiles.BF16_WHERE_NATIVE, "importing probed the hardware"
+    for native, dtype in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(profiles, "cpu_has_fast_bf16", lambda native=native: native)
+        made = profiles.get_profile("cpu")
+        assert made == dataclasses.replace(declared, compute_dtype=dtype)
+        assert profiles.profile_as_dict(made)["compute_dtype"] == dtype  # what training_info.json records
+    assert core_profiles.PROFILES["cpu"] is declared
+    # Every profile the run config accepts comes out with a precision resolve_plan can use.
+    for name in core_profiles.PROFILE_NAMES:
+        assert profiles.get_profile(name).compute_dtype in (None, "bf16", "fp16", "fp32"), name
 
 
 def _bench_module():
@@ -394,8 +407,6 @@ TINY_ARCH = dict(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidde
 @pytest.mark.slow
 def test_gpu_benchmark_logic_on_a_tiny_model(tmp_path):
     """The GPU benchmark's measuring code, run on the CPU: token counts, blocks, the loss check."""
-    import dataclasses
-
     tt = _bench_module()
     tokens, lengths, answer = _token_file(tmp_path)
     samples = tt.load_samples(tokens)
@@ -504,7 +515,7 @@ def test_cpu_benchmark_quality_check_on_a_tiny_model(tiny_model_dir, samples):
     results = cpu_bench.quality(str(tiny_model_dir), train, samples, steps=3, seed=0)
     names = [r["path"] for r in results]
     assert names[:2] == ["plain Trainer (fp32, padded)", "--profile cpu, fp32"]
-    assert len(names) == (3 if speedups.cpu_has_fast_bf16() else 2)
+    assert len(names) == (3 if hardware.cpu_has_fast_bf16() else 2)
     plain, exact = results[0], results[1]
     assert plain["relative_difference"] == 0.0
     # Packing and answer-only logits are exact: the fp32 profile trains the same adapter.
@@ -658,20 +669,20 @@ def test_offloaded_checkpointing_repeats_dropout_and_matches_plain_backward(tiny
 
 def test_fused_profiles_keep_the_run_configs_batches():
     for name in ("fused", "t4-fused"):
-        profile = speedups.get_profile(name)
+        profile = profiles.get_profile(name)
         assert not profile.packing and profile.budget_scale == 1, "same samples per optimizer step as the recipe"
         assert profile.fused_lora and profile.offload_activations and not profile.varlen_attention
-    assert speedups.get_profile("t4-fused").compute_dtype == "fp16"
+    assert profiles.get_profile("t4-fused").compute_dtype == "fp16"
 
 
 def test_right_padded_batches_lose_only_a_mask_that_changes_nothing(tiny, samples):
     """Without the mask, labelled positions of a right-padded batch get the same loss (causal)."""
     model, tokenizer = tiny
-    profile = speedups.SpeedProfile(name="x", description="x", drop_right_padding_mask=True)
-    collate = speedups.make_data_collator(tokenizer, profile)
-    batch = collate([dict(s) for s in samples])
+    profile = core_profiles.SpeedProfile(name="x", description="x", drop_right_padding_mask=True)
+    collator = collate.make_data_collator(tokenizer, profile)
+    batch = collator([dict(s) for s in samples])
     assert "attention_mask" not in batch and (batch["labels"] == -100).any()  # padded, mask dropped
-    masked = speedups.make_data_collator(tokenizer, speedups.get_profile("default"))([dict(s) for s in samples])
+    masked = collate.make_data_collator(tokenizer, profiles.get_profile("default"))([dict(s) for s in samples])
     assert torch.equal(masked["input_ids"], batch["input_ids"]) and "attention_mask" in masked
     with torch.no_grad():
         loss_without = model(**batch).loss
@@ -684,11 +695,11 @@ def test_right_padded_batches_lose_only_a_mask_that_changes_nothing(tiny, sample
 def test_masks_that_matter_are_kept():
     right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     labels = torch.tensor([[5, 6, 7, -100], [1, 2, 3, 4]])
-    assert speedups.right_padded_without_labels(right, labels)
-    assert not speedups.right_padded_without_labels(torch.tensor([[0, 1, 1, 1]]), torch.tensor([[-100, 1, 2, 3]]))
-    assert not speedups.right_padded_without_labels(torch.tensor([[1, 0, 1, 0]]), torch.tensor([[1, -100, 2, -100]]))
-    assert not speedups.right_padded_without_labels(right, torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]]))  # a labelled pad
-    assert not speedups.right_padded_without_labels(None, labels)
+    assert collate.right_padded_without_labels(right, labels)
+    assert not collate.right_padded_without_labels(torch.tensor([[0, 1, 1, 1]]), torch.tensor([[-100, 1, 2, 3]]))
+    assert not collate.right_padded_without_labels(torch.tensor([[1, 0, 1, 0]]), torch.tensor([[1, -100, 2, -100]]))
+    assert not collate.right_padded_without_labels(right, torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]]))  # a labelled pad
+    assert not collate.right_padded_without_labels(None, labels)
 
 
 def test_input_embedding_table_in_host_memory_gives_the_same_model(tiny_model_dir, samples):

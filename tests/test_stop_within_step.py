@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from test_training import tiny_config, write_dataset
 from transformers import TrainerCallback
 
-from finqlora.train.training import checkpoint_is_complete, find_latest_checkpoint, train
+from finqlora.train.checkpoints import checkpoint_is_complete, find_latest_checkpoint
+from finqlora.train.training import train
 
 
 class SigtermInsideStep(TrainerCallback):

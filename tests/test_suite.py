@@ -212,15 +212,6 @@ def test_suite_table_in_metrics(tmp_path: Path) -> None:
     assert "| fineval | 8 | 25.0 | 100.0 | +75.0 [" in markdown and "| average (2 sets, each weighs the same) | 10 | 37.5 | 50.0 | +12.5 [" in markdown
 
 
-def test_stratified_bootstrap_keeps_every_stratum_size() -> None:
-    from finqlora.evaluate import metrics as M
-
-    strata = [np.arange(0, 3), np.arange(3, 10)]
-    seen = []
-    M.bootstrap_ci(lambda idx: seen.append(idx.copy()) or 0.0, 10, n_resamples=50, strata=strata)
-    assert all(((idx < 3).sum(), (idx >= 3).sum()) == (3, 7) for idx in seen)
-
-
 @pytest.mark.slow
 def test_cli_eval_suite(tmp_path: Path, tiny_model_dir: Path) -> None:
     """`finqlora eval --suite finance-zh --suite-set ...` on the tiny model: one table, metrics.json's suite."""
@@ -252,7 +243,7 @@ def test_cli_eval_suite(tmp_path: Path, tiny_model_dir: Path) -> None:
 def test_suite_sets_decontaminate_the_build(tmp_path: Path) -> None:
     """Every local suite set joins the build's decontamination, FinEval's CSV folder and CFLUE's JSON included."""
     from finqlora.core.config import RunConfig
-    from finqlora.dataset.builder import BuildConfig
+    from finqlora.dataset.build_config import BuildConfig
     from finqlora.dataset.mixture import contaminated, eval_texts
 
     _fineval(tmp_path / "val", "banking", rows=2)

@@ -21,17 +21,12 @@ from finqlora.core.chat_format import assistant_turn_suffix, render_prompt, reco
 from finqlora.core.config import TrainConfig
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import sha256_file
-from finqlora.train.training import (
-    CHECKPOINT_MARKER,
-    check_free_space,
-    checkpoint_is_complete,
-    encode_records,
-    find_latest_checkpoint,
-    load_splits,
-    padding_collator,
-    resolve_plan,
-    train,
-)
+from finqlora.train.checkpoints import CHECKPOINT_MARKER, check_free_space, checkpoint_is_complete, find_latest_checkpoint
+from finqlora.train.collate import make_data_collator
+from finqlora.train.data import encode_records, load_splits
+from finqlora.train.profiles import get_profile
+from finqlora.train.setup import resolve_plan
+from finqlora.train.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 ANSWERS = ["利好。降息降低融资成本。", "利空。业绩大幅下滑。", "中性。影响有限，市场已有预期。"]
@@ -107,7 +102,7 @@ def test_prompt_is_masked_and_answer_ends_with_end_of_turn(tiny_model_dir: Path,
         assert tokenizer.decode(answer_labels[:-1]) == record["output"]
     assert stats.examples == 3 and stats.trimmed == 0
 
-    batch = padding_collator(tokenizer.pad_token_id)(dataset.examples)
+    batch = make_data_collator(tokenizer, get_profile("default"))(dataset.examples)
     lengths = [len(e["input_ids"]) for e in dataset.examples]
     for row, n in enumerate(lengths):
         assert batch["attention_mask"][row].sum().item() == n
@@ -147,7 +142,6 @@ def test_4bit_training_on_cpu_is_refused() -> None:
 
 def test_optimizer_auto_takes_the_speed_profiles_choice_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     from finqlora.core.config import load_config
-    from finqlora.train.speedups import get_profile
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the plan only; nothing runs on a GPU
     for config in ("deepseek-7b-qlora.yaml", "deepseek-7b-qlora-t4.yaml"):
@@ -387,9 +381,7 @@ def test_demo_config_names_a_cpu_run() -> None:
     run = load_config(REPO / "configs" / "demo-cpu.yaml")
     assert run.train.model == "builtin:qwen2.5-coder-0.5b-instruct"
     assert run.train.load_in_4bit is False and run.train.device == "cpu"
-    from finqlora.train import speedups
-
-    profile = speedups.get_profile(run.train.profile)
+    profile = get_profile(run.train.profile)
     plan = resolve_plan(run.train, profile)
     assert plan.device == "cpu" and not plan.load_in_4bit and plan.optim == "adamw_torch"
     # compute_dtype auto: the profile picks bf16 on CPUs with fast bf16 (AMX / AVX512-BF16), else fp32

@@ -77,7 +77,8 @@ def build(
     Every option is a key of the run config's `data` section (or train.max_length): with
     --config the file's values apply, --set and the options override them.
     """
-    from finqlora.dataset.builder import BuildConfig, build_dataset
+    from finqlora.dataset.build_config import BuildConfig
+    from finqlora.dataset.builder import build_dataset
     from finqlora.dataset.teacher import enrich_from_config
 
     flags = {
@@ -154,7 +155,7 @@ def show(
     n: int = typer.Option(3, "-n", "--num", help="How many records to print."),
 ) -> None:
     """Print the first records of a dataset file readably."""
-    from finqlora.dataset.builder import preview_records
+    from finqlora.dataset.dataset_file import preview_records
 
     records = preview_records(file, n)
     if not records:

@@ -1,4 +1,4 @@
-"""`finqlora doctor [--json]`: check this machine for training and serving (library: finqlora.models.doctor)."""
+"""`finqlora doctor [--json]`: check this machine for training and serving (library: finqlora.doctor.checks)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def doctor(
 
     Exits 1 when training cannot run as intended (a red line), 0 otherwise.
     """
-    from finqlora.models.doctor import run_doctor
+    from finqlora.doctor.checks import run_doctor
 
     report = run_doctor(output_dir, check_network=not no_network)
     if as_json:

@@ -112,6 +112,7 @@ def eval_main(
     suite_set: list[str] = typer.Option([], "--suite-set", help="A suite set's location, NAME=PATH (local copy in its published format) or NAME=hf:DATASET_ID[@SPLIT] (repeatable)."),
     suite_limit: Optional[int] = typer.Option(None, "--suite-limit", min=1, help="Score a seeded random sample of this many items per suite set."),
     scoring: Optional[str] = key_option("eval.scoring", "--scoring", help="Closed-option tasks: choice (option log-likelihood) | generate (parsed answers) | both."),
+    showcase_samples: Optional[int] = key_option("eval.showcase_samples", "--showcase-samples", min=0, help="With --scoring choice: closed-label items per task also generated (example answers, repetition rate)."),
     max_new_tokens: Optional[int] = key_option("eval.max_new_tokens", "--max-new-tokens", help="Generation length limit (same for both models)."),
     temperature: Optional[float] = key_option("eval.temperature", "--temperature", help="0 = greedy decoding (deterministic, recommended for evaluation)."),
     top_p: Optional[float] = key_option("eval.top_p", "--top-p", help="Nucleus sampling (only with temperature > 0)."),
@@ -150,6 +151,7 @@ def eval_main(
         raise FinqloraError("--output is required", hint="finqlora eval --adapter ADAPTER --data test.jsonl --output runs/NAME/eval")
     run = resolve(config, set_, {
         "train.model": model, "eval.split": split, "eval.max_samples": max_samples, "eval.scoring": scoring,
+        "eval.showcase_samples": showcase_samples,
         "eval.max_new_tokens": max_new_tokens, "eval.temperature": temperature, "eval.top_p": top_p, "eval.batch_size": batch_size,
         "eval.choice_batch_size": choice_batch_size, "train.load_in_4bit": load_in_4bit, "train.chat_template": chat_template,
         "eval.perplexity": perplexity, "eval.forgetting": forgetting, "eval.merge_adapter": merge_adapter,

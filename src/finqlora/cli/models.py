@@ -291,12 +291,20 @@ def install(
 def prepare(
     name: Annotated[str, typer.Argument(help="Built-in name, e.g. qwen2.5-coder-0.5b-instruct.")],
     force: Annotated[bool, typer.Option("--force", help="Convert again even if the cache looks complete.")] = False,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Also cast a copy for half-precision loads: bfloat16 | float16 | auto (bfloat16 on CPUs with native bf16, as the cpu profile loads).")] = None,
 ) -> None:
     """Verify (sha256) and convert a built-in model into the safetensors cache."""
-    from finqlora.models.builtin import get_builtin, prepare_builtin
+    from finqlora.core.hardware import cpu_has_fast_bf16
+    from finqlora.models.builtin import CAST_DTYPES, cast_folder, get_builtin, prepare_builtin
 
     builtin = get_builtin(name)
-    console.print(f"{builtin.spec} ready in {prepare_builtin(builtin, force=force)}", highlight=False)
+    folder = prepare_builtin(builtin, force=force)
+    console.print(f"{builtin.spec} ready in {folder}", highlight=False)
+    cast = "bfloat16" if dtype == "auto" and cpu_has_fast_bf16() else None if dtype == "auto" else dtype
+    if cast is not None:
+        if cast not in CAST_DTYPES:
+            raise FinqloraError(f"--dtype {cast}: not a half-precision type", hint=f"use one of {', '.join(CAST_DTYPES)} or auto")
+        console.print(f"{builtin.spec} as {cast} in {cast_folder(folder, cast)}", highlight=False)
 
 
 @models_app.command("verify")

@@ -326,6 +326,9 @@ class EvalConfig(_Section):
     scoring: Literal["choice", "generate", "both"] = Field(
         "both", description="closed-option tasks: option log-likelihood (choice), parsed answers (generate), or both"
     )
+    showcase_samples: int = Field(
+        2, ge=0, description="under scoring=choice: closed-label items per task also generated, as example answers and for the repetition rate"
+    )
     repetition_penalty: float = Field(
         1.1, gt=0, description="generation: divides the logits of tokens already in the answer (1.0 = off); curbs loops"
     )

@@ -51,6 +51,11 @@ FADING = "反应消退"
 MARKET_CASES = (EXPECTATION_REALIZED, WAIT_AND_SEE, CONTINUATION, FADING)  # what label_market_case returns
 IMPORTANCE = "重要性与波动"
 ABOVE_NORMAL, NORMAL, BELOW_NORMAL = "高于常态", "接近常态", "低于常态"
+RELATIONS = (ABOVE_NORMAL, NORMAL, BELOW_NORMAL)  # what importance_relation returns
+# How a market-analysis answer opens, before its label (the builder writes it; choice scoring
+# puts each option after it, where a trained model states its label).
+CASE_ANSWER_PREFIX = "案例类型："
+IMPORTANCE_ANSWER_PREFIX = f"{CASE_ANSWER_PREFIX}{IMPORTANCE}\n结论："
 
 
 @dataclass(frozen=True)

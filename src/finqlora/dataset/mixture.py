@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from finqlora.core import textdedup
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import iter_jsonl, load_datasets_folder
 from finqlora.core.records import iter_records, normalize
+from finqlora.dataset.drafts import PUBLIC, SPLITS, Draft, allocate, seeded_rng
 
 FORMATS = ("finfe", "finfe-choice", "cfbenchmark", "fpb", "disc", "alpaca", "sharegpt")
 FINFE_WORDS = {0: "消极", 1: "中性", 2: "积极"}
@@ -232,9 +234,29 @@ def load_source(source: AddSource, seed: int) -> list[MixItem]:
     if not items:
         raise _bad(source.path, None, "holds no rows", "check that it is the right file for --add-format " + source.format)
     if source.samples is not None and source.samples < len(items):
-        chosen = sorted(random.Random(f"finqlora-{seed}-add-{source.path.name}").sample(range(len(items)), source.samples))
+        chosen = sorted(seeded_rng(seed, f"add-{source.path.name}").sample(range(len(items)), source.samples))
         items = [items[i] for i in chosen]
     return items
+
+
+def public_drafts(sources: Sequence[AddSource], shares: Sequence[float], seed: int) -> tuple[list[Draft], list[dict[str, Any]]]:
+    """Drafts of every --add-dataset source, each source split by the split shares on its own,
+    and what was taken from each source (the stats' `public_data`)."""
+    drafts: list[Draft] = []
+    taken = []
+    for number, source in enumerate(sources):
+        items = load_source(source, seed)
+        order = list(range(len(items)))
+        seeded_rng(seed, f"add-split-{number}-{source.path.name}").shuffle(order)
+        splits = [s for s, n in zip(SPLITS, allocate(len(items), shares)) for _ in range(n)]
+        name = source.path.name
+        for index, split in zip(order, splits):
+            item = items[index]
+            label = {"source": name, "format": source.format, **item.label}
+            drafts.append(Draft(PUBLIC, split, "", item.instruction, item.output, label, news=item.input, ts=index))
+        taken.append({"name": name, "path": str(source.path), "format": source.format, "licence": LICENCE_NOTES[source.format],
+                      "rows_taken": len(items), "by_split": dict(Counter(splits))})
+    return drafts, taken
 
 
 # ---------------------------------------------------------------------------------------

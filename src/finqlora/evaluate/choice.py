@@ -90,6 +90,21 @@ def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return max(length, 0)
 
 
+def _prefix_and_options(tokenizer: Any, prefix: str, options: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """The prefix's tokens and each option's own tokens, cut from the tokens of `prefix + option`
+    (the answer is encoded as one text in training, so the option is tokenized in that context)."""
+    if not prefix:
+        return [], [tokenizer.encode(option, add_special_tokens=False) for option in options]
+    prefix_ids = tokenizer.encode(prefix, add_special_tokens=False)
+    option_ids = []
+    for option in options:
+        joint = tokenizer.encode(prefix + option, add_special_tokens=False)
+        if joint[: len(prefix_ids)] != prefix_ids:
+            raise ValueError(f"the answer prefix {prefix!r} is tokenized differently before the option {option!r}")
+        option_ids.append(joint[len(prefix_ids):])
+    return prefix_ids, option_ids
+
+
 def score_choices(
     model: Any,
     tokenizer: Any,
@@ -97,13 +112,23 @@ def score_choices(
     *,
     batch_size: int = 8,
     max_prompt_tokens: int = 512,
+    answer_prefixes: Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[ChoiceResult]:
-    """Score every `(messages, options)` question; results in input order."""
+    """Score every `(messages, options)` question; results in input order.
+
+    `answer_prefixes` (one per question, "" for none): the fixed words a trained answer opens
+    with before its label (`案例类型：`); they join the prompt, unscored, so each option is scored
+    where the answer format puts it.
+    """
     import torch
 
-    prompts = [_trim_middle(tokenizer.encode(render_prompt(tokenizer, messages), add_special_tokens=False), max_prompt_tokens) for messages, _ in questions]
-    options = [[tokenizer.encode(option, add_special_tokens=False) for option in opts] for _, opts in questions]
+    prefixes = list(answer_prefixes) if answer_prefixes is not None else [""] * len(questions)
+    prompts, options = [], []
+    for (messages, opts), prefix in zip(questions, prefixes):
+        prefix_ids, option_ids = _prefix_and_options(tokenizer, prefix, opts)
+        prompts.append(_trim_middle(tokenizer.encode(render_prompt(tokenizer, messages), add_special_tokens=False), max_prompt_tokens) + prefix_ids)
+        options.append(option_ids)
     for opts, (_, texts) in zip(options, questions):
         empty = [text for text, ids in zip(texts, opts) if not ids]
         if empty:

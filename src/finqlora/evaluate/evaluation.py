@@ -130,6 +130,7 @@ class EvalOptions:
     # Closed-option tasks: "choice" scores options by log-likelihood, "generate" parses the
     # generated answer, "both" does both (open tasks are always generated).
     scoring: str = "both"
+    showcase_samples: int = EvalConfig.model_fields["showcase_samples"].default
     # Merge the adapter into unquantized weights for the fine-tuned work (same logits, base speed).
     merge_adapter: bool = True
     progress: bool = True
@@ -167,6 +168,7 @@ class EvalOptions:
             chat_template=cfg.train.chat_template,
             max_length=max(cfg.train.max_length, 512),
             scoring=cfg.eval.scoring,
+            showcase_samples=cfg.eval.showcase_samples,
             variants=tuple(variants),
         )
 
@@ -213,9 +215,13 @@ def _record_choice(record: dict[str, Any]) -> dict[str, list[str]] | None:
     label = record.get("label") or {}
     if record.get("type") == "news_impact" and label.get("direction"):
         return {"options": list(DIRECTIONS), "classes": list(DIRECTIONS)}
+    if record.get("type") == "market_analysis" and label.get("case") == builder_labels.IMPORTANCE and label.get("relation"):
+        # The question names its type; what it asks is how the move compares with the typical one.
+        relations = list(builder_labels.RELATIONS)
+        return {"options": relations, "classes": relations, "answer_prefix": builder_labels.IMPORTANCE_ANSWER_PREFIX}
     if record.get("type") == "market_analysis" and label.get("case"):
         cases = sorted(set(builder_labels.MARKET_CASES) | {label["case"]})
-        return {"options": cases, "classes": cases}
+        return {"options": cases, "classes": cases, "answer_prefix": builder_labels.CASE_ANSWER_PREFIX}
     return None
 
 
@@ -263,10 +269,21 @@ def build_items(records: Sequence[dict[str, Any]], benchmarks: Sequence[Any] = (
     return items
 
 
-def generated_items(items: Sequence[dict[str, Any]], scoring: str) -> list[dict[str, Any]]:
-    """The items whose answers are generated: all, except closed-option items under `choice`
-    and cloze items (asked without letters, their free answers have nothing to parse)."""
-    return [item for item in items if (scoring != "choice" or "choice" not in item) and item.get("formulation") != CLOZE]
+def generated_items(items: Sequence[dict[str, Any]], scoring: str, showcase_samples: int = 0) -> list[dict[str, Any]]:
+    """The items whose answers are generated: all, except closed-option items under `choice`,
+    of which the first `showcase_samples` of each task are still generated (example answers).
+    Cloze items never are: asked without letters, their free answers have nothing to parse."""
+    items = [item for item in items if item.get("formulation") != CLOZE]
+    if scoring != "choice":
+        return items
+    shown: Counter[str] = Counter()
+    chosen = []
+    for item in items:
+        task = item.get("benchmark") or item["task"]
+        if "choice" not in item or shown[task] < showcase_samples:
+            chosen.append(item)
+            shown[task] += "choice" in item
+    return chosen
 
 
 def general_texts() -> list[dict[str, str]]:
@@ -366,7 +383,7 @@ def _score_variant(loaded: Any, items: list[dict[str, Any]], variant: str, model
     """Every cache of one variant: generations, choice scores, perplexities."""
     output, progress = Path(options.output), options.progress
     timings: dict[str, Any] = {}
-    to_generate = generated_items(items, options.scoring)
+    to_generate = generated_items(items, options.scoring, options.showcase_samples)
     if to_generate:
         timings[f"generate_{variant}"] = _generate_cached(
             loaded, to_generate, variant, model_key, settings, output / f"generations_{variant}.jsonl", options.batch_size, progress)
@@ -376,10 +393,12 @@ def _score_variant(loaded: Any, items: list[dict[str, Any]], variant: str, model
 
         def choices(todo: list[dict[str, Any]], advance: Callable[[int], None]) -> list[dict[str, Any]]:
             results = score_choices(loaded.model, loaded.tokenizer, [(item["messages"], item["choice"]["options"]) for item in todo],
+                                    answer_prefixes=[item["choice"].get("answer_prefix", "") for item in todo],
                                     batch_size=options.choice_batch_size, max_prompt_tokens=options.max_length, progress=advance)
             return [{"choice": r.choice, "scores": r.scores, "token_logprobs": r.token_logprobs} for r in results]
 
-        keys = {item["id"]: _sha([item["messages"], item["choice"]["options"], model_key, options.max_length, NORMALISATION]) for item in closed}
+        keys = {item["id"]: _sha([item["messages"], item["choice"]["options"], item["choice"].get("answer_prefix", ""), model_key, options.max_length,
+                                  NORMALISATION]) for item in closed}
         timings[f"choice_{variant}"] = _timed_scores(f"choice scoring ({variant})", progress, choices, closed, keys, output / f"choice_{variant}.jsonl")
     if options.perplexity:
         scored = [item for item in items if item["task"] != "benchmark" and item["reference"]]

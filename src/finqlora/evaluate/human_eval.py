@@ -104,18 +104,24 @@ def _decode(preference: str, key_row: dict[str, str], where: str) -> str | None:
 
 
 def cohen_kappa(first: Sequence[str], second: Sequence[str]) -> float:
-    """Cohen's kappa of two raters on the same items: (p_o - p_e) / (1 - p_e)."""
-    n = len(first)
-    if n == 0:
+    """Cohen's kappa of two raters on the same items: scikit-learn's `cohen_kappa_score`. NaN
+    with no items; 1 when both raters gave every item the same one category (kappa is 0 / 0
+    there, and the raters agree on everything)."""
+    from sklearn.metrics import cohen_kappa_score
+
+    if not first:
         return float("nan")
-    observed = sum(a == b for a, b in zip(first, second)) / n
-    counts_a, counts_b = Counter(first), Counter(second)
-    expected = sum(counts_a[c] * counts_b[c] for c in set(first) | set(second)) / n**2
-    return 1.0 if expected == 1 else (observed - expected) / (1 - expected)
+    if len(set(first) | set(second)) == 1:
+        return 1.0
+    return float(cohen_kappa_score(list(first), list(second)))
 
 
 def fleiss_kappa(ratings: Sequence[Sequence[str]], categories: Sequence[str] = (WIN, TIE, LOSS)) -> float:
-    """Fleiss' kappa; `ratings[i]` holds every rater's category for item i (same count each)."""
+    """Fleiss' kappa; `ratings[i]` holds every rater's category for item i (same count each).
+
+    Fleiss (1971), as statsmodels' `inter_rater.fleiss_kappa` (statsmodels is not a runtime
+    dependency for these ten lines; tests/test_statistics.py compares the two on random
+    tables). 1 where every rating is the same category (statsmodels: 0 / 0)."""
     if not ratings:
         return float("nan")
     raters = len(ratings[0])

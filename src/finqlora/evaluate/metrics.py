@@ -1,12 +1,12 @@
-"""Metrics for before/after evaluation, each small enough to check by hand.
+"""Metrics for before/after evaluation: the field's libraries where one does the job.
 
 Conventions (also in docs/evaluation.md):
 
-* Classification: a prediction of `None` (answer not parseable) counts as wrong. Macro-F1
-  averages the per-class F1 over the classes given (default: the classes in the reference
-  labels); a class never predicted has precision 0 (not undefined), as in scikit-learn's
-  `zero_division=0`.
-* MCC: the multiclass Matthews correlation (as scikit-learn's `matthews_corrcoef`), for news
+* Classification: a prediction of `None` (answer not parseable) counts as wrong. Per-class
+  scores and macro-F1 are scikit-learn's (`precision_recall_fscore_support`, `f1_score`,
+  `zero_division=0`): macro-F1 averages the per-class F1 over the classes given (default: the
+  classes in the reference labels); a class never predicted has precision 0 (not undefined).
+* MCC: scikit-learn's multiclass Matthews correlation (`matthews_corrcoef`), for news
   directions, where accuracy rewards guessing the majority class and MCC gives it 0.
 * Baselines: *majority* always predicts the most frequent class of the reference labels of a
   training split when one is given, else of the test labels (an optimistic baseline);
@@ -22,10 +22,11 @@ Conventions (also in docs/evaluation.md):
   (`tokenize="zh"`, "exp" smoothing, 0-100), cited in the report by its signature.
 * Perplexity: exp(total negative log-likelihood / total answer tokens), over the answer
   tokens only (the prompt is context), with the same prompt format as training.
-* Uncertainty: percentile bootstrap (1,000 resamples of test items, fixed seed) for every
-  metric, and for the difference fine-tuned - base the resampling is paired (the same items
-  for both). McNemar's test compares paired correctness: the exact binomial test on the
-  discordant pairs, and the chi-squared version with continuity correction.
+* Uncertainty: `finqlora.core.statistics` (the project's one bootstrap): percentile bootstrap
+  (1,000 resamples of test items, fixed seed) for every metric, paired for the difference
+  fine-tuned - base (the same resamples for both). McNemar's test compares paired correctness:
+  scipy's exact binomial test on the discordant pairs, and the chi-squared version with
+  continuity correction (scipy's chi-squared survival function).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+from finqlora.core.statistics import class_codes
 
 # ---------------------------------------------------------------------------------------------
 # Classification
@@ -52,48 +55,44 @@ def accuracy(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
 
 
 def per_class_f1(y_true: Sequence[Any], y_pred: Sequence[Any], labels: Sequence[Any]) -> dict[Any, dict[str, float]]:
-    """Precision, recall, F1 and support per class (zero when undefined)."""
-    result: dict[Any, dict[str, float]] = {}
-    for label in labels:
-        tp = sum(t == label and p == label for t, p in zip(y_true, y_pred))
-        predicted = sum(p == label for p in y_pred)
-        support = sum(t == label for t in y_true)
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        result[label] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
-    return result
+    """Precision, recall, F1 and support per class (zero when undefined): scikit-learn's
+    `precision_recall_fscore_support(zero_division=0)`."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    if not labels:
+        return {}
+    true_codes, pred_codes, _ = class_codes(y_true, y_pred, labels)
+    precision, recall, f1, support = precision_recall_fscore_support(true_codes, pred_codes, labels=range(len(labels)), zero_division=0)
+    return {label: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            for i, label in enumerate(labels)}
 
 
 def macro_f1(y_true: Sequence[Any], y_pred: Sequence[Any], labels: Sequence[Any] | None = None) -> float:
+    """scikit-learn's `f1_score(average="macro", zero_division=0)` over `labels` (default: the
+    reference classes); NaN with no items."""
+    from sklearn.metrics import f1_score
+
     if not y_true:
         return float("nan")
     labels = list(labels) if labels is not None else sorted(set(y_true), key=str)
-    scores = per_class_f1(y_true, y_pred, labels)
-    return sum(s["f1"] for s in scores.values()) / len(labels)
+    true_codes, pred_codes, _ = class_codes(y_true, y_pred, labels)
+    return float(f1_score(true_codes, pred_codes, labels=range(len(labels)), average="macro", zero_division=0))
 
 
 def mcc(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
-    """Matthews correlation coefficient, multiclass (Gorodkin's R_K, as scikit-learn's
-    `matthews_corrcoef`): 0 when either side is constant, 1 for perfect agreement. An
-    unparsed prediction (`None`) is a class of its own, so it can never agree with a label.
+    """Matthews correlation coefficient, multiclass: scikit-learn's `matthews_corrcoef` (0 when
+    either side is constant, 1 for perfect agreement); NaN with no items. An unparsed
+    prediction (`None`) is a class of its own, so it can never agree with a label."""
+    from sklearn.metrics import matthews_corrcoef
 
-    With C the confusion matrix, t_k / p_k its row / column sums, c its trace and s its total:
-    (c s - sum_k p_k t_k) / sqrt((s^2 - sum_k p_k^2) (s^2 - sum_k t_k^2)).
-    """
     if len(y_true) != len(y_pred):
         raise ValueError(f"{len(y_true)} labels but {len(y_pred)} predictions")
     if not y_true:
         return float("nan")
-    s = len(y_true)
-    c = sum(t == p for t, p in zip(y_true, y_pred))
-    t_counts, p_counts = Counter(y_true), Counter(y_pred)
-    cov_tp = c * s - sum(p_counts[k] * t_counts.get(k, 0) for k in p_counts)
-    cov_pp = s * s - sum(v * v for v in p_counts.values())
-    cov_tt = s * s - sum(v * v for v in t_counts.values())
-    if cov_pp == 0 or cov_tt == 0:
-        return 0.0
-    return cov_tp / math.sqrt(cov_pp * cov_tt)
+    true_codes, pred_codes, n_codes = class_codes(y_true, y_pred)
+    if n_codes == 1:
+        return 0.0  # both sides one and the same constant (scikit-learn says 0 too, with a warning)
+    return float(matthews_corrcoef(true_codes, pred_codes))
 
 
 UNPARSED = "(unparsed)"
@@ -358,46 +357,6 @@ def text_nll(model: Any, tokenizer: Any, texts: Sequence[str], *, max_length: in
 
 
 @dataclass(frozen=True)
-class Interval:
-    low: float
-    high: float
-    level: float = 0.95
-
-
-def bootstrap_ci(
-    statistic: Callable[[np.ndarray], float],
-    n_items: int,
-    *,
-    n_resamples: int = 1000,
-    level: float = 0.95,
-    seed: int = 0,
-    strata: Sequence[np.ndarray] | None = None,
-) -> Interval:
-    """Percentile bootstrap interval of `statistic(indices)` over resampled test items.
-
-    With `strata` (index arrays that partition the items, e.g. the sets of a suite), every
-    resample draws within each stratum, so each keeps its size.
-    """
-    if n_items == 0:
-        return Interval(float("nan"), float("nan"), level)
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_resamples):
-        if strata is None:
-            indices = rng.integers(0, n_items, size=n_items)
-        else:
-            indices = np.concatenate([stratum[rng.integers(0, len(stratum), size=len(stratum))] for stratum in strata])
-        value = statistic(indices)
-        if not math.isnan(value):
-            values.append(value)
-    if not values:
-        return Interval(float("nan"), float("nan"), level)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return Interval(float(low), float(high), level)
-
-
-@dataclass(frozen=True)
 class McNemarResult:
     """Paired comparison of correctness: b = only base right, c = only fine-tuned right."""
 
@@ -416,19 +375,18 @@ class McNemarResult:
 def mcnemar(base_only: int, finetuned_only: int, both_correct: int = 0, both_wrong: int = 0) -> McNemarResult:
     """McNemar's test on the discordant counts b (base only) and c (fine-tuned only).
 
-    Exact: two-sided binomial test of b against Binomial(b + c, 1/2),
-    p = min(1, 2 * P[X <= min(b, c)]). Corrected: chi2 = (|b - c| - 1)^2 / (b + c), df = 1.
+    Exact: scipy's two-sided binomial test of b against Binomial(b + c, 1/2). Corrected:
+    chi2 = (|b - c| - 1)^2 / (b + c) with 1 degree of freedom (statsmodels' `mcnemar(exact=False)`).
     With no discordant pairs both p-values are 1.
     """
+    from scipy.stats import binomtest, chi2
+
     b, c = base_only, finetuned_only
     n = b + c
     if n == 0:
         return McNemarResult(both_correct, b, c, both_wrong, 1.0, 0.0, 1.0)
-    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n
-    p_exact = min(1.0, 2 * tail)
-    chi2 = (abs(b - c) - 1) ** 2 / n  # as statsmodels mcnemar(exact=False, correction=True)
-    p_corrected = math.erfc(math.sqrt(chi2 / 2))  # survival function of chi2 with 1 df
-    return McNemarResult(both_correct, b, c, both_wrong, p_exact, chi2, p_corrected)
+    statistic = (abs(b - c) - 1) ** 2 / n
+    return McNemarResult(both_correct, b, c, both_wrong, float(binomtest(b, n, 0.5).pvalue), statistic, float(chi2.sf(statistic, 1)))
 
 
 def mcnemar_paired(base_correct: Sequence[bool], finetuned_correct: Sequence[bool]) -> McNemarResult:

@@ -52,7 +52,6 @@ SCORE_RANGE = range(1, 6)
 # Round and rater names become folder and file names: keep them plain so they are never a path.
 # \Z, not $: `$` also matches before a final newline, and "r1\n" is not a plain name.
 NAME = re.compile(r"^[A-Za-z0-9\u4e00-\u9fff][A-Za-z0-9\u4e00-\u9fff_-]{0,63}\Z")
-Z_95 = 1.959963984540054
 MAX_RATERS = 100
 
 
@@ -327,14 +326,15 @@ def save_rating(rating_round: RatingRound, rater: str, item: str, choice: str, s
     return record
 
 
-def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval of a proportion (sensible for small n and rates near 0 or 1)."""
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (sensible for small n and rates near 0 or 1):
+    scipy's `binomtest(...).proportion_ci(method="wilson")`; NaN with no trials."""
+    from scipy.stats import binomtest
+
     if n == 0:
         return float("nan"), float("nan")
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    interval = binomtest(successes, n).proportion_ci(confidence_level=level, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def _mean(values: list[int]) -> float | None:

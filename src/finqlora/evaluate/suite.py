@@ -29,7 +29,7 @@ import numpy as np
 
 from finqlora.core.config import SUITE_NAMES
 from finqlora.core.errors import FinqloraError
-from finqlora.evaluate import metrics as M
+from finqlora.core import statistics as S
 from finqlora.evaluate.benchmarks import (CLOZE, LETTER, Benchmark, _mcq_csv_items, _read_csv_rows, _subject, cloze_form, items_from_rows,
                                           load_benchmark, make_benchmark)
 
@@ -207,17 +207,13 @@ def _average(names: list[str], correct: dict[str, dict[str, np.ndarray]], resamp
     pooled = {v: np.concatenate([correct[name][v] for name in names]).astype(float) for v in ("base", "finetuned")}
 
     def mean_of_sets(variant: str) -> Callable[[np.ndarray], float]:
-        # `indices` concatenates one resample per set (bootstrap_ci's strata), in set order
+        # `indices` concatenates one resample per set (the bootstrap's strata), in set order
         return lambda indices: float(np.mean([pooled[variant][indices[(indices >= s[0]) & (indices <= s[-1])]].mean() for s in strata]))
 
-    def delta(indices: np.ndarray) -> float:
-        return mean_of_sets("finetuned")(indices) - mean_of_sets("base")(indices)
-
     everything = np.arange(int(offsets[-1]))
-    interval = {key: M.bootstrap_ci(fn, len(everything), n_resamples=resamples, seed=seed, strata=strata)
-                for key, fn in (("base", mean_of_sets("base")), ("finetuned", mean_of_sets("finetuned")), ("delta", delta))}
+    boot = S.paired_bootstrap(mean_of_sets("base"), mean_of_sets("finetuned"), len(everything), n_resamples=resamples, seed=seed, strata=strata)
     base, tuned = mean_of_sets("base")(everything), mean_of_sets("finetuned")(everything)
     return {"sets": names, "n": int(offsets[-1]), "weighting": "each set weighs the same",
-            "base": base, "base_ci": [interval["base"].low, interval["base"].high],
-            "finetuned": tuned, "finetuned_ci": [interval["finetuned"].low, interval["finetuned"].high],
-            "delta": tuned - base, "delta_ci": [interval["delta"].low, interval["delta"].high]}
+            "base": base, "base_ci": [boot.first.low, boot.first.high],
+            "finetuned": tuned, "finetuned_ci": [boot.second.low, boot.second.high],
+            "delta": tuned - base, "delta_ci": [boot.difference.low, boot.difference.high]}

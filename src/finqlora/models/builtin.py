@@ -373,6 +373,63 @@ def prepare_builtin(model: BuiltinModel | str, *, progress: bool = True, force: 
     return final
 
 
+CAST_DTYPES = ("bfloat16", "float16")
+
+
+def cast_folder(folder: Path, dtype_name: str, *, log=_stderr) -> Path:
+    """A sibling of a converted float32 folder with its weights cast to `dtype_name`, made once.
+
+    Why: loading float32 weights as bf16 maps the whole float32 file while casting it, so the
+    load's peak resident memory is the file plus the cast copy (4.1 GB for the built-in Qwen
+    0.5B, whose float32 file is 2.5 GB); from a bf16 file the peak is about half. The cast is
+    `tensor.to(dtype)`, what transformers does when it loads float32 weights with `dtype=`, so
+    the loaded weights are the same to the bit (tests/test_builtin_models.py).
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if dtype_name not in CAST_DTYPES:
+        raise ValueError(f"cast_folder casts to {CAST_DTYPES}, not {dtype_name!r}")
+    source_marker = read_marker(folder)
+    if not source_marker or source_marker.get("dtype") != "float32":
+        raise FinqloraError(f"{folder} is not a finished float32 conversion", hint="run `finqlora models prepare NAME --force`")
+    target = folder.with_name(f"{folder.name}.{dtype_name}")
+
+    def current() -> bool:
+        marker = read_marker(target)
+        return bool(marker) and marker.get("cast_of") == source_marker.get("converted_at") and marker.get("dtype") == dtype_name
+
+    if current():
+        return target
+    lock = _with_lock(folder.parent / f".{target.name}.lock", log)
+    try:
+        if current():
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=folder.parent))
+        try:
+            dtype = getattr(torch, dtype_name)
+            for item in sorted(folder.iterdir()):
+                if item.suffix == ".safetensors":
+                    with safe_open(str(item), "pt") as weights:  # one float32 tensor in memory at a time
+                        save_file({name: weights.get_tensor(name).to(dtype) for name in weights.keys()}, str(staging / item.name),
+                                  metadata={"format": "pt"})
+                elif item.name == "config.json":
+                    config = json.loads(item.read_text(encoding="utf-8"))
+                    config["dtype"] = dtype_name
+                    config.pop("torch_dtype", None)
+                    atomic_write_json(staging / item.name, config)
+                elif item.is_file() and item.name != MARKER_FILE:
+                    shutil.copyfile(item, staging / item.name)
+            atomic_write_json(staging / MARKER_FILE, {**source_marker, "dtype": dtype_name, "cast_of": source_marker.get("converted_at")})
+            _publish(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        lock.release()
+    return target
+
+
 def prepare_gguf_file(gguf_path: Path, *, progress: bool = True, log=_stderr) -> Path:
     """Convert a user's .gguf file once into a cached transformers folder.
 

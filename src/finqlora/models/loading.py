@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from finqlora.models.builtin import MARKER_FILE, get_builtin, is_builtin_spec, prepare_builtin, prepare_gguf_file, read_marker
+from finqlora.models.builtin import CAST_DTYPES, MARKER_FILE, cast_folder, get_builtin, is_builtin_spec, prepare_builtin, prepare_gguf_file, read_marker
 from finqlora.core.chat_format import ensure_chat_template, stop_token_ids
 from finqlora.core.errors import FinqloraError
 
@@ -273,6 +273,10 @@ def load_model(
     if load_in_4bit is None:
         load_in_4bit = device.startswith("cuda")
     resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec, trust_remote_code=trust_remote_code, progress=progress)
+    weights_folder = resolved.path
+    if resolved.kind in ("builtin", "gguf") and not load_in_4bit and str(torch_dtype).removeprefix("torch.") in CAST_DTYPES:
+        # Our float32 conversion, wanted in half precision: load a copy cast once on disk (half the peak memory).
+        weights_folder = str(cast_folder(Path(resolved.path), str(torch_dtype).removeprefix("torch.")))
 
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if load_in_4bit:
@@ -281,7 +285,7 @@ def load_model(
     elif device != "cpu":
         kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(weights_folder, **kwargs)
     except OSError as exc:
         if "safetensors" in str(exc).lower() or "no file named" in str(exc).lower():
             raise FinqloraError(

@@ -115,7 +115,8 @@ class BuildStage:
 
     @staticmethod
     def run(ctx: StageContext, _resume: bool) -> dict[str, Any]:
-        from finqlora.dataset.builder import BuildConfig, build_dataset
+        from finqlora.dataset.build_config import BuildConfig
+        from finqlora.dataset.builder import build_dataset
         from finqlora.dataset.teacher import enrich_from_config
 
         data = ctx.config.data

@@ -16,6 +16,7 @@ DEFAULT_LANG = "zh"
 TASKS = {
     "news_impact": {"zh": "新闻影响方向", "en": "News direction"},
     "market_analysis": {"zh": "市场情形", "en": "Market case"},
+    "market_importance": {"zh": "波动与常态对比", "en": "Move vs typical"},
     "report_qa": {"zh": "财报问答", "en": "Report Q&A"},
     "overlap": {"zh": "文本重合度", "en": "Text overlap"},
     "perplexity": {"zh": "困惑度", "en": "Perplexity"},
@@ -53,7 +54,8 @@ TESTS = {
 # Chart labels when no CJK font is installed: Chinese would be drawn as empty boxes.
 ASCII_CLASSES = {
     "利好": "bullish", "利空": "bearish", "中性": "neutral", "预期兑现": "priced-in", "观望信号": "wait-and-see",
-    "趋势延续": "continuation", "反应消退": "fading", "(unparsed)": "(unparsed)",
+    "趋势延续": "continuation", "反应消退": "fading", "高于常态": "above normal", "接近常态": "near normal",
+    "低于常态": "below normal", "(unparsed)": "(unparsed)",
 }
 
 TEXT: dict[str, dict[str, str]] = {

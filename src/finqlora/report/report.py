@@ -36,7 +36,6 @@ import base64
 import importlib.util
 import io
 import json
-import math
 import random
 import re
 from collections.abc import Sequence
@@ -57,6 +56,8 @@ from finqlora.report.i18n import DEFAULT_LANG
 ROUGE_TIE_MARGIN = 0.05
 RATE_SUFFIXES = ("accuracy", "macro_f1", "parse_rate", "rouge_l", "repetition_rate")
 VARIANTS = ("base", "finetuned")
+# The closed-label tasks of the store records: each has baselines and a confusion chart.
+CLOSED_TASKS = ("news_impact", "market_analysis", "market_importance")
 NO_CAPABILITY_GAIN = i18n.text("en", "no_gain")
 # A parsed label counts as a stated conclusion when it appears this early in the answer.
 STATED_WITHIN_CHARS = 24
@@ -211,18 +212,11 @@ def _percent(value: float | None) -> str:
 
 
 def binomial_greater_p(successes: int, n: int, p0: float) -> float:
-    """One-sided exact binomial test: P(X >= successes) for X ~ Binomial(n, p0)."""
-    if n == 0 or successes <= 0:
-        return 1.0
-    if p0 <= 0.0:
-        return 0.0
-    if p0 >= 1.0:
-        return 1.0 if successes <= n else 0.0
+    """One-sided exact binomial test, P(X >= successes) for X ~ Binomial(n, p0): scipy's
+    `binomtest(alternative="greater")`; 1 with no trials."""
+    from scipy.stats import binomtest
 
-    def log_pmf(k: int) -> float:
-        return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p0) + (n - k) * math.log1p(-p0)
-
-    return min(1.0, sum(math.exp(log_pmf(k)) for k in range(successes, n + 1)))
+    return float(binomtest(successes, n, p0, alternative="greater").pvalue) if n else 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,9 +403,14 @@ def table_chart(table: list[dict[str, Any]], lang: str = DEFAULT_LANG) -> bytes 
 
 
 def select_examples(
-    items: list[dict[str, Any]], per_item: dict[str, dict[str, Any]], *, per_group: int = 2, seed: int = 0
+    items: list[dict[str, Any]], per_item: dict[str, dict[str, Any]], *, per_group: int = 2, seed: int = 0,
+    generated: frozenset[str] = frozenset(),
 ) -> dict[str, dict[str, Any]]:
-    """{task: {"counts": {win, loss, tie}, "shown": {group: [items]}}}; see the module docstring."""
+    """{task: {"counts": {win, loss, tie}, "shown": {group: [items]}}}; see the module docstring.
+
+    Items whose answers both models generated (`generated` ids) are shown first: under choice
+    scoring only a few closed-label items are generated, and an example without text shows nothing.
+    """
     by_task: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for item in items:
         scores = per_item.get(item["id"], {})
@@ -432,9 +431,17 @@ def select_examples(
         rng = random.Random(f"{seed}:{task}")
         chosen[task] = {
             "counts": {group: len(members) for group, members in groups.items()},
-            "shown": {group: sorted(rng.sample(members, min(per_group, len(members))), key=lambda it: it["id"]) for group, members in groups.items()},
+            "shown": {group: _sample_generated_first(rng, members, per_group, generated) for group, members in groups.items()},
         }
     return chosen
+
+
+def _sample_generated_first(rng: random.Random, members: list[dict[str, Any]], count: int, generated: frozenset[str]) -> list[dict[str, Any]]:
+    with_text = [item for item in members if item["id"] in generated]
+    without = [item for item in members if item["id"] not in generated]
+    shown = rng.sample(with_text, min(count, len(with_text)))
+    shown += rng.sample(without, min(count - len(shown), len(without)))
+    return sorted(shown, key=lambda it: it["id"])
 
 
 def question_text(item: dict[str, Any]) -> str:
@@ -678,7 +685,7 @@ def _metric_rows(table: list[dict[str, Any]], lang: str = DEFAULT_LANG) -> list[
 
 def _baseline_rows(tasks: dict[str, Any], lang: str = DEFAULT_LANG) -> list[dict[str, str]]:
     choice = i18n.text(lang, "scoring_choice")
-    blocks = [(i18n.task_name("news_impact", lang), tasks.get("news_impact")), (i18n.task_name("market_analysis", lang), tasks.get("market_analysis"))]
+    blocks = [(i18n.task_name(task, lang), tasks.get(task)) for task in CLOSED_TASKS]
     blocks += [(i18n.task_name(f"benchmark.{name}", lang), block) for name, block in (tasks.get("benchmarks") or {}).items()]
     blocks += [(f"{i18n.task_name(name, lang)} ({choice})", block) for name, block in (tasks.get("choice") or {}).items()]
     rows = []
@@ -817,7 +824,7 @@ def _charts(metrics: dict[str, Any], train_dir: Path | None, training_info: dict
         "metrics_table": table_chart(metrics["table"], lang),
     }
     # A confusion figure per closed-label task (generation block, else the choice one).
-    for task in ("news_impact", "market_analysis"):
+    for task in CLOSED_TASKS:
         block = tasks.get(task) or (tasks.get("choice") or {}).get(task)
         if block:
             name = "confusion" if task == "news_impact" else f"confusion_{task}"
@@ -860,7 +867,8 @@ def _build_report(run_dir: str | Path, output_dir: str | Path | None, *, trainin
     items = read_cache(eval_dir / "items.jsonl")
     per_item = {row["id"]: row for row in read_cache(eval_dir / "per_item.jsonl")}
     outputs = {v: {row["id"]: row["output"] for row in read_cache(eval_dir / f"generations_{v}.jsonl")} for v in VARIANTS}
-    examples = select_examples(items, per_item, per_group=examples_per_group, seed=seed)
+    generated = frozenset(set(outputs["base"]) & set(outputs["finetuned"]))
+    examples = select_examples(items, per_item, per_group=examples_per_group, seed=seed, generated=generated)
     images = _charts(metrics, train_dir, training_info, output, lang)
     tasks = metrics.get("tasks") or {}
     choice_blocks = tasks.get("choice") or {}

@@ -147,32 +147,3 @@ def encode_records(tokenizer: Any, records: Sequence[Mapping[str, Any]], max_len
         stats.answer_tokens += encoded.answer_tokens
         stats.max_tokens = max(stats.max_tokens, len(encoded.input_ids))
     return EncodedDataset(examples), stats
-
-
-def padding_collator(pad_token_id: int):
-    """Right-pad a batch: pad ids in input_ids, -100 in labels, 0 in attention_mask."""
-    import torch
-
-    def collate(features: list[dict[str, list[int]]]) -> dict[str, Any]:
-        longest = max(len(f["input_ids"]) for f in features)
-        input_ids, labels, attention = [], [], []
-        for f in features:
-            pad = longest - len(f["input_ids"])
-            input_ids.append(f["input_ids"] + [pad_token_id] * pad)
-            labels.append(f["labels"] + [-100] * pad)
-            attention.append([1] * len(f["input_ids"]) + [0] * pad)
-        return {
-            "input_ids": torch.tensor(input_ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "attention_mask": torch.tensor(attention, dtype=torch.long),
-        }
-
-    return collate
-
-
-def packed(data: EncodedDataset, token_budget: int, seed: int) -> EncodedDataset:
-    """Micro-batches of whole samples up to `token_budget` tokens (made once, seeded, so a resumed run sees the same)."""
-    from finqlora.train.speedups import pack_by_token_budget
-
-    packs = pack_by_token_budget([len(e["input_ids"]) for e in data.examples], token_budget, seed=seed)
-    return EncodedDataset([{"pack": [data.examples[i] for i in pack]} for pack in packs])

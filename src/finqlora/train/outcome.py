@@ -15,9 +15,11 @@ from typing import Any
 from finqlora.core.config import RunConfig, TrainConfig, dump_config
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import atomic_write_json, atomic_write_text
+from finqlora.core.profiles import SpeedProfile
 from finqlora.core.versions import library_versions
 from finqlora.train.checkpoints import check_free_space, now_utc
-from finqlora.train.setup import Plan, speedups_profile_dict
+from finqlora.train.profiles import profile_as_dict
+from finqlora.train.setup import Plan
 
 
 @dataclass
@@ -41,7 +43,7 @@ class RunFacts:
 
     run: RunConfig
     plan: Plan
-    profile: Any | None
+    profile: SpeedProfile
     splits: Any  # finqlora.train.data.DatasetSplits
     data: Any  # finqlora.train.setup.PreparedData
     base_identity: dict[str, Any]
@@ -88,7 +90,7 @@ def run_info(facts: RunFacts, args: Any, state: Any, log_cb: Any, nonfinite: Any
             "resolved_load_in_4bit": plan.load_in_4bit,
             "resolved_gradient_checkpointing": plan.gradient_checkpointing,
             "resolved_optim": plan.optim,
-            "speed_profile": speedups_profile_dict(facts.profile) if facts.profile is not None else {"name": cfg.profile},
+            "speed_profile": profile_as_dict(facts.profile),
             "packed_micro_batches": data.packing,
             "world_size": args.world_size,
         },
@@ -194,7 +196,7 @@ def peak_memory(device: str) -> dict[str, float]:
     return memory
 
 
-def oom_error(cfg: TrainConfig, plan: Plan, profile: Any | None = None) -> FinqloraError:
+def oom_error(cfg: TrainConfig, plan: Plan, profile: SpeedProfile | None = None) -> FinqloraError:
     advice = []
     if profile is not None and profile.memory_sized_checkpointing:
         # The sizing reads free memory as each micro-batch starts; it cannot see a later claim.

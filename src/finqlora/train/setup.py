@@ -1,9 +1,15 @@
 """Setting a run up: the plan for this machine, the base model with LoRA, the data and the Trainer.
 
-An explicit config value wins, then the speed profile's choice (finqlora.train.speedups), then
+An explicit config value wins, then the speed profile's choice (finqlora.train.profiles), then
 the hardware default. On CUDA the base is 4-bit NF4 (QLoRA); on the CPU full precision (plain
 LoRA: bitsandbytes' CPU 4-bit layers silently stop passing gradients after a no-grad forward, so
 4-bit training on the CPU is refused).
+
+The training path, in the order `finqlora.train.training.train` takes it: `resolve_plan`,
+`load_base` and `attach_lora` here; then `prepare_model_and_data`: the records encoded
+(finqlora.train.data), the model patched for the profile (finqlora.train.patches), the collator
+that fits the patched model's attention and the packed micro-batches (finqlora.train.collate);
+then `training_arguments` and `build_trainer` (finqlora.train.trainer).
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from typing import Any
 from finqlora.core.config import TrainConfig
 from finqlora.core.errors import FinqloraError
 from finqlora.core.fileio import sha256_file
-from finqlora.train.data import DatasetSplits, EncodedDataset, EncodingStats, encode_records, packed, padding_collator
+from finqlora.core.profiles import SpeedProfile
+from finqlora.train.collate import make_data_collator, packed, tokens_per_micro_batch
+from finqlora.train.data import DatasetSplits, EncodedDataset, EncodingStats, encode_records
+from finqlora.train.patches import apply_model_speedups, attention_implementation
 
 
 @dataclass
@@ -33,7 +42,7 @@ class Plan:
     optim: str
 
 
-def resolve_plan(cfg: TrainConfig, profile: Any | None = None) -> Plan:
+def resolve_plan(cfg: TrainConfig, profile: SpeedProfile | None = None) -> Plan:
     """Device, precision, 4-bit, checkpointing and optimizer for this run on this machine.
 
     An explicit config value wins, then the speed profile's choice, then the hardware default.
@@ -123,11 +132,10 @@ def model_identity(resolved: Any, described: Mapping[str, Any]) -> dict[str, Any
     return identity
 
 
-def attach_lora(model: Any, cfg: TrainConfig, plan: Plan, profile: Any | None) -> Any:
+def attach_lora(model: Any, cfg: TrainConfig, plan: Plan, profile: SpeedProfile) -> Any:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    upcast = getattr(profile, "upcast_frozen_to_fp32", True)
-    if plan.load_in_4bit and upcast:
+    if plan.load_in_4bit and profile.upcast_frozen_to_fp32:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=plan.gradient_checkpointing,
@@ -179,23 +187,6 @@ def block_linear_names(model: Any) -> list[str]:
     return sorted(names)
 
 
-def speed_profile(cfg: TrainConfig) -> Any | None:
-    """The speed engineer's profile, when finqlora.train.speedups exists in this checkout."""
-    if importlib.util.find_spec("finqlora.train.speedups") is None:
-        if cfg.profile != "default":
-            raise FinqloraError(f"train.profile {cfg.profile!r} needs finqlora.train.speedups, which is not installed")
-        return None
-    from finqlora.train import speedups
-
-    return speedups.get_profile(cfg.profile)
-
-
-def speedups_profile_dict(profile: Any) -> dict[str, Any]:
-    from finqlora.train.speedups import profile_as_dict
-
-    return profile_as_dict(profile)
-
-
 @dataclass
 class PreparedData:
     """The encoded train and validation sets, the collator and the per-device batch sizes."""
@@ -212,29 +203,22 @@ class PreparedData:
 
 
 def prepare_model_and_data(model: Any, tokenizer: Any, splits: DatasetSplits, cfg: TrainConfig,
-                           profile: Any | None) -> tuple[Any, PreparedData]:
-    """Tokenize both splits, apply the speed profile to the model, and pick the collator (packing or padding)."""
+                           profile: SpeedProfile) -> tuple[Any, PreparedData]:
+    """Tokenize both splits, patch the model for the profile, and pick the collator (packing or padding)."""
     train_data, train_stats = encode_records(tokenizer, splits.train, cfg.max_length)
     val_records = splits.val[: cfg.max_val_samples] if cfg.max_val_samples else splits.val
     val_data, val_stats = encode_records(tokenizer, val_records, cfg.max_length)
     batch_size, eval_batch_size = cfg.batch_size, cfg.eval_batch_size or cfg.batch_size
-    packing = bool(getattr(profile, "packing", False))
-    if profile is not None:
-        from finqlora.train import speedups
-
-        model = speedups.apply_model_speedups(model, profile)
-        collator = speedups.make_data_collator(tokenizer, profile,
-                                               attn_implementation=speedups.attention_implementation(model))
-        if packing:
-            # One micro-batch = one pack of samples up to the token budget of batch_size x max_length.
-            # Packs are made once (seeded), so a resumed run sees the same micro-batches.
-            train_data = packed(train_data, speedups.tokens_per_micro_batch(profile, batch_size, cfg.max_length), cfg.seed)
-            val_data = packed(val_data, speedups.tokens_per_micro_batch(profile, eval_batch_size, cfg.max_length), cfg.seed)
-            batch_size = eval_batch_size = 1
-    else:
-        collator = padding_collator(tokenizer.pad_token_id)
+    model = apply_model_speedups(model, profile)
+    collator = make_data_collator(tokenizer, profile, attn_implementation=attention_implementation(model))
+    if profile.packing:
+        # One micro-batch = one pack of samples up to the token budget of batch_size x max_length.
+        # Packs are made once (seeded), so a resumed run sees the same micro-batches.
+        train_data = packed(train_data, tokens_per_micro_batch(profile, batch_size, cfg.max_length), cfg.seed)
+        val_data = packed(val_data, tokens_per_micro_batch(profile, eval_batch_size, cfg.max_length), cfg.seed)
+        batch_size = eval_batch_size = 1
     prepared = PreparedData(train_data, val_data, train_stats, val_stats, len(val_records), collator, batch_size,
-                            eval_batch_size, packing)
+                            eval_batch_size, profile.packing)
     return model, prepared
 
 

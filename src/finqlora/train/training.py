@@ -7,9 +7,12 @@ with finqlora.train.callbacks), then write what the run learned (finqlora.train.
    "val"; a file without splits holds out `val_fraction` of its records, chosen with the seed);
 2. load the base model through `finqlora.models.loading.load_model(for_training=True)` -- 4-bit
    NF4 on CUDA (QLoRA), full precision on the CPU (plain LoRA);
-3. tokenize with `finqlora.core.chat_format.encode_for_training` (the inference chat template,
-   prompt labels -100, the answer ends with the template's end-of-turn marker);
-4. wrap the model with LoRA adapters (peft) and train with transformers' Trainer: cosine schedule
+3. wrap the model with LoRA adapters (peft); tokenize with
+   `finqlora.core.chat_format.encode_for_training` (the inference chat template, prompt labels
+   -100, the answer ends with the template's end-of-turn marker); patch the model for the speed
+   profile (finqlora.train.profiles, finqlora.train.patches) and pick the collator and the packed
+   micro-batches that fit it (finqlora.train.collate);
+4. train with transformers' Trainer (finqlora.train.trainer): cosine schedule
    with warmup, validation each epoch (and every `eval_steps`), the best checkpoint kept, optional
    early stopping, exact resume (Trainer restores optimizer, scheduler, RNG and data position);
 5. write the adapter, tokenizer + chat template, training_info.json, training_log.jsonl, loss.png.
@@ -19,9 +22,6 @@ return with status "interrupted" (finqlora.train.stopping); every checkpoint get
 marker with the SHA-256 of each file, written last, and every resume verifies it
 (finqlora.train.checkpoints); non-finite loss stops the run with advice; CUDA OOM becomes a
 `FinqloraError` that says what to lower; free disk space is checked before every save.
-
-The names other modules import from here (`train`, `TrainResult`, the checkpoint and data helpers)
-stay importable from this module.
 """
 
 from __future__ import annotations
@@ -36,61 +36,20 @@ from finqlora.core.config import RunConfig, TrainConfig
 from finqlora.core.errors import FinqloraError
 from finqlora.core.lock import RunFolderLock
 from finqlora.train.callbacks import JsonlLog, LiveLossPlot, RichProgress, RunControl
-from finqlora.train.checkpoints import (
-    CHECKPOINT_MARKER,
-    check_free_space,
-    checkpoint_is_complete,
-    checkpoint_problem,
-    find_latest_checkpoint,
-    list_checkpoints,
-    now_utc,
-    resolve_resume,
-    save_bytes_needed,
-    training_fingerprint,
-    verify_checkpoint,
-    write_checkpoint_marker,
-)
-from finqlora.train.data import (
-    DatasetSplits,
-    EncodedDataset,
-    EncodingStats,
-    encode_records,
-    load_splits,
-    padding_collator,
-    read_instruction_jsonl,
-)
+from finqlora.train.checkpoints import check_free_space, now_utc, resolve_resume, save_bytes_needed, training_fingerprint
+from finqlora.train.data import load_splits
 from finqlora.train.distributed import is_main_process
-from finqlora.train.outcome import (
-    RunFacts,
-    TrainResult,
-    device_description,
-    loss_points,
-    nonfinite_error,
-    oom_error,
-    peak_memory,
-    run_info,
-    write_outputs,
-)
+from finqlora.train.outcome import RunFacts, TrainResult, loss_points, nonfinite_error, oom_error, run_info, write_outputs
+from finqlora.train.profiles import get_profile
 from finqlora.train.setup import (
-    Plan,
     attach_lora,
-    block_linear_names,
     build_trainer,
     load_base,
-    lora_targets,
     prepare_model_and_data,
     resolve_plan,
-    speed_profile,
     training_arguments,
 )
 from finqlora.train.stopping import StepAbandoned, StopRequest, install_block_stop_hooks, signals_handled
-
-__all__ = [
-    "CHECKPOINT_MARKER", "DatasetSplits", "EncodedDataset", "EncodingStats", "Plan", "TrainResult",
-    "block_linear_names", "check_free_space", "checkpoint_is_complete", "checkpoint_problem", "device_description",
-    "encode_records", "find_latest_checkpoint", "list_checkpoints", "load_splits", "lora_targets", "padding_collator",
-    "peak_memory", "read_instruction_jsonl", "resolve_plan", "train", "verify_checkpoint", "write_checkpoint_marker",
-]
 
 
 def train(
@@ -170,7 +129,7 @@ def _set_up(run: RunConfig, output_dir: Path) -> tuple[RunFacts, Any, Any]:
     from transformers import set_seed
 
     cfg = run.train
-    profile = speed_profile(cfg)
+    profile = get_profile(cfg.profile)
     plan = resolve_plan(cfg, profile)
     splits = load_splits(cfg.dataset, val_fraction=cfg.val_fraction, seed=cfg.seed)
     output_dir.mkdir(parents=True, exist_ok=True)
