@@ -75,19 +75,26 @@ def write_sharegpt(path: Path) -> Path:
     return path
 
 
-WRITERS = {"finfe": write_finfe, "fpb": write_fpb, "disc": write_disc, "alpaca": write_alpaca, "cfbenchmark": write_cfbenchmark,
+WRITERS = {"finfe": write_finfe, "finfe-choice": write_finfe, "fpb": write_fpb, "disc": write_disc, "alpaca": write_alpaca, "cfbenchmark": write_cfbenchmark,
            "sharegpt": write_sharegpt}
 
 
 @pytest.mark.parametrize("fmt", mixture.FORMATS)
 def test_every_format_loads(fmt: str, tmp_path: Path) -> None:
-    path = WRITERS[fmt](tmp_path / f"set.{'json' if fmt in ('finfe', 'disc', 'sharegpt') else 'txt' if fmt == 'fpb' else 'jsonl' if fmt == 'alpaca' else 'd'}")
+    path = WRITERS[fmt](tmp_path / f"set.{'json' if fmt in ('finfe', 'disc', 'sharegpt') else 'json' if fmt == 'finfe-choice' else 'txt' if fmt == 'fpb' else 'jsonl' if fmt == 'alpaca' else 'd'}")
     items = load_source(AddSource(path, fmt), seed=0)
     assert items and all(i.instruction and i.output for i in items)
     if fmt == "finfe":
         assert [i.output for i in items[:3]] == ["积极", "中性", "消极"] and items[0].instruction == mixture.FINFE_INSTRUCTION
     if fmt == "fpb":
         assert [i.output for i in items] == ["positive", "neutral", "negative"]
+    if fmt == "finfe-choice":  # the text is the input; the options in the instruction; the answer is the letter of the word
+        for item, (text, label) in zip(items, SENTENCES):
+            lines = item.instruction.splitlines()
+            assert lines[0] == mixture.FINFE_CHOICE_INSTRUCTION and item.input == text
+            assert [line[:3] for line in lines[1:]] == ["A. ", "B. ", "C. ", "D. "] and {line[3:] for line in lines[1:]} == set(mixture.FINFE_CHOICE_OPTIONS)
+            assert lines[1 + "ABCD".index(item.output)] == f"{item.output}. {mixture.FINFE_WORDS[label]}"
+        assert items == load_source(AddSource(path, fmt), seed=5)  # the order is the text's, whatever the build's seed
     if fmt == "sharegpt":  # the last question answered; the earlier turn and the system text kept in the input
         assert (items[0].instruction, items[0].output) == ("那市净率呢？", "股价除以每股净资产。")
         assert "什么是市盈率？" in items[0].input and "你是金融助手。" in items[0].input
@@ -95,6 +102,13 @@ def test_every_format_loads(fmt: str, tmp_path: Path) -> None:
         assert items[1].input.startswith("对话历史：") and "什么是市盈率？" in items[1].input
     if fmt == "cfbenchmark":
         assert [i.output for i in items] == ["积极", "中性", "消极"]
+
+
+def test_finfe_choice_spreads_the_right_letter_over_four_options(tmp_path: Path) -> None:
+    """Over many rows every letter is right about a quarter of the time: the letter carries no hint."""
+    items = load_source(AddSource(write_finfe(tmp_path / "f.json", distinct_rows(400, seed=2)), "finfe-choice"), seed=0)
+    shares = {letter: sum(item.output == letter for item in items) / len(items) for letter in "ABCD"}
+    assert all(0.17 < share < 0.33 for share in shares.values()), shares
 
 
 @pytest.mark.parametrize(
@@ -170,6 +184,20 @@ def test_decontamination_drops_records_equal_or_near_an_eval_item(tmp_path: Path
     assert rows[0][0] not in texts and rows[1][0] not in texts and rows[2][0] in texts
     assert result.stats["decontamination"]["dropped"] == 2
     assert "## Decontamination" in result.card.read_text(encoding="utf-8")
+
+
+def test_decontamination_checks_the_question_in_an_instruction(tmp_path: Path) -> None:
+    """DISC-Fin-SFT rows hold the question in `instruction` with an empty input: a row asking an
+    evaluation question is dropped all the same (FinEval's CSV folder as the evaluation set)."""
+    disc = write_disc(tmp_path / "disc.json")
+    exam = tmp_path / "val"
+    exam.mkdir()
+    (exam / "finance_val.csv").write_text("id,question,A,B,C,D,answer\n0,解释什么是市盈率。,甲,乙,丙,丁,A\n", encoding="utf-8")
+    config = BuildConfig(output=tmp_path / "d.jsonl", num_samples=5, templates_only=True, progress=False,
+                         add=(AddSource(disc, "disc"),), decontaminate=(exam,))
+    result = build_dataset(config)
+    kept = [r["instruction"] for r in result.records if r["type"] == "public_data"]
+    assert kept == ["那市净率呢？"] and result.stats["decontamination"]["dropped_by_type"] == {"public_data": 1}
 
 
 def test_eval_texts_read_every_layout(tmp_path: Path) -> None:

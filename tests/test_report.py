@@ -568,7 +568,7 @@ def test_suite_and_judge_sections_speak_the_reports_language(tmp_path: Path) -> 
     assert "| r1 | alice | 3 | 1.000 |" in zh_part  # the judge and alice both prefer every fine-tuned answer
     # English words left in the Chinese blocks: set names, proper names and the data's own names only
     allowed = {"finance", "zh", "fineval", "finfe", "cfbenchmark", "sentiment", "event", "industry", "fpb", "cflue", "ceval",
-               "McNemar", "Cohen", "kappa", "Wilson", "judge", "model", "alice"}
+               "cloze", "McNemar", "Cohen", "kappa", "Wilson", "judge", "model", "alice"}
     assert set(re.findall(r"[A-Za-z]{2,}", zh_part)) - allowed == set()
     zh_html = _section(zh_html, "<h3>金融评测套件 finance-zh</h3>", "<h3>模型评审</h3>")
     for name in SUITE_JUDGE_EN:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from finqlora.core.errors import FinqloraError
-from finqlora.evaluate.benchmarks import load_benchmark
-from finqlora.evaluate.evaluation import build_items
+from finqlora.evaluate.benchmarks import cloze_form, load_benchmark
+from finqlora.evaluate.evaluation import build_items, generated_items
 from finqlora.evaluate.scoring import compute_metrics, parse_letter
 from finqlora.evaluate.suite import SUITES, check_sets, load_set, load_suite, parse_set_arguments
 
@@ -47,6 +47,13 @@ def test_fineval_and_ceval_csv_loaders(tmp_path: Path) -> None:
     assert first.input.splitlines()[1:] == ["A. 再贴现", "B. 关税", "C. 消费税", "D. 出口退税"]
     items = build_items([], [bench])
     assert items[0]["choice"] == {"options": ["A", "B", "C", "D"], "classes": ["A", "B", "C", "D"]} and items[0]["label"]["kind"] == "multiple_choice"
+    # the cloze form: the question alone, the option texts scored, the letters still the classes
+    cloze = build_items([], [cloze_form(bench)])
+    assert cloze[0]["id"] == "val-cloze/" + first.id and cloze[0]["formulation"] == "cloze"
+    assert cloze[0]["choice"] == {"options": ["再贴现", "关税", "消费税", "出口退税"], "classes": ["A", "B", "C", "D"]}
+    assert cloze[0]["messages"][-1]["content"].endswith("第0题：下列哪项是货币政策工具？") and "A." not in cloze[0]["messages"][-1]["content"]
+    assert "只回答选项字母" not in cloze[0]["messages"][-1]["content"] and "auditing" in cloze[0]["messages"][-1]["content"]
+    assert generated_items(items + cloze, "both") == items  # a cloze answer is never generated and parsed as a letter
     # C-Eval in the suite: only its finance subjects are read from a folder of all subjects
     ceval = tmp_path / "ceval"
     for subject in ("accountant", "tax_accountant", "high_school_physics"):
@@ -54,6 +61,25 @@ def test_fineval_and_ceval_csv_loaders(tmp_path: Path) -> None:
     entry = next(s for s in SUITES["finance-zh"] if s.name == "ceval-finance")
     loaded = load_set(entry, str(ceval))
     assert len(loaded.items) == 6 and {item.id.split("-")[1] for item in loaded.items} == {"accountant", "tax_accountant"}
+
+
+def test_cloze_form_leaves_out_items_whose_options_cannot_be_told_apart(tmp_path: Path) -> None:
+    folder = tmp_path / "val"
+    folder.mkdir()
+    (folder / "tax_val.csv").write_text(FINEVAL_HEADER + "0,税率是多少？,10%,10%,20%,30%,C\n1,哪项是直接税？,所得税,增值税,消费税,关税,A\n", encoding="utf-8")
+    bench = cloze_form(load_benchmark(folder, "fineval"))
+    assert bench.name == "val-cloze" and bench.formulation == "cloze" and [item.input for item in bench.items] == ["哪项是直接税？"]
+    assert bench.skipped == {"option texts blank or repeated (cloze)": 1}
+    judge = cloze_form(load_benchmark(_cflue(tmp_path / "knowledge.json"), "cflue"))
+    assert [item.instruction for item in judge.items] == ["以下是中国关于证券从业资格考试的单项选择题，请直接写出正确答案。", "以下是中国关于初级会计职称考试的判断题，请判断对错。"]
+    assert [item.cloze.options for item in judge.items] == [("债权证券", "权益证券", "货币证券", "商品证券"), ("对", "错")]
+    with pytest.raises(FinqloraError, match="not a multiple-choice item"):
+        cloze_form(load_benchmark(write_finfe_file(tmp_path / "f.json"), "finfe"))
+
+
+def write_finfe_file(path: Path) -> Path:
+    path.write_text(json.dumps([["业绩大增", 2], ["平稳", 1]], ensure_ascii=False), encoding="utf-8")
+    return path
 
 
 def test_cflue_loader_keeps_single_answer_questions(tmp_path: Path) -> None:
@@ -154,15 +180,20 @@ def test_suite_table_in_metrics(tmp_path: Path) -> None:
     suite = {"name": "finance-zh", "sets": {"fineval": str(tmp_path / "val"), "cflue": str(tmp_path / "cflue.json")}, "limit": None}
     (tmp_path / "eval_config.json").write_text(json.dumps({"scoring": "choice", "suite": suite}), encoding="utf-8")
     letters = "ABCD"
-    # base always answers A; fine-tuned is right on every FinEval item and wrong on both CFLUE items
+    assert [b.name for b in benches] == ["fineval", "fineval-cloze", "cflue", "cflue-cloze"]
+    # base always answers A; fine-tuned is right on every FinEval item (both forms) and wrong on every CFLUE item
     picks = {"base": [0] * len(items),
-             "finetuned": [letters.index(i["label"]["class"]) if i["benchmark"] == "fineval" else 1 - letters.index(i["label"]["class"]) for i in items]}
+             "finetuned": [letters.index(i["label"]["class"]) if i["benchmark"].startswith("fineval") else 1 - letters.index(i["label"]["class"]) for i in items]}
     for variant, chosen in picks.items():
         (tmp_path / f"choice_{variant}.jsonl").write_text("".join(
             json.dumps({"id": item["id"], "choice": c, "scores": [0.0] * len(item["choice"]["options"])}) + "\n" for item, c in zip(items, chosen)), encoding="utf-8")
     metrics = compute_metrics(tmp_path, bootstrap_resamples=300)
     rows = {row["set"]: row for row in metrics["suite"]["sets"]}
-    assert [row["set"] for row in metrics["suite"]["sets"]] == [s.name for s in SUITES["finance-zh"]]
+    # a given multiple-choice set has its cloze row right below; a set not given has none
+    expected = [name for s in SUITES["finance-zh"] for name in ((s.name, s.cloze_name) if s.name in suite["sets"] else (s.name,))]
+    assert [row["set"] for row in metrics["suite"]["sets"]] == expected
+    assert rows["fineval-cloze"]["formulation"] == "cloze" and rows["fineval"]["formulation"] == "letter" and rows["finfe"]["formulation"] is None
+    assert rows["fineval-cloze"]["n"] == 8 and rows["fineval-cloze"]["finetuned"] == 1.0 and rows["cflue-cloze"]["finetuned"] == 0.0
     assert not rows["finfe"]["evaluated"] and rows["fineval"]["evaluated"]
     fineval = rows["fineval"]  # answers ABCDABCD: base right on 2 of 8
     assert fineval["n"] == 8 and fineval["base"] == pytest.approx(0.25) and fineval["finetuned"] == 1.0 and fineval["delta"] == pytest.approx(0.75)
@@ -203,7 +234,8 @@ def test_cli_eval_suite(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "suite finance-zh" in result.output and "not given" in result.output
     suite = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["suite"]
-    assert [row["n"] for row in suite["sets"] if row["evaluated"]] == [3, 4] and suite["average"]["n"] == 7
+    assert [(row["set"], row["n"]) for row in suite["sets"] if row["evaluated"]] == [("finfe", 3), ("fineval", 4), ("fineval-cloze", 4)]
+    assert suite["average"]["n"] == 7 and suite["average"]["sets"] == ["finfe", "fineval"]  # the cloze row is beside the average, not in it
     bad = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--suite-set", "fineval=x", "--output", str(out)])
     assert isinstance(bad.exception, FinqloraError) and "--suite-set needs --suite" in str(bad.exception)
 

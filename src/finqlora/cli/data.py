@@ -62,7 +62,7 @@ def build(
     embargo_min: int | None = key_option("data.embargo_min", "--embargo-min", help="Leave out events this many minutes after a split boundary."),
     tz: str | None = key_option("data.tz", "--tz", help="Zone of a user database's time column written without one (e.g. Asia/Shanghai)."),
     add_dataset: list[Path] = typer.Option(None, "--add-dataset", help="Public data set to mix in (repeatable; see --add-format) (config data.add).", show_default=False),
-    add_format: list[str] = typer.Option(None, "--add-format", help="finfe | cfbenchmark | fpb | disc | alpaca | sharegpt: one for all --add-dataset, or one each.", show_default=False),
+    add_format: list[str] = typer.Option(None, "--add-format", help="finfe | finfe-choice | cfbenchmark | fpb | disc | alpaca | sharegpt: one for all --add-dataset, or one each.", show_default=False),
     add_samples: list[int] = typer.Option(None, "--add-samples", help="Rows to take from each --add-dataset (one for all, or one each; default all).", show_default=False),
     decontaminate: list[Path] = typer.Option(None, "--decontaminate", help="Evaluation file whose items no record may duplicate (repeatable) (config data.decontaminate).", show_default=False),
     teacher: str | None = key_option("data.teacher", "--teacher", help="Teacher for richer news-impact analyses: deepseek, kimi, openai, local, or an OpenAI-compatible URL."),

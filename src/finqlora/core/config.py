@@ -94,7 +94,7 @@ class AddDatasetConfig(_Section):
     """One public data set mixed into the build (`finqlora build --add-dataset`)."""
 
     path: str = Field(..., min_length=1, description="file or folder of the public set, in its published format")
-    format: Literal["finfe", "cfbenchmark", "fpb", "disc", "alpaca", "sharegpt"] = Field(..., description="the set's format (docs/dataset.md)")
+    format: Literal["finfe", "finfe-choice", "cfbenchmark", "fpb", "disc", "alpaca", "sharegpt"] = Field(..., description="the set's format (docs/dataset.md)")
     samples: int | None = Field(None, ge=1, description="seeded sample of this many rows (null = all)")
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from finqlora.core import textdedup
 from finqlora.dataset import mixture
-from finqlora.dataset.drafts import SPLITS, Draft
+from finqlora.dataset.drafts import PUBLIC, SPLITS, Draft
 
 
 def drop_cross_split_duplicates(drafts: list[Draft], threshold: float, notices: list[str], stats: dict[str, Any]) -> list[Draft]:
@@ -40,6 +40,10 @@ def decontaminate(drafts: list[Draft], eval_paths: Sequence[Path], threshold: fl
         return drafts
     eval_sets = {str(path): mixture.eval_texts(Path(path)) for path in eval_paths}
     hits = mixture.contaminated([d.news or d.input for d in drafts], eval_sets, threshold)
+    # A mixed-in instruction row (DISC-Fin-SFT, Alpaca) often holds its question in the instruction, its input empty.
+    public = [i for i, d in enumerate(drafts) if d.type == PUBLIC]
+    for index, name in mixture.contaminated([drafts[i].instruction for i in public], eval_sets, threshold).items():
+        hits.setdefault(public[index], name)
     by_type = Counter(drafts[i].type for i in hits)
     stats["decontamination"] = {"eval_sets": {k: len(v) for k, v in eval_sets.items()}, "threshold": threshold,
                                 "dropped": len(hits), "dropped_by_type": dict(sorted(by_type.items())),

@@ -7,10 +7,16 @@ type `public_data`:
 | format | file | record |
 | --- | --- | --- |
 | `finfe` | BBT-FinCUGE FinFE: JSON list of `[text, label]`, 0 消极 / 1 中性 / 2 积极 | `FINFE_INSTRUCTION`, the text, one word 积极/中性/消极 |
+| `finfe-choice` | the same file | a four-option question (积极/中性/消极/无法判断 in a seeded order per text, the options in the instruction), the text, the answer's letter |
 | `cfbenchmark` | CFBenchmark: Hugging Face `datasets` folder, rows `{instruction, input, response}` | its own instruction, input and response |
 | `fpb` | Financial PhraseBank: `sentence@label` lines (positive/neutral/negative) | `FPB_INSTRUCTION` (Chinese), the sentence, the English label |
 | `disc` | DISC-Fin-SFT: JSON list of `{instruction, input, output, history}` | as given; `history` turns are prepended to the input as 对话历史 |
 | `alpaca` | JSONL, one `{instruction, input, output}` a line | as given |
+
+`finfe-choice` teaches the answer-letter format of multiple-choice exams (FinEval, C-Eval) on
+sentiment, never on exam questions: a small model that knows an answer but maps it to a letter
+at chance (docs/quality.md) is what it is for. Its fourth option is never right, so that the
+right letter is spread over A-D as in a four-option exam.
 
 N records are a seeded sample of the file (all of it when N is omitted); each source is
 split train/val/test by the build's split shares on its own, after a seeded shuffle.
@@ -28,6 +34,7 @@ taken whole).
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -40,14 +47,17 @@ from finqlora.core.fileio import iter_jsonl, load_datasets_folder
 from finqlora.core.records import iter_records, normalize
 from finqlora.dataset.drafts import PUBLIC, SPLITS, Draft, allocate, seeded_rng
 
-FORMATS = ("finfe", "cfbenchmark", "fpb", "disc", "alpaca", "sharegpt")
+FORMATS = ("finfe", "finfe-choice", "cfbenchmark", "fpb", "disc", "alpaca", "sharegpt")
 FINFE_WORDS = {0: "消极", 1: "中性", 2: "积极"}
 FPB_LABELS = ("positive", "neutral", "negative")
 # The FinFE form is the benchmark's own wording, so a model trained on it is asked the same way.
 FINFE_INSTRUCTION = "判断下面这条金融社交媒体文本的情绪倾向。只回答一个词：积极、中性或消极。"
 FPB_INSTRUCTION = "判断下面这条英文财经新闻句子对投资者的情绪倾向。只回答一个英文词：positive、neutral 或 negative。"
+FINFE_CHOICE_INSTRUCTION = "判断下面这条金融社交媒体文本的情绪倾向，从以下选项中选出正确的一项。只回答选项字母。"
+FINFE_CHOICE_OPTIONS = ("积极", "中性", "消极", "无法判断")  # 无法判断 is never the answer
 LICENCE_NOTES = {
     "finfe": "BBT-FinCUGE FinFE (github ssymmetry/BBT-FinCUGE-Applications): no licence file, research use",
+    "finfe-choice": "BBT-FinCUGE FinFE (github ssymmetry/BBT-FinCUGE-Applications): no licence file, research use",
     "cfbenchmark": "CFBenchmark (TongjiFinLab): see the licence of the copy you use",
     "fpb": "Financial PhraseBank (Malo et al. 2014): CC BY-NC-SA 3.0",
     "disc": "DISC-Fin-SFT (FudanDISC/DISC-FinLLM): Apache-2.0",
@@ -116,6 +126,18 @@ def _finfe(path: Path) -> Iterator[MixItem]:
                        "FinFE rows are [text, 0|1|2] (0 消极, 1 中性, 2 积极); fix or delete that row")
         word = FINFE_WORDS[int(label)]
         yield MixItem(FINFE_INSTRUCTION, row[0].strip(), word, {"class": word})
+
+
+def _finfe_choice(path: Path) -> Iterator[MixItem]:
+    """FinFE rows as four-option questions; the option order is seeded by the text, so a row is
+    always asked the same way. The options go in the instruction, the text stays the input that
+    decontamination and the near-duplicate checks compare."""
+    letters = "ABCD"
+    for item in _finfe(path):
+        order = random.Random(f"finfe-choice-{item.input}").sample(FINFE_CHOICE_OPTIONS, len(FINFE_CHOICE_OPTIONS))
+        options = "\n".join(f"{letter}. {word}" for letter, word in zip(letters, order))
+        answer = letters[order.index(item.output)]
+        yield MixItem(f"{FINFE_CHOICE_INSTRUCTION}\n{options}", item.input, answer, {"class": answer})
 
 
 def _fpb(path: Path) -> Iterator[MixItem]:
@@ -201,7 +223,7 @@ def _cfbenchmark(path: Path) -> Iterator[MixItem]:
             raise FinqloraError(str(exc).replace(f"{path}:{row_number}:", f"{path}: row {row_number}:"), hint=exc.hint) from None
 
 
-_LOADERS = {"finfe": _finfe, "cfbenchmark": _cfbenchmark, "fpb": _fpb, "disc": _disc, "alpaca": _alpaca, "sharegpt": _sharegpt}
+_LOADERS = {"finfe": _finfe, "finfe-choice": _finfe_choice, "cfbenchmark": _cfbenchmark, "fpb": _fpb, "disc": _disc, "alpaca": _alpaca, "sharegpt": _sharegpt}
 
 
 def load_source(source: AddSource, seed: int) -> list[MixItem]:

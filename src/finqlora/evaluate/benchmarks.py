@@ -25,6 +25,12 @@ the same answer parser scores every sentiment benchmark. `--label-map "0=利空,
 sentiment words (event detection, industry identification, ...) keeps its own classes. A
 multiple-choice item's classes are its option letters, each item with its own. Malformed files
 raise `FinqloraError` naming the file and the line/row.
+
+A multiple-choice exam has two formulations (`cloze_form`): the published one shows the
+options and asks for the letter; the cloze one asks the question alone and scores each option's
+own text as the answer (lm-evaluation-harness and OLMES call it the cloze formulation). A small
+model can know the answer and still fail to map it to a letter: the letter form then measures
+the format, the cloze form the knowledge.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import ast
 import csv
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +74,24 @@ JSONL_INSTRUCTION = "判断下面这段金融文本的情绪倾向（利好、�
 # with the answer format said, since choice scoring compares the option letters.
 CHOICE_INSTRUCTION = "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。只回答选项字母。"
 JUDGE_INSTRUCTION = "以下是中国关于{subject}考试的判断题，请判断对错。只回答选项字母。"
+# The cloze formulation: the question alone, the answer is an option's own text.
+CLOZE_CHOICE_INSTRUCTION = "以下是中国关于{subject}考试的单项选择题，请直接写出正确答案。"
+CLOZE_JUDGE_INSTRUCTION = "以下是中国关于{subject}考试的判断题，请判断对错。"
+LETTER, CLOZE = "letter", "cloze"  # the formulations of a multiple-choice benchmark
 LETTERS = ("A", "B", "C", "D", "E", "F")
 
 # What kind of classes a benchmark has: sentiment (mapped to 利好/中性/利空), its own class
 # words, or option letters of multiple-choice questions.
 SENTIMENT, CLASSES, MULTIPLE_CHOICE = "sentiment", "classes", "multiple_choice"
+
+
+@dataclass(frozen=True)
+class ClozeForm:
+    """A multiple-choice question asked without its options: the option texts are the answers scored."""
+
+    instruction: str
+    question: str
+    options: tuple[str, ...]  # the texts of the item's option letters, in the same order
 
 
 @dataclass(frozen=True)
@@ -83,6 +102,7 @@ class BenchmarkItem:
     label: str  # canonical class (a letter for multiple choice)
     raw_label: str
     options: tuple[str, ...] = ()  # a multiple-choice item's own option letters
+    cloze: ClozeForm | None = None  # a multiple-choice item's cloze formulation
 
     def to_record(self) -> dict[str, Any]:
         """A dataset-style record, so prompts go through `chat_format.record_to_chat`."""
@@ -99,6 +119,7 @@ class Benchmark:
     display_names: dict[str, str] = field(default_factory=dict)
     kind: str = SENTIMENT
     skipped: dict[str, int] = field(default_factory=dict)  # rows left out, by reason
+    formulation: str = LETTER  # multiple choice: scored on the letters (published) or on the option texts (cloze)
 
 
 def parse_label_map(spec: str | None) -> dict[str, str] | None:
@@ -253,8 +274,31 @@ def _choice_item(item_id: str, subject: str, question: str, options: dict[str, s
         raise FinqloraError(f"{where}: a multiple-choice question needs at least two options A, B, ...; found {', '.join(options) or 'none'}")
     if answer not in letters:
         raise FinqloraError(f"{where}: answer {answer!r} is not one of the options {', '.join(letters)}")
-    body = question.strip() + "\n" + "\n".join(f"{letter}. {str(options[letter]).strip()}" for letter in letters)
-    return BenchmarkItem(item_id, instruction.format(subject=subject.replace("_", " ")), body, answer, answer, letters)
+    texts = tuple(str(options[letter]).strip() for letter in letters)
+    body = question.strip() + "\n" + "\n".join(f"{letter}. {text}" for letter, text in zip(letters, texts))
+    subject = subject.replace("_", " ")
+    cloze_instruction = CLOZE_JUDGE_INSTRUCTION if instruction == JUDGE_INSTRUCTION else CLOZE_CHOICE_INSTRUCTION
+    return BenchmarkItem(item_id, instruction.format(subject=subject), body, answer, answer, letters,
+                         ClozeForm(cloze_instruction.format(subject=subject), question.strip(), texts))
+
+
+def cloze_form(benchmark: Benchmark) -> Benchmark:
+    """The cloze formulation of a multiple-choice benchmark, named `<name>-cloze`: each item asks
+    its question without the options, and its options are scored by their own text. An item
+    whose option texts are blank or repeated cannot be told apart this way: it is left out and
+    counted in `skipped`."""
+    items, skipped = [], dict(benchmark.skipped)
+    for item in benchmark.items:
+        form = item.cloze
+        if form is None:
+            raise FinqloraError(f"{benchmark.path}: {item.id} is not a multiple-choice item", hint="only multiple-choice exams have a cloze form")
+        if not all(form.options) or len(set(form.options)) < len(form.options):
+            skipped["option texts blank or repeated (cloze)"] = skipped.get("option texts blank or repeated (cloze)", 0) + 1
+            continue
+        items.append(replace(item, instruction=form.instruction, input=form.question))
+    if not items:
+        raise FinqloraError(f"{benchmark.path}: no item of {benchmark.name} has distinct option texts for the cloze form")
+    return replace(benchmark, name=f"{benchmark.name}-{CLOZE}", items=items, skipped=skipped, formulation=CLOZE)
 
 
 def _mcq_csv_items(path: Path, rows: list[dict[str, Any]], prefix: str) -> list[BenchmarkItem]:

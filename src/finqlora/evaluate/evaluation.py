@@ -43,6 +43,7 @@ from finqlora.core.fileio import atomic_write_json, atomic_write_jsonl, read_jso
 from finqlora.core.lock import lock_enclosing_run
 from finqlora.dataset.answer_parser import DIRECTIONS
 from finqlora.evaluate import metrics as M
+from finqlora.evaluate.benchmarks import CLOZE
 from finqlora.evaluate.scoring import SCORING_MODES, VARIANTS, compute_metrics, read_cache
 
 if TYPE_CHECKING:
@@ -252,22 +253,29 @@ def build_items(records: Sequence[dict[str, Any]], benchmarks: Sequence[Any] = (
         items.append(item)
     for benchmark in benchmarks:
         choice = None if benchmark.kind == "multiple_choice" else _benchmark_choice(benchmark)
+        cloze = benchmark.formulation == CLOZE
         for row in benchmark.items:
             example = record_to_chat(row.to_record())
-            items.append({
+            item = {
                 "id": f"{benchmark.name}/{row.id}", "task": "benchmark", "benchmark": benchmark.name, "benchmark_format": benchmark.format,
                 "messages": example.messages, "reference": row.raw_label,
-                "choice": {"options": list(row.options), "classes": list(row.options)} if row.options else choice,
+                # cloze: the option texts are scored, the class is still the option's letter
+                "choice": {"options": list(row.cloze.options if cloze else row.options), "classes": list(row.options)} if row.options else choice,
                 "label": {"class": row.label, "labels": benchmark.labels, "display": benchmark.display_names, "kind": benchmark.kind},
-            })
+            }
+            if cloze:
+                item["formulation"] = CLOZE
+            items.append(item)
     return items
 
 
 def generated_items(items: Sequence[dict[str, Any]], scoring: str, showcase_samples: int = 0) -> list[dict[str, Any]]:
     """The items whose answers are generated: all, except closed-option items under `choice`,
-    of which the first `showcase_samples` of each task are still generated (example answers)."""
+    of which the first `showcase_samples` of each task are still generated (example answers).
+    Cloze items never are: asked without letters, their free answers have nothing to parse."""
+    items = [item for item in items if item.get("formulation") != CLOZE]
     if scoring != "choice":
-        return list(items)
+        return items
     shown: Counter[str] = Counter()
     chosen = []
     for item in items:

@@ -326,10 +326,10 @@ def _suite(ctx: _Context, meta_suite: dict[str, Any] | None, resamples: int, see
     """The suite's table (finqlora.evaluate.suite): choice correctness where scored, else parsed answers."""
     if not meta_suite:
         return None
-    from finqlora.evaluate.suite import suite_block
+    from finqlora.evaluate.suite import scored_names, suite_block
 
     correct: dict[str, dict[str, np.ndarray]] = {}
-    for name in meta_suite["sets"]:
+    for name in scored_names(meta_suite):
         ids = [item["id"] for item in ctx.items if item["task"] == "benchmark" and item["benchmark"] == name]
         for field in ("choice_correct", "correct"):
             if ids and all(field in ctx.per_item[i].get(v, {}) for i in ids for v in VARIANTS):

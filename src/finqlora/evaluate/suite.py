@@ -10,6 +10,12 @@ the same, its interval from a bootstrap that resamples within every set).
 A set's location is a local copy in the set's published format, or `hf:DATASET_ID` (with
 `@SPLIT`) read with `datasets.load_dataset` where the network is there. Sets of the suite
 that are not given are listed as not evaluated, so a table never hides what it lacks.
+
+Multiple-choice exams (FinEval, CFLUE, C-Eval) are scored in two formulations, each its own
+row: the published one (options shown, the letter scored) and the cloze one (`<set>-cloze`:
+the question alone, each option's text scored; `benchmarks.cloze_form`). A model at chance on
+the letters may still know the answers; the cloze row says whether it does. The average over
+the sets takes each set once, in its published formulation, comparable with published scores.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import numpy as np
 from finqlora.core.config import SUITE_NAMES
 from finqlora.core.errors import FinqloraError
 from finqlora.core import statistics as S
-from finqlora.evaluate.benchmarks import Benchmark, _mcq_csv_items, _read_csv_rows, _subject, items_from_rows, load_benchmark, make_benchmark
+from finqlora.evaluate.benchmarks import (CLOZE, LETTER, Benchmark, _mcq_csv_items, _read_csv_rows, _subject, cloze_form, items_from_rows,
+                                          load_benchmark, make_benchmark)
 
 HUB_PREFIX = "hf:"
 
@@ -39,6 +46,11 @@ class SuiteSet:
     what: str
     hub_split: str = "test"
     subjects: tuple[str, ...] = ()  # multiple-choice exams: only these subjects (hub configs / file names)
+    multiple_choice: bool = False  # also scored in the cloze formulation, as the set `<name>-cloze`
+
+    @property
+    def cloze_name(self) -> str:
+        return f"{self.name}-{CLOZE}"
 
 
 SUITES: dict[str, tuple[SuiteSet, ...]] = {
@@ -48,9 +60,10 @@ SUITES: dict[str, tuple[SuiteSet, ...]] = {
         SuiteSet("cfbenchmark-event", "cfbenchmark", "CFBenchmark-Basic event detection"),
         SuiteSet("cfbenchmark-industry", "cfbenchmark", "CFBenchmark-Basic industry identification"),
         SuiteSet("fpb", "fpb", "Financial PhraseBank (sentence@label lines)"),
-        SuiteSet("fineval", "fineval", "FinEval knowledge exams (CSV per subject: id,question,A,B,C,D,answer)", hub_split="val"),
-        SuiteSet("cflue", "cflue", "CFLUE knowledge (JSON list; single-answer and true/false questions)"),
-        SuiteSet("ceval-finance", "ceval", "C-Eval finance and economics subjects (CSV per subject)", hub_split="val", subjects=CEVAL_FINANCE_SUBJECTS),
+        SuiteSet("fineval", "fineval", "FinEval knowledge exams (CSV per subject: id,question,A,B,C,D,answer)", hub_split="val", multiple_choice=True),
+        SuiteSet("cflue", "cflue", "CFLUE knowledge (JSON list; single-answer and true/false questions)", multiple_choice=True),
+        SuiteSet("ceval-finance", "ceval", "C-Eval finance and economics subjects (CSV per subject)", hub_split="val", subjects=CEVAL_FINANCE_SUBJECTS,
+                 multiple_choice=True),
     ),
 }
 assert tuple(SUITES) == SUITE_NAMES  # the run config's schema names the same suites
@@ -123,8 +136,24 @@ def load_set(entry: SuiteSet, location: str, *, limit: int | None = None, seed: 
 
 
 def load_suite(name: str, sets: dict[str, str], *, limit: int | None = None, seed: int = 0) -> list[Benchmark]:
+    """Every given set; a multiple-choice set also in its cloze formulation (the same items)."""
     check_sets(name, sets)
-    return [load_set(entry, sets[entry.name], limit=limit, seed=seed) for entry in suite_sets(name) if entry.name in sets]
+    benchmarks = []
+    for entry in suite_sets(name):
+        if entry.name in sets:
+            benchmarks.append(load_set(entry, sets[entry.name], limit=limit, seed=seed))
+            if entry.multiple_choice:
+                benchmarks.append(cloze_form(benchmarks[-1]))
+    return benchmarks
+
+
+def scored_names(meta_suite: dict[str, Any]) -> list[str]:
+    """The benchmark names a suite run scores: each given set, and its cloze form where it has one."""
+    names = []
+    for entry in suite_sets(meta_suite["name"]):
+        if entry.name in meta_suite["sets"]:
+            names += [entry.name, entry.cloze_name] if entry.multiple_choice else [entry.name]
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,10 +183,17 @@ def suite_block(meta_suite: dict[str, Any], table: list[dict[str, Any]], tasks: 
     by_key = {row["key"]: row for row in table}
     sets = []
     for entry in suite_sets(meta_suite["name"]):
-        row = _set_row(entry.name, by_key, tasks) if entry.name in meta_suite["sets"] else None
+        given = entry.name in meta_suite["sets"]
+        row = _set_row(entry.name, by_key, tasks) if given else None
         sets.append(row or {"set": entry.name, "evaluated": False})
-        sets[-1].update(format=entry.format, what=entry.what, location=meta_suite["sets"].get(entry.name))
-    evaluated = [row["set"] for row in sets if row["evaluated"] and row["set"] in correct]
+        sets[-1].update(format=entry.format, what=entry.what, location=meta_suite["sets"].get(entry.name),
+                        formulation=LETTER if entry.multiple_choice else None)
+        cloze = _set_row(entry.cloze_name, by_key, tasks) if entry.multiple_choice and given else None
+        if cloze:  # right below its set (not part of the average); absent when it was not scored (generate-only runs)
+            sets.append(cloze)
+            sets[-1].update(format=entry.format, what=f"{entry.what}; cloze: each option's text scored", location=meta_suite["sets"][entry.name],
+                            formulation=CLOZE)
+    evaluated = [row["set"] for row in sets if row["evaluated"] and row["set"] in correct and row["formulation"] != CLOZE]
     block: dict[str, Any] = {"name": meta_suite["name"], "sets": sets, "average": None}
     if evaluated:
         block["average"] = _average(evaluated, correct, resamples, seed)
