@@ -183,7 +183,7 @@ def test_config_check_prints_the_resolved_config_and_its_problems(tmp_path: Path
     good = CliRunner().invoke(app, ["config", "check", str(REPO / "configs" / "demo-cpu.yaml"), "--set", "data.mix=50,30,20"])
     assert good.exit_code == 0, good.output
     resolved = yaml.safe_load(good.stdout)
-    assert resolved["data"]["mix"] == [50.0, 30.0, 20.0] and resolved["eval"]["max_samples"] == 66 and "serve" in resolved
+    assert resolved["data"]["mix"] == [50.0, 30.0, 20.0] and resolved["eval"]["max_samples"] == 74 and "serve" in resolved
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ntrain:\n  profile: t4compiled\n  lr: 3\n  dataset: nowhere.jsonl\n", encoding="utf-8")
     checked = CliRunner().invoke(app, ["config", "check", str(bad)])
