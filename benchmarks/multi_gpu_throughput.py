@@ -3,7 +3,7 @@
 Needs a machine with 2 CUDA GPUs (issue 11 was written for 2 x H200). It has NOT been run yet:
 see docs/multi-gpu.md for what was and was not measured. Its logic (the three runs through
 `finqlora train`, the numbers read back, the loss comparison) is tested on the CPU with a tiny
-model over gloo (tests/test_distributed.py::test_multi_gpu_benchmark_logic_over_gloo).
+model over gloo (tests/train/test_distributed.py::test_multi_gpu_benchmark_logic_over_gloo).
 
 Model: the deepseek-llm-7b architecture (Llama, vocab 102,400, hidden 4096, intermediate
 11,008, 30 layers, 32 heads) with random weights (seed 0), saved once as a local bf16

@@ -1,6 +1,6 @@
 """Execute notebooks/colab_qlora.ipynb as Colab would, on a machine that is not Colab, and check it.
 
-Used by tests/test_notebook.py (CPU, the notebook's SMOKE settings) and by
+Used by tests/project/test_notebook.py (CPU, the notebook's SMOKE settings) and by
 scripts/gpu_notebook_check.sh (a GPU without network, the T4 settings with a tiny random model).
 
 What stands in for Colab:

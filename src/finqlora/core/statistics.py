@@ -8,7 +8,7 @@ dataset's label-predictability check (`dataset/predictability.py`, which sits be
 * Resamples: `resample_indices` draws every resample of item indices at once,
   `numpy.random.default_rng(seed).integers(0, n, size=(resamples, n))`: the draws of
   `scipy.stats.bootstrap(..., rng=default_rng(seed))`, so its percentile interval of the same
-  statistic is the same (tests/test_statistics.py checks it). scipy's function is not called
+  statistic is the same (tests/core/test_statistics.py checks it). scipy's function is not called
   itself because it has no stratified resampling (the suite resamples within every set) and
   no paired p-value, and the evaluation needs both from one set of draws.
 * Interval: the percentile interval (linear interpolation, as numpy and scipy); resamples whose
@@ -19,7 +19,7 @@ dataset's label-predictability check (`dataset/predictability.py`, which sits be
 * Classification statistics on resamples: scikit-learn's `f1_score` and `matthews_corrcoef` cost
   about 2.5 ms a call on 600 items (input checks; measured 2026-12-07 on the 2-core dev
   machine), 10-25x a bincount-based statistic, and a bootstrap calls them thousands of times. A resample's confusion matrix is one `bincount` instead, and macro-F1 and
-  MCC follow from it with the formulas scikit-learn documents; tests/test_statistics.py checks
+  MCC follow from it with the formulas scikit-learn documents; tests/core/test_statistics.py checks
   both against scikit-learn (with `sample_weight` = how often each item was drawn).
 """
 

@@ -120,7 +120,7 @@ def fleiss_kappa(ratings: Sequence[Sequence[str]], categories: Sequence[str] = (
     """Fleiss' kappa; `ratings[i]` holds every rater's category for item i (same count each).
 
     Fleiss (1971), as statsmodels' `inter_rater.fleiss_kappa` (statsmodels is not a runtime
-    dependency for these ten lines; tests/test_statistics.py compares the two on random
+    dependency for these ten lines; tests/core/test_statistics.py compares the two on random
     tables). 1 where every rating is the same category (statsmodels: 0 / 0)."""
     if not ratings:
         return float("nan")

@@ -383,7 +383,7 @@ def cast_folder(folder: Path, dtype_name: str, *, log=_stderr) -> Path:
     load's peak resident memory is the file plus the cast copy (4.1 GB for the built-in Qwen
     0.5B, whose float32 file is 2.5 GB); from a bf16 file the peak is about half. The cast is
     `tensor.to(dtype)`, what transformers does when it loads float32 weights with `dtype=`, so
-    the loaded weights are the same to the bit (tests/test_builtin_models.py).
+    the loaded weights are the same to the bit (tests/models/test_builtin_models.py).
     """
     import torch
     from safetensors import safe_open
