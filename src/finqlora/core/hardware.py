@@ -59,7 +59,7 @@ def trim_heap() -> bool:
     micro-batches vary in length) fragment the heap, and resident memory grows with the steps:
     the demo's 30 steps (Qwen 0.5B) went from 3.8 to 6.4 GB. Fixing glibc's mmap threshold
     instead (MALLOC_MMAP_THRESHOLD_=131072) also bounds it, but maps and zeroes every large
-    temporary afresh: training fell from ~150 to ~88 tokens/s here. False where there is no glibc.
+    temporary afresh: training fell from 141.6 to 74.6 tokens/s here (docs/benchmarks.md). False where there is no glibc.
     """
     trim = _malloc_trim()
     if trim is None:

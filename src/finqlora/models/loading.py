@@ -274,9 +274,10 @@ def load_model(
         load_in_4bit = device.startswith("cuda")
     resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec, trust_remote_code=trust_remote_code, progress=progress)
     weights_folder = resolved.path
-    if resolved.kind in ("builtin", "gguf") and not load_in_4bit and str(torch_dtype).removeprefix("torch.") in CAST_DTYPES:
-        # Our float32 conversion, wanted in half precision: load a copy cast once on disk (half the peak memory).
-        weights_folder = str(cast_folder(Path(resolved.path), str(torch_dtype).removeprefix("torch.")))
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    if resolved.kind in ("builtin", "gguf") and not load_in_4bit and dtype_name in CAST_DTYPES:
+        # Our float32 conversion, wanted in half precision: load a copy cast once on disk (a fraction of the peak memory).
+        weights_folder = str(cast_folder(Path(resolved.path), dtype_name))
 
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if load_in_4bit:
