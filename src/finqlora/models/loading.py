@@ -246,6 +246,19 @@ def _bitsandbytes_config(compute_dtype):
     )
 
 
+def _contiguous_head_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Forward pre-hook on the lm_head: hand it a contiguous copy of the hidden states.
+
+    With `logits_to_keep=1` (choice scoring, generate's and the server's prefill) a batch's head
+    input is the strided view `hidden[:, -1:, :]`. torch.matmul only folds such a view into one
+    matrix product when the weight requires grad; a frozen head (every adapter load: PEFT freezes
+    the base) goes through bmm instead, which copies the whole weight once per batch row -- for
+    Qwen's 151,936 x 896 bf16 head 272 MB a row, +4.3 GB RSS and 16 s at batch 16 on the CPU
+    (0.06 s with this copy of 16 x 896 values; torch 2.13).
+    """
+    return (args[0].contiguous(), *args[1:])
+
+
 def load_model(
     spec: str | ResolvedModel,
     *,
@@ -295,6 +308,9 @@ def load_model(
                 "in an environment you trust, or use a model that ships *.safetensors",
             ) from None
         raise
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_head_input)
     # PEFT records this as the adapter's base_model_name_or_path: keep it machine-independent.
     model.name_or_path = resolved.base_id
     model.config.name_or_path = resolved.base_id
