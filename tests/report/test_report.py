@@ -363,12 +363,28 @@ def test_key_hyperparameters_in_a_short_table_and_the_rest_folded(tmp_path: Path
     eval_dir, train_dir = make_eval_dir(tmp_path)
     info = json.loads((train_dir / "training_info.json").read_text(encoding="utf-8"))
     info["hyperparameters"].update({"weight_decay": 0.0, "optim": "adamw_torch", "speedups": {"profile": "cpu", "packing": True}})
+    # What training writes: the resolved model as a dict; the table names it as the user did.
+    info["base_model"] = {"spec": "builtin:qwen2.5-coder-0.5b-instruct", "kind": "builtin", "base_id": "builtin:qwen2.5-coder-0.5b-instruct",
+                          "path": "/home/user/.cache/finqlora/models/qwen2.5-coder-0.5b-instruct", "architecture": "Qwen2ForCausalLM"}
     (train_dir / "training_info.json").write_text(json.dumps(info), encoding="utf-8")
     compute_metrics(eval_dir)
     html = build_report(eval_dir, tmp_path / "report").html.read_text(encoding="utf-8")
     key_part, folded = html.split("<details><summary>其余超参数（展开）</summary>", 1)
     assert "<th>lora_r</th>" in key_part and "<th>learning_rate</th>" in key_part and "optim" not in key_part.split("关键超参数")[1]
     assert "<th>optim</th>" in folded.split("</details>")[0] and "<th>weight_decay</th>" in folded.split("</details>")[0]
+    assert "<th>基座模型</th><td>builtin:qwen2.5-coder-0.5b-instruct</td>" in key_part.replace("\n", "").replace(" ", "")
+    assert "Qwen2ForCausalLM" not in html and "{&#34;spec" not in html
+
+
+def test_the_option_scoring_rule_is_named_in_the_report_language() -> None:
+    from finqlora.evaluate.choice import NORMALISATION
+    from finqlora.report.report import _choice_normalisation
+
+    stored = f"{NORMALISATION} (finqlora.evaluate.choice)"  # what metrics.json records
+    zh = _choice_normalisation(stored, "zh")
+    assert zh == i18n.text("zh", "choice_norm") and "per character" not in zh and "按字符" in zh
+    assert _choice_normalisation(stored, "en") == stored
+    assert _choice_normalisation("some other rule", "zh") == "some other rule"  # never a wrong translation
 
 
 def test_a_label_found_inside_a_rambling_answer_is_marked(tmp_path: Path) -> None:

@@ -529,7 +529,7 @@ def _hyperparameters(training_info: dict[str, Any] | None, lang: str) -> tuple[l
     key_rows, rest = [], []
     base = training_info.get("base_model")
     if base:
-        key_rows.append((i18n.text(lang, "hp_base_model"), base if isinstance(base, str) else str(base.get("name") or base.get("id") or json.dumps(base, ensure_ascii=False)[:120])))
+        key_rows.append((i18n.text(lang, "hp_base_model"), _model_name(base)))
     for name in KEY_HYPERPARAMETERS:
         if name in hyper and hyper[name] is not None:
             key_rows.append((name, _short(hyper[name])))
@@ -542,6 +542,20 @@ def _hyperparameters(training_info: dict[str, Any] | None, lang: str) -> tuple[l
         if name not in KEY_HYPERPARAMETERS:
             rest.append((name, _short(value)))
     return key_rows, rest
+
+
+def _model_name(base: str | dict[str, Any]) -> str:
+    """The base model as the user named it (training_info stores the resolved model as a dict)."""
+    if isinstance(base, str):
+        return base
+    return str(base.get("spec") or base.get("base_id") or base.get("name") or base.get("id") or _short(base))
+
+
+def _choice_normalisation(stored: str, lang: str) -> str:
+    """The option-scoring rule in the report's language (metrics.json records it in English)."""
+    from finqlora.evaluate.choice import NORMALISATION
+
+    return i18n.text(lang, "choice_norm") if stored.startswith(NORMALISATION) else stored
 
 
 def _short(value: Any) -> str:
@@ -578,8 +592,8 @@ def _data_card(metrics: dict[str, Any], training_info: dict[str, Any] | None, la
     for variant in VARIANTS:
         cost = (metrics.get("generation_cost") or {}).get(variant)
         if cost and cost.get("items"):
-            pairs.append((t("card_cost", variant=t(variant)), f"{cost['items']} answers, {cost['seconds']} s, {cost['new_tokens']} new tokens "
-                                                               f"({cost['tokens_per_s']} tokens/s), {cost['hit_max_new_tokens']} stopped at max_new_tokens"))
+            pairs.append((t("card_cost", variant=t(variant)), t("cost_value", items=cost["items"], seconds=cost["seconds"], tokens=cost["new_tokens"],
+                                                                 rate=cost["tokens_per_s"], capped=cost["hit_max_new_tokens"])))
     speed = (meta.get("timings") or {}).get("generation_speed")
     if speed:
         pairs.append((t("card_speed"), f"fine-tuned {speed['finetuned_tokens_per_s']} vs base {speed['base_tokens_per_s']} tokens/s (ratio {speed['ratio']})"))
@@ -884,7 +898,7 @@ def _build_report(run_dir: str | Path, output_dir: str | Path | None, *, trainin
                                resamples=metrics["bootstrap"]["resamples"]),
         "summary": _verdict_summary(metrics, lang), "rows": _metric_rows(metrics["table"], lang), "baselines": _baseline_rows(tasks, lang),
         "mcc": _mcc_rows(tasks, lang), "breakdown": _breakdown_rows(tasks.get("news_impact")),
-        "choice_note": i18n.text(lang, "choice_note", norm=choice_note) if choice_note else None,
+        "choice_note": i18n.text(lang, "choice_note", norm=_choice_normalisation(choice_note, lang)) if choice_note else None,
         "repetition_note": _repetition_note(metrics, lang),
         "font_note": None if chart_lang(lang) == lang else i18n.text(lang, "font_missing"),
         "val_note": i18n.text(lang, "val_points", n=len(val_losses), steps=eval_steps) if val_losses and eval_steps else None,
