@@ -529,7 +529,8 @@ def _hyperparameters(training_info: dict[str, Any] | None, lang: str) -> tuple[l
     key_rows, rest = [], []
     base = training_info.get("base_model")
     if base:
-        key_rows.append((i18n.text(lang, "hp_base_model"), _model_name(base)))
+        # training_info names the base as resolved (train/setup.model_identity); its spec is what the user wrote.
+        key_rows.append((i18n.text(lang, "hp_base_model"), base if isinstance(base, str) else str(base.get("spec") or _short(base))))
     for name in KEY_HYPERPARAMETERS:
         if name in hyper and hyper[name] is not None:
             key_rows.append((name, _short(hyper[name])))
@@ -542,13 +543,6 @@ def _hyperparameters(training_info: dict[str, Any] | None, lang: str) -> tuple[l
         if name not in KEY_HYPERPARAMETERS:
             rest.append((name, _short(value)))
     return key_rows, rest
-
-
-def _model_name(base: str | dict[str, Any]) -> str:
-    """The base model as the user named it (training_info stores the resolved model as a dict)."""
-    if isinstance(base, str):
-        return base
-    return str(base.get("spec") or base.get("base_id") or base.get("name") or base.get("id") or _short(base))
 
 
 def _choice_normalisation(stored: str, lang: str) -> str:
